@@ -1,0 +1,71 @@
+# refface — every entry point creates and reuses its own virtual env (.venv).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+# CI pins the CPU build of torch; elsewhere pip picks the normal build for the machine.
+TORCH_SPEC ?= $(if $(CI),torch==2.13.0,torch)
+# Offline machines point the demo and tests at a local folder of faces.
+REFFACE_SAMPLE_DIR ?= $(firstword $(wildcard ../shared/data/faces))
+export REFFACE_SAMPLE_DIR
+OUT ?= out
+WORKERS ?= 2
+
+.PHONY: help install test lint format demo build-ffhq-ref degrade-test audit-leakage train-mgfr train-refldm bench clean
+
+help:  ## list the entry points
+	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(PY) pyproject.toml requirements-test.txt
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install refface
+
+lint: install  ## ruff lint + format check
+	$(BIN)/ruff check refface tests bench
+	$(BIN)/ruff format --check refface tests bench
+
+format: install
+	$(BIN)/ruff format refface tests bench
+	$(BIN)/ruff check --fix refface tests bench
+
+test: install  ## lint, then the full test suite
+	$(MAKE) --no-print-directory lint
+	$(BIN)/pytest -q -ra -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: install  ## the whole pipeline on the default input (DATA=<folder> to override)
+	$(BIN)/refface demo --out $(OUT)/demo $(if $(DATA),--data $(DATA)) --workers $(WORKERS)
+
+build-ffhq-ref: install  ## FFHQ-Ref-style dataset: make build-ffhq-ref FFHQ=<images dir> [OUT=...]
+	@test -n "$(FFHQ)" || { echo "usage: make build-ffhq-ref FFHQ=<folder of FFHQ-aligned images> [OUT=out]"; exit 2; }
+	$(BIN)/refface build ffhq-ref $(FFHQ) --out $(OUT)/ffhq-ref --workers $(WORKERS)
+
+degrade-test: install  ## LQ test sets: make degrade-test DATASET=<dataset root>
+	@test -n "$(DATASET)" || { echo "usage: make degrade-test DATASET=<dataset root>"; exit 2; }
+	$(BIN)/refface degrade $(DATASET) --preset refldm-severe --preset refldm-moderate --workers $(WORKERS)
+
+audit-leakage: install  ## leakage audit: make audit-leakage TRAIN=<set> TEST=<set>
+	@test -n "$(TRAIN)" -a -n "$(TEST)" || { echo "usage: make audit-leakage TRAIN=<split list|csv|root|folder> TEST=<...>"; exit 2; }
+	$(BIN)/refface audit --set train=$(TRAIN) --set test=$(TEST) --out $(OUT)/audit
+
+train-mgfr: install  ## MGFR: make train-mgfr DATASET=<root> SD=<diffusers folder> [STAGE=1|2] [CONFIG=...]
+	@test -n "$(DATASET)" -a -n "$(SD)" || { echo "usage: make train-mgfr DATASET=<dataset root> SD=<diffusers folder> [STAGE=1]"; exit 2; }
+	$(BIN)/accelerate launch -m refface.train.mgfr.train --config $(or $(CONFIG),configs/mgfr_sd15.yaml) --dataset $(DATASET) --sd $(SD) --stage $(or $(STAGE),1) --output $(OUT)/mgfr
+
+train-refldm: install  ## ReF-LDM: make train-refldm DATASET=<root> [STAGE=vqgan|ldm|refldm] [CONFIG=...]
+	@test -n "$(DATASET)" || { echo "usage: make train-refldm DATASET=<dataset root> [STAGE=refldm]"; exit 2; }
+	$(BIN)/accelerate launch -m refface.train.refldm.train --config $(or $(CONFIG),configs/refldm.yaml) --dataset $(DATASET) --stage $(or $(STAGE),refldm) --output $(OUT)/refldm
+
+bench: install  ## run every benchmark in bench/ (results in bench/results/)
+	for f in bench/*.py; do $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

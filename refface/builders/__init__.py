@@ -1,0 +1,1 @@
+"""End-to-end dataset builders that chain stages."""

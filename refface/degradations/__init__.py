@@ -1,0 +1,1 @@
+"""refface.degradations."""

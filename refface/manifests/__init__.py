@@ -1,0 +1,1 @@
+"""Schemas, readers and writers of every table and file format refface produces."""

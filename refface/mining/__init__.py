@@ -1,0 +1,1 @@
+"""Identity mining: faces, embeddings, neighbour graphs, clustering, references, splits, audit."""

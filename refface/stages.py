@@ -1,0 +1,212 @@
+"""Stages: fingerprinted, atomic, skippable units of work, and the chunked local executor.
+
+A stage writes its outputs into a dataset root, then (last) a manifest in ``.stages/<name>.json``
+holding {version, stage, fingerprint, config, inputs, outputs, timings}. A rerun whose
+fingerprint matches and whose outputs exist is skipped. Long per-item stages run through
+:func:`map_chunks`, which writes one part file per chunk so a killed run resumes chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from refface import __version__
+from refface.manifests.atomic import sha256_file, write_json
+
+log = logging.getLogger(__name__)
+MANIFEST_VERSION = 1
+
+
+def _jsonable(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return obj.as_posix()
+    return obj
+
+
+def fingerprint(*parts: Any) -> str:
+    """sha256 of the canonical JSON of ``parts`` (configs, input fingerprints, versions)."""
+    text = json.dumps(_jsonable(list(parts)), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def folder_fingerprint(root: str | os.PathLike, relpaths: Sequence[str]) -> str:
+    """Cheap fingerprint of input files: relative path, size and mtime of each."""
+    h = hashlib.sha256()
+    root = Path(root)
+    for rel in relpaths:
+        try:
+            st = (root / rel).stat()
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{rel}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    return sha256_file(path)
+
+
+def manifest_path(root: str | os.PathLike, stage: str) -> Path:
+    return Path(root) / ".stages" / f"{stage}.json"
+
+
+def read_manifest(root: str | os.PathLike, stage: str) -> dict | None:
+    path = manifest_path(root, stage)
+    if not path.exists():
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(
+            f"{path} has manifest version {manifest.get('version')}, this refface reads {MANIFEST_VERSION}; "
+            "rebuild the dataset root or use a matching refface version"
+        )
+    return manifest
+
+
+def stage_is_done(root: str | os.PathLike, stage: str, fp: str) -> bool:
+    """True when the stage's manifest matches ``fp`` and every output it lists still exists."""
+    manifest = read_manifest(root, stage)
+    if manifest is None or manifest.get("fingerprint") != fp:
+        return False
+    return all((Path(root) / out).exists() for out in manifest.get("outputs", []))
+
+
+def write_manifest(
+    root: str | os.PathLike,
+    stage: str,
+    fp: str,
+    config: Any,
+    outputs: Sequence[str],
+    inputs: dict | None = None,
+    timings: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Write the stage's manifest last: it is the done-marker."""
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "stage": stage,
+        "fingerprint": fp,
+        "refface_version": __version__,
+        "config": _jsonable(config),
+        "inputs": _jsonable(inputs or {}),
+        "outputs": sorted(outputs),
+        "timings": timings or {},
+        **(_jsonable(extra) if extra else {}),
+    }
+    write_json(manifest_path(root, stage), manifest)
+    return manifest
+
+
+def run_stage(
+    root: str | os.PathLike,
+    stage: str,
+    config: Any,
+    inputs: dict,
+    work: Callable[[], dict],
+    force: bool = False,
+) -> tuple[dict, bool]:
+    """Run ``work`` unless the stage is done for this config + inputs.
+
+    ``work`` writes its outputs (atomically) and returns ``{"outputs": [relpaths], ...extra}``.
+    Returns (manifest, ran) where ``ran`` is False when the stage was skipped.
+    """
+    fp = fingerprint(stage, config, inputs)
+    if not force and stage_is_done(root, stage, fp):
+        log.info("stage %s: up to date, skipped", stage)
+        return read_manifest(root, stage), False  # type: ignore[return-value]
+    start = time.perf_counter()
+    result = dict(work())
+    outputs = result.pop("outputs")
+    timings = {"seconds": round(time.perf_counter() - start, 3)}
+    return write_manifest(root, stage, fp, config, outputs, inputs, timings, result), True
+
+
+def chunked(items: Sequence, size: int) -> list[Sequence]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def map_chunks(
+    fn: Callable[[Sequence], Any],
+    items: Sequence,
+    chunk_size: int,
+    workers: int = 1,
+    description: str = "working",
+    part_path: Callable[[int], Path] | None = None,
+    write_part: Callable[[Path, Any], None] | None = None,
+    read_part: Callable[[Path], Any] | None = None,
+    initializer: Callable[..., None] | None = None,
+    initargs: tuple = (),
+) -> list[Any]:
+    """Map a pure, picklable ``fn`` over chunks of ``items`` on a local process pool.
+
+    With ``part_path``/``write_part``/``read_part`` each chunk's result is written atomically to
+    its own part file as soon as it is done, and chunks whose part file exists are read back
+    instead of recomputed, so a killed run resumes where it stopped and ends with the same bytes.
+    Results come back in chunk order whatever the worker count.
+    """
+    from refface.console import make_progress
+
+    chunks = chunked(items, chunk_size)
+    results: list[Any] = [None] * len(chunks)
+    todo = []
+    for i in range(len(chunks)):
+        if part_path is not None and part_path(i).exists():
+            results[i] = read_part(part_path(i)) if read_part else None
+        else:
+            todo.append(i)
+
+    def finish(i: int, value: Any) -> None:
+        if part_path is not None and write_part is not None:
+            write_part(part_path(i), value)
+        results[i] = value
+
+    with make_progress() as progress:
+        task = progress.add_task(description, total=len(items))
+        progress.advance(task, sum(len(chunks[i]) for i in range(len(chunks)) if i not in set(todo)))
+        if workers <= 1 or len(todo) <= 1:
+            if initializer:
+                initializer(*initargs)
+            for i in todo:
+                finish(i, fn(chunks[i]))
+                progress.advance(task, len(chunks[i]))
+        else:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn")
+            with ProcessPoolExecutor(
+                workers, mp_context=ctx, initializer=initializer, initargs=initargs
+            ) as pool:
+                # Limit memory: at most 2 chunks in flight per worker.
+                pending = {}
+                queue = list(todo)
+                while queue or pending:
+                    while queue and len(pending) < 2 * workers:
+                        i = queue.pop(0)
+                        pending[pool.submit(fn, chunks[i])] = i
+                    done = next(iter(_as_completed(pending)))
+                    i = pending.pop(done)
+                    finish(i, done.result())
+                    progress.advance(task, len(chunks[i]))
+    return results
+
+
+def _as_completed(futures):
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    done, _ = wait(list(futures), return_when=FIRST_COMPLETED)
+    return done

@@ -1,0 +1,1 @@
+"""Training input pipelines, the shared loop and the ReF-LDM / MGFR models."""
