@@ -18,6 +18,11 @@ app = typer.Typer(
 # Each module defines ``register(app)`` and imports its heavy dependencies inside the commands,
 # so ``refface --help`` stays fast.
 COMMAND_MODULES = [
+    "refface.builders.shards_cli",
+    "refface.builders.cli",
+    "refface.mining.cli",
+    "refface.mining.cluster_cli",
+    "refface.mining.audit_cli",
     "refface.demo",
 ]
 

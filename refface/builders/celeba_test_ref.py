@@ -1,0 +1,254 @@
+"""CelebA-Test-Ref builder: targets from one set, references searched in a separate pool."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from refface.manifests.atomic import write_parquet
+from refface.mining.references import ReferenceConfig, farthest_point_order
+
+TARGETS_DIR = "mined/targets"
+POOL_DIR = "mined/pool"
+# Distances are computed for this many targets at a time (limits memory to block x pool floats).
+BLOCK = 256
+
+
+@dataclass(frozen=True)
+class CelebATestRefConfig:
+    """Rules of a CelebA-Test-Ref build (CLI flags map onto the fields).
+
+    Attributes:
+        detector / embedder / model_path / model_root / dlib_detector / face_policy / crop_size /
+            max_pixels / workers / chunk_size: mining settings, as for ``ffhq-ref``.
+        identity_threshold: a pool image is the target's person when closer than this (cosine distance);
+            None = the embedder's own.
+        min_refs / max_refs / near_duplicate_distance: reference rules (ReF-LDM: 2-9, 0.1 at ArcFace 0.4).
+        lq: folder of existing LQ images; ``lq_image`` points at the file with the target's stem.
+        labels: optional ``path, identity`` CSV (paths relative to the pool) for reporting precision.
+        plots: kept for card compatibility (CelebA-Test-Ref has no splits to plot).
+    """
+
+    detector: str = "dlib"
+    embedder: str = "dlib"
+    model_path: str | None = None
+    model_root: str | None = None
+    dlib_detector: str = "hog"
+    face_policy: str = "largest_central"
+    crop_size: int = 512
+    max_pixels: int = 64_000_000
+    workers: int = 2
+    chunk_size: int = 32
+    identity_threshold: float | None = None
+    min_refs: int = 2
+    max_refs: int = 9
+    near_duplicate_distance: float | None = None
+    lq: str | None = None
+    labels: str | None = None
+    plots: bool = False
+
+    def __post_init__(self) -> None:
+        self.reference_config()
+
+    def reference_config(self) -> ReferenceConfig:
+        return ReferenceConfig(
+            min_refs=self.min_refs,
+            max_refs=self.max_refs,
+            near_duplicate_distance=self.near_duplicate_distance,
+        )
+
+
+def _sha_by_path(root: Path) -> dict[str, str]:
+    table = pd.read_parquet(root / "images.parquet")
+    return dict(zip(table["path"].astype(str), table["sha256"].astype(str), strict=True))
+
+
+def lq_lookup(lq_root: Path | None) -> dict[str, str]:
+    """LQ files by stem (relative paths), so ``00001.png`` finds ``00001.jpg`` or ``sub/00001.png``."""
+    if lq_root is None:
+        return {}
+    from refface.manifests.io import list_images
+
+    out: dict[str, str] = {}
+    for rel in list_images(lq_root):
+        out.setdefault(Path(rel).stem, rel)
+    return out
+
+
+def select_pool_references(
+    t_vectors: np.ndarray,
+    t_sha: list[str],
+    p_vectors: np.ndarray,
+    p_sha: list[str],
+    threshold: float,
+    config: ReferenceConfig,
+) -> list[list[int]]:
+    """Pool rows referencing each target: same person (< threshold), not the target's own bytes, not a
+    near-duplicate; at least ``min_refs`` or none; at most ``max_refs`` in farthest-point order."""
+    near = config.near_duplicate(threshold)
+    p_sha_arr = np.asarray(p_sha)
+    out: list[list[int]] = []
+    for start in range(0, len(t_vectors), BLOCK):
+        block = t_vectors[start : start + BLOCK].astype(np.float64)
+        dist = 1.0 - block @ p_vectors.astype(np.float64).T
+        for j in range(len(block)):
+            d = dist[j]
+            keep = (d < threshold) & (d >= near) & (p_sha_arr != t_sha[start + j])
+            cand = np.flatnonzero(keep)
+            if len(cand) < config.min_refs:
+                out.append([])
+                continue
+            order = farthest_point_order(block[j], p_vectors[cand], "cosine")
+            out.append([int(cand[i]) for i in order[: config.max_refs]])
+    return out
+
+
+def build_celeba_test_ref(
+    targets_dir: str | os.PathLike,
+    pool_dir: str | os.PathLike,
+    out_root: str | os.PathLike,
+    config: CelebATestRefConfig | None = None,
+) -> dict:
+    """Build ``test_references.csv`` for targets in ``targets_dir`` with references from ``pool_dir``.
+
+    Returns:
+        Summary counts (targets, targets with references, mean references, errors, root).
+    """
+    from refface.builders.ffhq_ref import (
+        identity_threshold_of,
+        load_embedding_rows,
+        run_mining,
+        stage_timings,
+        write_build_json,
+    )
+    from refface.manifests.atomic import sha256_file
+    from refface.manifests.errors import ErrorsTable
+    from refface.manifests.io import list_images
+    from refface.manifests.references import write_references
+    from refface.manifests.splits import write_split_list
+    from refface.stages import run_stage
+
+    config = config or CelebATestRefConfig()
+    targets_dir, pool_dir, root = Path(targets_dir), Path(pool_dir), Path(out_root)
+    root.mkdir(parents=True, exist_ok=True)
+    lq_root = Path(config.lq) if config.lq else None
+    t_paths = list_images(targets_dir)
+    if not t_paths:
+        raise ValueError(f"no images found under {targets_dir}")
+    timings = {
+        "mine_targets": run_mining(targets_dir, root / TARGETS_DIR, config)["seconds"],
+        "mine_pool": run_mining(pool_dir, root / POOL_DIR, config)["seconds"],
+    }
+
+    def work() -> dict:
+        emb_t, tp, tv = load_embedding_rows(root / TARGETS_DIR)
+        emb_p, pp, pv = load_embedding_rows(root / POOL_DIR)
+        if emb_t.fingerprint != emb_p.fingerprint:
+            raise ValueError("targets and pool were embedded by different models; rebuild one of them")
+        threshold = identity_threshold_of(emb_t, config)
+        t_sha, p_sha = _sha_by_path(root / TARGETS_DIR), _sha_by_path(root / POOL_DIR)
+        refs = select_pool_references(
+            tv,
+            [t_sha.get(p, "") for p in tp],
+            pv,
+            [p_sha.get(p, "") for p in pp],
+            threshold,
+            config.reference_config(),
+        )
+        lqs = lq_lookup(lq_root)
+        rows, errors = [], ErrorsTable()
+        for path, ref_rows in zip(tp, refs, strict=True):
+            if not ref_rows:
+                continue
+            lq = lqs.get(Path(path).stem) if lq_root else path
+            if lq is None:
+                errors.add(path, "celeba_test_ref", f"no LQ file with stem {Path(path).stem!r} in {lq_root}")
+                continue
+            rows.append({"gt_image": path, "lq_image": lq, "ref_image": [pp[r] for r in ref_rows]})
+        for path in sorted(set(t_paths) - set(tp)):
+            errors.add(path, "celeba_test_ref", "target has no embedding (see mined/targets/errors.csv)")
+        write_references(root / "test_references.csv", rows, with_lq=True)
+        write_split_list(root / "test_image.txt", [r["gt_image"] for r in rows])
+        # Which pool image each reference came from, with its distance, for auditing.
+        audit = [
+            {"gt_image": r["gt_image"], "ref_image": ref, "rank": k}
+            for r in rows
+            for k, ref in enumerate(r["ref_image"])
+        ]
+        write_parquet(
+            root / "reference_pairs.parquet", pd.DataFrame(audit, columns=["gt_image", "ref_image", "rank"])
+        )
+        errors.write(root)
+        return {
+            "outputs": ["test_references.csv", "test_image.txt", "reference_pairs.parquet", "errors.parquet"],
+            "targets": len(tp),
+            "targets_with_refs": len(rows),
+        }
+
+    inputs = {
+        "targets": sha256_file(root / TARGETS_DIR / "embeddings.npy"),
+        "pool": sha256_file(root / POOL_DIR / "embeddings.npy"),
+        "lq_files": sorted(lq_lookup(lq_root).items()) if lq_root else None,
+    }
+    cfg = {
+        **asdict(config.reference_config()),
+        "identity_threshold": config.identity_threshold,
+        "lq": config.lq,
+    }
+    start = time.perf_counter()
+    manifest, _ = run_stage(root, "celeba_test_ref", cfg, inputs, work)
+    timings["references"] = round(time.perf_counter() - start, 3)
+    from refface.manifests.references import read_references
+
+    df = read_references(root / "test_references.csv")
+    summary: dict[str, Any] = {
+        "root": str(root),
+        "targets": len(t_paths),
+        "targets_with_refs": len(df),
+        "mean_refs": round(float(df["ref_image"].map(len).mean()), 3) if len(df) else 0.0,
+        "errors": len(ErrorsTable.read(root)),
+    }
+    write_card_celeba(root, config, summary)
+    extra = {"ref_root": str(pool_dir.resolve()), "lq_root": str(lq_root.resolve()) if lq_root else None}
+    import json
+
+    emb_json = root / TARGETS_DIR / "embeddings.json"
+    info = write_build_json(root, "celeba-test-ref", config, targets_dir, t_paths, timings, extra)
+    info["model"] = json.loads(emb_json.read_text()) if emb_json.exists() else {}
+    info["timings"] = {**stage_timings(root / TARGETS_DIR), **timings}
+    from refface.manifests.atomic import write_json
+
+    write_json(root / "build.json", info)
+    return summary
+
+
+def write_card_celeba(root: Path, config: CelebATestRefConfig, summary: dict) -> None:
+    """A short card: counts, reference-count distribution and the rules used."""
+    from refface.manifests.atomic import write_text
+    from refface.manifests.references import read_references
+
+    df = read_references(root / "test_references.csv")
+    hist = df["ref_image"].map(len).value_counts().sort_index()
+    lines = ["# CelebA-Test-Ref-style test set", "", "| what | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary.items() if k != "root"]
+    lines += ["", "## References per target", "", "| references | targets |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in hist.items()]
+    if config.labels:
+        from refface.builders.validate import label_agreement
+
+        agree = label_agreement({"test": df}, pd.read_csv(config.labels, dtype=str, keep_default_na=False))
+        lines += ["", "## Agreement with known labels", "", "| what | value |", "|---|---|"]
+        lines += [
+            f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in agree.items()
+        ]
+    rules = {k: v for k, v in asdict(config).items() if k not in ("workers", "chunk_size", "labels", "plots")}
+    lines += ["", "## Rules", "", "| field | value |", "|---|---|"] + [
+        f"| {k} | {v} |" for k, v in rules.items()
+    ]
+    write_text(root / "card.md", "\n".join(lines) + "\n")

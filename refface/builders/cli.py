@@ -1,0 +1,297 @@
+"""``refface build ffhq-ref|celeba-test-ref|reface-hq`` and ``refface validate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+build_app = typer.Typer(
+    help="Build reference datasets (FFHQ-Ref, CelebA-Test-Ref, Reface-HQ-style) with identity-disjoint splits.",
+    no_args_is_help=True,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(build_app, name="build")
+    app.command("validate")(validate)
+
+
+def _fail(e: Exception) -> None:
+    from refface.console import console
+
+    console.print(f"[red]error:[/red] {e}")
+    raise typer.Exit(2) from e
+
+
+def _opt(path: Path | None) -> str | None:
+    return str(path) if path else None
+
+
+# Options shared by the builders (typer needs them spelled out per command).
+DETECTOR_HELP = (
+    "Face detector: prealigned (FFHQ-aligned crops, no detection), dlib (offline) or scrfd (ONNX)."
+)
+EMBEDDER_HELP = "Embedder: dlib (offline, 128-d) or arcface (insightface ONNX, 512-d; ReF-LDM's choice)."
+MODEL_HELP = "Embedder weights: an ArcFace .onnx (or a folder holding one) or a dlib .dat."
+THRESHOLD_HELP = "Same-identity cosine distance (default: the embedder's own; ArcFace 0.4, dlib 0.093)."
+NEAR_DUP_HELP = (
+    "Val/test references closer than this to the target are near-duplicates (default: threshold/4)."
+)
+
+
+@build_app.command("ffhq-ref")
+def ffhq_ref(
+    images: Path = typer.Argument(
+        ..., help="Face images: FFHQ images1024x1024 (nested 00000/00000.png or flat)."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset root that receives every output."),
+    detector: str = typer.Option("prealigned", help=DETECTOR_HELP + " Use dlib for ordinary photos."),
+    embedder: str = typer.Option("dlib", help=EMBEDDER_HELP),
+    model: Path | None = typer.Option(None, help=MODEL_HELP),
+    model_root: Path | None = typer.Option(None, help="Folder holding det_10g.onnx for --detector scrfd."),
+    dlib_detector: str = typer.Option("hog", help="dlib detector: hog (fast) or mmod (CNN)."),
+    face_policy: str = typer.Option("largest_central", help="Face kept when several are found."),
+    crop_size: int = typer.Option(512, help="Aligned crop side used for embedding."),
+    cluster_method: str = typer.Option(
+        "components", help="Identity clustering: components (ReF-LDM's rule) or average (chain-resistant)."
+    ),
+    identity_threshold: float | None = typer.Option(None, help=THRESHOLD_HELP),
+    min_refs: int = typer.Option(2, help="A val/test target needs at least this many references."),
+    max_refs: int = typer.Option(
+        9, help="Keep at most this many val/test references (farthest-point order)."
+    ),
+    near_duplicate_distance: float | None = typer.Option(None, help=NEAR_DUP_HELP),
+    within_threshold: bool = typer.Option(
+        True, help="References must also lie within the identity threshold of the target itself."
+    ),
+    train_exclude_near_duplicates: bool = typer.Option(
+        False, help="Drop near-duplicates from training lists too."
+    ),
+    seed: int = typer.Option(0, help="Split seed: the same seed gives byte-identical outputs."),
+    val_fraction: float = typer.Option(300 / 6523, help="Share of identities in val (paper: 300 of 6,523)."),
+    test_fraction: float = typer.Option(
+        150 / 6523, help="Share of identities in test (paper: 150 of 6,523)."
+    ),
+    val_identities: int | None = typer.Option(
+        None, help="Exact number of val identities (overrides the share)."
+    ),
+    test_identities: int | None = typer.Option(
+        None, help="Exact number of test identities (overrides the share)."
+    ),
+    min_eval_size: int = typer.Option(3, help="Identities smaller than this stay in train."),
+    balance_column: str | None = typer.Option(
+        None, help="Balance test identities over this attribute (e.g. race)."
+    ),
+    attributes: Path | None = typer.Option(
+        None, help="Attributes table (path + column); default ROOT/attributes.parquet."
+    ),
+    singleton_split: str = typer.Option("train", help="Split for images without an identity."),
+    labels: Path | None = typer.Option(
+        None, help="Known labels CSV (path, identity): the card reports precision."
+    ),
+    plots: bool = typer.Option(True, help="Draw the card's PNG plots."),
+    workers: int = typer.Option(2, help="Worker processes for mining (outputs do not depend on it)."),
+    chunk_size: int = typer.Option(32, help="Images per unit of work / resumable part file."),
+) -> None:
+    """Build an FFHQ-Ref-style dataset: identities, reference CSVs (ReF-LDM format), split lists, card.
+
+    Writes into OUT: images/faces/embeddings tables, identities.parquet, splits.parquet,
+    {train,val,test}_references.csv, {train,val,test}_image.txt (covering every input image), card.md with
+    plots/ and build.json. Every stage is skipped when its inputs are unchanged; a killed build resumes.
+    """
+    from refface.builders.ffhq_ref import FFHQRefConfig, build_ffhq_ref
+    from refface.console import print_summary
+
+    try:
+        config = FFHQRefConfig(
+            detector=detector,
+            embedder=embedder,
+            model_path=_opt(model),
+            model_root=_opt(model_root),
+            dlib_detector=dlib_detector,
+            face_policy=face_policy,
+            crop_size=crop_size,
+            workers=workers,
+            chunk_size=chunk_size,
+            cluster_method=cluster_method,
+            identity_threshold=identity_threshold,
+            min_refs=min_refs,
+            max_refs=max_refs,
+            near_duplicate_distance=near_duplicate_distance,
+            within_threshold=within_threshold,
+            train_exclude_near_duplicates=train_exclude_near_duplicates,
+            seed=seed,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            val_identities=val_identities,
+            test_identities=test_identities,
+            min_eval_size=min_eval_size,
+            balance_column=balance_column,
+            attributes=_opt(attributes),
+            singleton_split=singleton_split,
+            labels=_opt(labels),
+            plots=plots,
+        )
+        summary = build_ffhq_ref(images, out, config)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    print_summary("refface build ffhq-ref", summary)
+
+
+@build_app.command("celeba-test-ref")
+def celeba_test_ref(
+    targets: Path = typer.Argument(..., help="Target HQ images (e.g. CelebA-Test HQ)."),
+    pool: Path = typer.Argument(..., help="Reference pool searched for each target (e.g. all of CelebA-HQ)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset root that receives every output."),
+    lq: Path | None = typer.Option(
+        None, help="Folder of existing LQ images, matched to targets by file stem."
+    ),
+    detector: str = typer.Option("dlib", help=DETECTOR_HELP),
+    embedder: str = typer.Option("dlib", help=EMBEDDER_HELP),
+    model: Path | None = typer.Option(None, help=MODEL_HELP),
+    model_root: Path | None = typer.Option(None, help="Folder holding det_10g.onnx for --detector scrfd."),
+    dlib_detector: str = typer.Option("hog", help="dlib detector: hog (fast) or mmod (CNN)."),
+    crop_size: int = typer.Option(512, help="Aligned crop side used for embedding."),
+    identity_threshold: float | None = typer.Option(None, help=THRESHOLD_HELP),
+    min_refs: int = typer.Option(2, help="A target needs at least this many references to be listed."),
+    max_refs: int = typer.Option(9, help="Keep at most this many references (farthest-point order)."),
+    near_duplicate_distance: float | None = typer.Option(None, help=NEAR_DUP_HELP),
+    labels: Path | None = typer.Option(
+        None, help="Known labels CSV (path, identity): the card reports precision."
+    ),
+    workers: int = typer.Option(2, help="Worker processes for mining (outputs do not depend on it)."),
+) -> None:
+    """Build a CelebA-Test-Ref-style test set: targets from TARGETS, references searched in POOL.
+
+    The target itself and its near-duplicates (same file bytes or distance below the near-duplicate bar)
+    are never references. Writes test_references.csv (lq_image points at --lq files when given),
+    test_image.txt, card.md and build.json (image_root = TARGETS, ref_root = POOL, lq_root).
+    """
+    from refface.builders.celeba_test_ref import CelebATestRefConfig, build_celeba_test_ref
+    from refface.console import print_summary
+
+    try:
+        config = CelebATestRefConfig(
+            detector=detector,
+            embedder=embedder,
+            model_path=_opt(model),
+            model_root=_opt(model_root),
+            dlib_detector=dlib_detector,
+            crop_size=crop_size,
+            workers=workers,
+            identity_threshold=identity_threshold,
+            min_refs=min_refs,
+            max_refs=max_refs,
+            near_duplicate_distance=near_duplicate_distance,
+            lq=_opt(lq),
+            labels=_opt(labels),
+        )
+        summary = build_celeba_test_ref(targets, pool, out, config)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    print_summary("refface build celeba-test-ref", summary)
+
+
+@build_app.command("reface-hq")
+def reface_hq(
+    folders: Path = typer.Argument(
+        ..., help="Identity folders: FOLDERS/<identity>/*.jpg (web photos, any size)."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset root that receives every output."),
+    detector: str = typer.Option("dlib", help=DETECTOR_HELP),
+    embedder: str = typer.Option("dlib", help=EMBEDDER_HELP),
+    model: Path | None = typer.Option(None, help=MODEL_HELP),
+    model_root: Path | None = typer.Option(None, help="Folder holding det_10g.onnx for --detector scrfd."),
+    dlib_detector: str = typer.Option("hog", help="dlib detector: hog (fast) or mmod (CNN)."),
+    face_policy: str = typer.Option("largest_central", help="Face kept when several are found."),
+    crop_size: int = typer.Option(512, help="Side of the output FFHQ-style crops."),
+    min_face_size: float = typer.Option(
+        40.0, help="Drop faces whose box is smaller than this (pixels, sqrt(w*h))."
+    ),
+    min_det_score: float | None = typer.Option(
+        None, help="Drop faces with a lower detector score (default: no bar)."
+    ),
+    identity_threshold: float | None = typer.Option(None, help=THRESHOLD_HELP),
+    outlier_ratio: float = typer.Option(
+        1.0, help="Flag a photo whose median distance to its folder's other faces exceeds ratio x threshold."
+    ),
+    merge_ratio: float = typer.Option(
+        1.0, help="Merge two folders when their mean cross distance is below ratio x threshold."
+    ),
+    near_duplicate_distance: float | None = typer.Option(None, help=NEAR_DUP_HELP),
+    seed: int = typer.Option(0, help="Split seed."),
+    min_refs: int = typer.Option(2, help="A val/test target needs at least this many references."),
+    max_refs: int = typer.Option(9, help="Keep at most this many val/test references."),
+    labels: Path | None = typer.Option(
+        None, help="Known labels CSV (path, identity): the card reports precision."
+    ),
+    workers: int = typer.Option(2, help="Worker processes for mining (outputs do not depend on it)."),
+) -> None:
+    """Build a Reface-HQ-style dataset from identity folders of web photos.
+
+    Detects and aligns each photo's face to an FFHQ-style crop (OUT/images/<identity>/<n>.png), drops
+    small or low-score faces, photos far from their folder's other faces and exact/near duplicates (each
+    with a reason in dropped.csv), merges folders of the same person, then writes the reference CSVs,
+    split lists, card.md and build.json like ffhq-ref.
+    """
+    from refface.builders.reface_hq import RefaceHQConfig, build_reface_hq
+    from refface.console import print_summary
+
+    try:
+        config = RefaceHQConfig(
+            detector=detector,
+            embedder=embedder,
+            model_path=_opt(model),
+            model_root=_opt(model_root),
+            dlib_detector=dlib_detector,
+            face_policy=face_policy,
+            crop_size=crop_size,
+            min_face_size=min_face_size,
+            min_det_score=min_det_score,
+            identity_threshold=identity_threshold,
+            outlier_ratio=outlier_ratio,
+            merge_ratio=merge_ratio,
+            near_duplicate_distance=near_duplicate_distance,
+            seed=seed,
+            min_refs=min_refs,
+            max_refs=max_refs,
+            labels=_opt(labels),
+            workers=workers,
+        )
+        summary = build_reface_hq(folders, out, config)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    print_summary("refface build reface-hq", summary)
+
+
+def validate(
+    root: Path = typer.Argument(..., help="Dataset root (built here, or a published FFHQ-Ref folder)."),
+    images: Path | None = typer.Option(
+        None, help="Image root of gt_image paths (default: build.json image_root)."
+    ),
+    refs: Path | None = typer.Option(
+        None, help="Root of ref_image paths (default: build.json ref_root, else --images)."
+    ),
+    lq: Path | None = typer.Option(
+        None, help="Root of lq_image paths (LQ files are checked only when known)."
+    ),
+    decode: bool = typer.Option(True, help="Decode every image, not only check that it exists."),
+) -> None:
+    """Check a reference dataset: files exist and decode, references share the target's identity,
+    no target lists itself, no reference crosses a split, CSV columns and types are right.
+
+    Exits with status 1 when anything is wrong, listing each problem.
+    """
+    from refface.builders.validate import validate_root
+    from refface.console import console, print_summary
+
+    report = validate_root(root, image_root=images, ref_root=refs, lq_root=lq, decode=decode)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    for problem in report.problems:
+        console.print(f"[red]problem:[/red] {problem}")
+    print_summary("refface validate", {**report.counts, "problems": len(report.problems)})
+    if not report.ok:
+        raise typer.Exit(1)
+    console.print("[green]valid[/green]")

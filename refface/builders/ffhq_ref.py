@@ -1,0 +1,445 @@
+"""FFHQ-Ref builder: mine a folder of faces, cluster identities, pick references, split by identity."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from refface.manifests.atomic import sha256_file, write_json, write_parquet
+from refface.mining.references import ReferenceConfig
+from refface.mining.splits import SplitConfig
+
+log = logging.getLogger(__name__)
+
+IDENTITIES_FILE = "identities.parquet"
+SPLITS_FILE = "splits.parquet"
+BUILD_FILE = "build.json"
+CARD_FILE = "card.md"
+# Settings that change how fast a build runs, never what it writes: kept out of every fingerprint.
+RUNTIME_FIELDS = ("workers", "chunk_size")
+VERSION_PACKAGES = ("refface", "numpy", "pandas", "pyarrow", "scipy", "faiss-cpu", "dlib-bin", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class FFHQRefConfig:
+    """Every rule of an FFHQ-Ref build; CLI flags map onto these fields one to one.
+
+    Attributes:
+        detector: ``prealigned`` for FFHQ-aligned inputs (FFHQ itself), ``dlib`` or ``scrfd`` for photos.
+        embedder: ``dlib`` (offline default) or ``arcface`` (ReF-LDM's choice; needs ``model_path``).
+        model_path: embedder weights (ArcFace ONNX, or a dlib .dat); None = default location.
+        model_root: folder with SCRFD's ``det_10g.onnx``.
+        dlib_detector: ``hog`` or ``mmod`` when ``detector`` is ``dlib``.
+        face_policy: which face the mining core keeps when a photo holds several.
+        crop_size: aligned crop side used by the mining core.
+        max_pixels: larger images become error rows (decompression-bomb limit).
+        workers / chunk_size: mining parallelism (change speed only, never outputs).
+        cluster_method: identity clustering from the mining core (``components`` = ReF-LDM's rule).
+        identity_threshold: same-identity cosine distance; None = the embedder's (ArcFace 0.4, dlib 0.093).
+        min_refs / max_refs / near_duplicate_distance / within_threshold / train_exclude_near_duplicates:
+            reference rules, see :class:`refface.mining.references.ReferenceConfig`.
+        seed / val_fraction / test_fraction / val_identities / test_identities / min_eval_size /
+            balance_column / singleton_split: split rules, see :class:`refface.mining.splits.SplitConfig`.
+        attributes: table (parquet/CSV with ``path`` and ``balance_column``) used for balancing; default:
+            ``attributes.parquet`` in the dataset root when present.
+        labels: optional ``path, identity`` CSV of known labels: the card reports reference precision.
+        plots: draw the card's PNG plots.
+    """
+
+    detector: str = "prealigned"
+    embedder: str = "dlib"
+    model_path: str | None = None
+    model_root: str | None = None
+    dlib_detector: str = "hog"
+    face_policy: str = "largest_central"
+    crop_size: int = 512
+    max_pixels: int = 64_000_000
+    workers: int = 2
+    chunk_size: int = 32
+    cluster_method: str = "components"
+    identity_threshold: float | None = None
+    min_refs: int = 2
+    max_refs: int = 9
+    near_duplicate_distance: float | None = None
+    within_threshold: bool = True
+    train_exclude_near_duplicates: bool = False
+    seed: int = 0
+    val_fraction: float = SplitConfig.val_fraction
+    test_fraction: float = SplitConfig.test_fraction
+    val_identities: int | None = None
+    test_identities: int | None = None
+    min_eval_size: int = 3
+    balance_column: str | None = None
+    attributes: str | None = None
+    singleton_split: str = "train"
+    labels: str | None = None
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.identity_threshold is not None and self.identity_threshold <= 0:
+            raise ValueError("identity_threshold must be > 0 (or None for the embedder's own)")
+        # Build the sub-configs now so bad values fail before any work starts.
+        self.reference_config()
+        self.split_config()
+
+    def reference_config(self) -> ReferenceConfig:
+        return ReferenceConfig(
+            min_refs=self.min_refs,
+            max_refs=self.max_refs,
+            near_duplicate_distance=self.near_duplicate_distance,
+            within_threshold=self.within_threshold,
+            train_exclude_near_duplicates=self.train_exclude_near_duplicates,
+        )
+
+    def split_config(self) -> SplitConfig:
+        return SplitConfig(
+            seed=self.seed,
+            val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction,
+            val_identities=self.val_identities,
+            test_identities=self.test_identities,
+            min_eval_size=self.min_eval_size,
+            balance_column=self.balance_column,
+            singleton_split=self.singleton_split,
+        )
+
+    def fingerprint_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}
+
+
+def mining_config(config: Any):
+    """The mining core's config from a builder config: every field the two share is passed on."""
+    from refface.mining.pipeline import MiningConfig
+
+    names = {f.name for f in fields(MiningConfig)}
+    values = {k: v for k, v in asdict(config).items() if k in names}
+    return MiningConfig(**values)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in VERSION_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def file_digest(root: Path, name: str) -> str | None:
+    path = root / name
+    return sha256_file(path) if path.exists() else None
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+
+def run_mining(image_root: Path, root: Path, config: Any) -> dict:
+    """Mine ``image_root`` into ``root`` (the mining core skips its own unchanged stages)."""
+    from refface.mining.pipeline import mine_folder
+
+    start = time.perf_counter()
+    mine_folder(image_root, root, mining_config(config))
+    return {"seconds": round(time.perf_counter() - start, 3)}
+
+
+def load_embedding_rows(root: Path):
+    """Embeddings with one row per image path (the first face when several rows share a path)."""
+    from refface.mining.embed import load_embeddings
+
+    emb = load_embeddings(root)
+    paths = [str(p) for p in emb.paths]
+    first: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        first.setdefault(p, i)
+    rows = sorted(first.values(), key=lambda i: paths[i])
+    vectors = np.asarray(emb.vectors, dtype=np.float32)[rows]
+    return emb, [paths[i] for i in rows], vectors
+
+
+def identity_threshold_of(emb, config: Any) -> float:
+    """The same-identity bar as a cosine distance: the configured one, else the embedder's own."""
+    from refface.mining.cluster import cosine_threshold
+
+    if config.identity_threshold is not None:
+        return float(config.identity_threshold)
+    return cosine_threshold(emb.identity_threshold, emb.metric)
+
+
+def identities_stage(root: Path, config: Any) -> tuple[dict, bool]:
+    """identities.parquet (path, identity, cluster_size) via the mining core's clustering stage."""
+    from refface.mining.cluster import ClusterConfig, cluster_root
+
+    return cluster_root(
+        root, ClusterConfig(method=config.cluster_method, threshold=config.identity_threshold)
+    )
+
+
+def covering_table(root: Path, all_paths: list[str]) -> pd.DataFrame:
+    """Every input image with its identity: images without an embedding (no face, unreadable) are -1."""
+    table = pd.read_parquet(root / IDENTITIES_FILE)[["path", "identity", "cluster_size"]]
+    table = table.drop_duplicates("path")
+    rest = sorted(set(all_paths) - set(table["path"]))
+    if rest:
+        table = pd.concat(
+            [table, pd.DataFrame({"path": rest, "identity": -1, "cluster_size": 0})], ignore_index=True
+        )
+    table["embedded"] = table["cluster_size"] > 0
+    table = table.astype({"identity": "int64", "cluster_size": "int64", "embedded": "bool"})
+    return table.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def read_attributes(root: Path, config: Any) -> pd.Series | None:
+    if not config.balance_column:
+        return None
+    source = Path(config.attributes) if config.attributes else root / "attributes.parquet"
+    if not source.exists():
+        raise ValueError(
+            f"balance_column={config.balance_column!r} needs an attributes table; {source} not found "
+            "(run the attributes stage or pass --attributes FILE)"
+        )
+    table = pd.read_parquet(source) if source.suffix == ".parquet" else pd.read_csv(source)
+    if "path" not in table.columns or config.balance_column not in table.columns:
+        raise ValueError(f"{source} needs columns path and {config.balance_column}")
+    return table.drop_duplicates("path").set_index("path")[config.balance_column]
+
+
+def _hashes(root: Path, paths: list[str]) -> list[str] | None:
+    images = root / "images.parquet"
+    if not images.exists():
+        return None
+    table = pd.read_parquet(images)
+    if "sha256" not in table.columns:
+        return None
+    by_path = dict(zip(table["path"].astype(str), table["sha256"].astype(str), strict=True))
+    return [by_path.get(p, f"missing:{p}") for p in paths]
+
+
+def eval_eligible(root: Path, config: Any, table: pd.DataFrame) -> set[int]:
+    """Identities in which at least one target would get ``min_refs`` val/test references."""
+    from refface.mining.references import select_references
+
+    emb, paths, vectors = load_embedding_rows(root)
+    label_of = dict(zip(table["path"], table["identity"], strict=True))
+    labels = np.array([label_of.get(p, -1) for p in paths])
+    refs = select_references(
+        paths,
+        vectors,
+        labels,
+        "cosine",
+        identity_threshold_of(emb, config),
+        config.reference_config(),
+        evaluation=True,
+        sha256=_hashes(root, paths),
+    )
+    return {int(labels[t]) for t in refs}
+
+
+def splits_stage(root: Path, config: Any, all_paths: list[str]) -> tuple[dict, bool]:
+    """{train,val,test}_image.txt + splits.parquet: identity-disjoint, covering every input image."""
+    from refface.manifests.splits import write_split_lists
+    from refface.mining.splits import assign_splits, split_summary
+    from refface.stages import fingerprint, run_stage
+
+    def work() -> dict:
+        table = covering_table(root, all_paths)
+        eligible = eval_eligible(root, config, table)
+        assigned = assign_splits(table, config.split_config(), read_attributes(root, config), eligible)
+        assigned = assigned.merge(table[["path", "cluster_size", "embedded"]], on="path", how="left")
+        write_parquet(root / SPLITS_FILE, assigned)
+        names = write_split_lists(root, {s: assigned.loc[assigned["split"] == s, "path"] for s in SPLITS})
+        return {"outputs": [SPLITS_FILE, *names], "summary": split_summary(assigned)}
+
+    cfg = {**asdict(config.split_config()), **asdict(config.reference_config())}
+    cfg.update(attributes=config.attributes, identity_threshold=config.identity_threshold)
+    inputs = {
+        "identities": file_digest(root, IDENTITIES_FILE),
+        "embeddings": file_digest(root, "embeddings.npy"),
+        "images": fingerprint(sorted(all_paths)),
+        "attributes": sha256_file(config.attributes) if config.attributes else None,
+    }
+    if config.balance_column and not config.attributes:
+        inputs["attributes"] = file_digest(root, "attributes.parquet")
+    return run_stage(root, "splits", cfg, inputs, work)
+
+
+SPLITS = ("train", "val", "test")
+
+
+def references_stage(root: Path, config: Any) -> tuple[dict, bool]:
+    """train/val/test_references.csv in ReF-LDM's format (paths relative to the image root)."""
+    from refface.manifests.references import references_filename, write_references
+    from refface.mining.references import select_references
+    from refface.stages import run_stage
+
+    def work() -> dict:
+        emb, paths, vectors = load_embedding_rows(root)
+        assigned = pd.read_parquet(root / SPLITS_FILE)
+        split_of = dict(zip(assigned["path"], assigned["split"], strict=True))
+        label_of = dict(zip(assigned["path"], assigned["identity"], strict=True))
+        labels = np.array([label_of.get(p, -1) for p in paths])
+        is_eval = [split_of.get(p, "train") != "train" for p in paths]
+        refs = select_references(
+            paths,
+            vectors,
+            labels,
+            "cosine",
+            identity_threshold_of(emb, config),
+            config.reference_config(),
+            evaluation=is_eval,
+            sha256=_hashes(root, paths),
+        )
+        rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
+        for t, ref_rows in refs.items():
+            split = split_of.get(paths[t], "train")
+            # The LQ file of a val/test target is written under the target's own name by the degrader.
+            rows[split].append(
+                {"gt_image": paths[t], "lq_image": paths[t], "ref_image": [paths[r] for r in ref_rows]}
+            )
+        outputs, counts = [], {}
+        for split in SPLITS:
+            name = references_filename(split)
+            write_references(root / name, rows[split], with_lq=split != "train")
+            outputs.append(name)
+            counts[split] = len(rows[split])
+        return {"outputs": outputs, "targets": counts}
+
+    cfg = asdict(config.reference_config())
+    cfg["identity_threshold"] = config.identity_threshold
+    inputs = {"splits": file_digest(root, SPLITS_FILE), "embeddings": file_digest(root, "embeddings.npy")}
+    return run_stage(root, "references", cfg, inputs, work)
+
+
+def card_stage(root: Path, config: Any, title: str, extra_inputs: dict | None = None) -> tuple[dict, bool]:
+    """card.md + plots/*.png from the finished tables (no timings, so the card is reproducible)."""
+    from refface.builders.card import write_card
+    from refface.stages import run_stage
+
+    def work() -> dict:
+        outputs = write_card(root, config, title)
+        return {"outputs": outputs}
+
+    names = [IDENTITIES_FILE, SPLITS_FILE, "embeddings.npy", "errors.parquet"]
+    names += [f"{s}_references.csv" for s in SPLITS]
+    inputs = {n: file_digest(root, n) for n in names}
+    inputs["labels"] = sha256_file(config.labels) if config.labels else None
+    inputs.update(extra_inputs or {})
+    cfg = {"plots": config.plots, "title": title, "labels": config.labels}
+    return run_stage(root, "card", cfg, inputs, work)
+
+
+# --------------------------------------------------------------------------------------------- provenance
+
+
+def stage_timings(root: Path) -> dict[str, float]:
+    out = {}
+    stages = root / ".stages"
+    if stages.is_dir():
+        for path in sorted(stages.glob("*.json")):
+            manifest = json.loads(path.read_text())
+            out[manifest.get("stage", path.stem)] = manifest.get("timings", {}).get("seconds")
+    return out
+
+
+def error_counts(root: Path) -> dict[str, int]:
+    from refface.manifests.errors import ErrorsTable
+
+    return ErrorsTable.read(root).counts_by_stage()
+
+
+def write_build_json(
+    root: Path, kind: str, config: Any, image_root: Path, all_paths: list[str], timings: dict, extra: dict
+) -> dict:
+    """build.json: config, versions, model and input fingerprints, per-stage timings, error counts."""
+    from refface.stages import folder_fingerprint
+
+    model = {}
+    emb_json = root / "embeddings.json"
+    if emb_json.exists():
+        model = json.loads(emb_json.read_text())
+    info = {
+        "kind": kind,
+        "image_root": str(Path(image_root).resolve()),
+        "config": asdict(config),
+        "versions": package_versions(),
+        "model": {k: model.get(k) for k in ("model", "fingerprint", "metric", "identity_threshold", "dim")},
+        "inputs": {"images": len(all_paths), "fingerprint": folder_fingerprint(image_root, all_paths)},
+        "timings": {**stage_timings(root), **timings},
+        "errors": error_counts(root),
+        **extra,
+    }
+    write_json(root / BUILD_FILE, info)
+    return info
+
+
+def build_summary(root: Path) -> dict:
+    """Counts a user (or ``refface demo``) wants after a build."""
+    table = pd.read_parquet(root / SPLITS_FILE)
+    assigned = table
+    out: dict[str, Any] = {
+        "root": str(root),
+        "images": int(len(table)),
+        "embedded": int(table["embedded"].sum()),
+        "identities": int(table.loc[table["identity"] >= 0, "identity"].nunique()),
+        "singletons": int((table["identity"] < 0).sum()),
+    }
+    from refface.manifests.references import read_references
+
+    for split in SPLITS:
+        out[f"{split}_images"] = int((assigned["split"] == split).sum())
+        out[f"{split}_targets"] = int(len(read_references(root / f"{split}_references.csv")))
+    out["errors"] = int(sum(error_counts(root).values()))
+    return out
+
+
+def build_ffhq_ref(
+    images_dir: str | os.PathLike, out_root: str | os.PathLike, config: FFHQRefConfig | None = None
+) -> dict:
+    """Build an FFHQ-Ref-style dataset root from a folder of face images (resumable, deterministic).
+
+    Args:
+        images_dir: the images (FFHQ ``images1024x1024`` nested or flat, or any face photos).
+        out_root: dataset root that receives every table, CSV, split list, card and build.json.
+        config: build rules; defaults follow ReF-LDM.
+
+    Returns:
+        Summary counts (images, identities, per-split images and targets, errors, root).
+    """
+    from refface.manifests.io import list_images
+
+    config = config or FFHQRefConfig()
+    image_root = Path(images_dir)
+    root = Path(out_root)
+    root.mkdir(parents=True, exist_ok=True)
+    all_paths = list_images(image_root)
+    if not all_paths:
+        raise ValueError(f"no images found under {image_root}")
+    timings = {}
+    timings["mine"] = run_mining(image_root, root, config)["seconds"]
+    identities_stage(root, config)
+    splits_stage(root, config, all_paths)
+    references_stage(root, config)
+    card_stage(root, config, "FFHQ-Ref-style dataset")
+    write_build_json(root, "ffhq-ref", config, image_root, all_paths, timings, {})
+    return build_summary(root)
+
+
+def with_overrides(config: FFHQRefConfig, **overrides: Any) -> FFHQRefConfig:
+    """A copy of ``config`` with the given fields changed (unknown names raise ValueError)."""
+    known = {f.name for f in fields(config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+    return replace(config, **overrides)

@@ -1,0 +1,379 @@
+"""Reface-HQ-style builder: identity folders of web photos -> verified, aligned ``<identity>/<n>.png`` crops."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from refface.builders.ffhq_ref import FFHQRefConfig
+from refface.manifests.atomic import write_parquet, write_text
+
+MINED_DIR = "mined"
+IMAGES_DIR = "images"
+STAGE = "reface_curate"
+
+
+@dataclass(frozen=True)
+class RefaceHQConfig(FFHQRefConfig):
+    """FFHQ-Ref's rules plus the curation rules of identity folders.
+
+    Attributes:
+        detector: ``dlib`` by default (web photos need detection).
+        min_face_size: faces whose box is smaller (sqrt(w*h), source pixels) are dropped as too small.
+        min_det_score: faces with a lower detector score are dropped; None = no score bar.
+        outlier_ratio: in folders of 3+ faces, a photo whose median distance to the folder's other faces
+            exceeds ``outlier_ratio * threshold`` is dropped (wrong person, or the wrong face of a group photo).
+        merge_ratio: two folders whose mean cross distance is below ``merge_ratio * threshold`` are one
+            person and become one identity.
+    """
+
+    detector: str = "dlib"
+    min_face_size: float = 40.0
+    min_det_score: float | None = None
+    outlier_ratio: float = 1.0
+    merge_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min_face_size < 0 or self.outlier_ratio <= 0 or self.merge_ratio <= 0:
+            raise ValueError("min_face_size must be >= 0; outlier_ratio and merge_ratio must be > 0")
+
+
+def folder_of(path: str) -> str:
+    """The identity folder of a photo: its parent directory relative to the input root."""
+    parent = Path(path).parent.as_posix()
+    return parent if parent != "." else "_root"
+
+
+def identity_name(folder: str) -> str:
+    """A folder path as one directory name (``lfw/Ann_B`` -> ``lfw-Ann_B``)."""
+    return folder.replace("/", "-")
+
+
+def _union_find(n: int, pairs: Sequence[tuple[int, int]]) -> list[int]:
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return [find(i) for i in range(n)]
+
+
+def curate(
+    faces: pd.DataFrame, vectors: np.ndarray, sha: Sequence[str], threshold: float, config: RefaceHQConfig
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Decide which photos are kept and under which identity.
+
+    Args:
+        faces: one row per embedded photo (``path``, box, ``det_score``), row-aligned with ``vectors``,
+            sorted by path.
+        vectors: (N, D) unit embeddings.
+        sha: content hash per row.
+        threshold: same-identity cosine distance.
+        config: curation rules.
+
+    Returns:
+        (kept: ``path, folder, identity_name`` sorted by identity then path, dropped: ``path, reason``).
+    """
+    from refface.mining.references import distance_matrix
+
+    paths = faces["path"].tolist()
+    dropped: dict[int, str] = {}
+    size = np.sqrt(
+        np.maximum(faces["x1"] - faces["x0"], 0) * np.maximum(faces["y1"] - faces["y0"], 0)
+    ).to_numpy()
+    for i in range(len(paths)):
+        if size[i] < config.min_face_size:
+            dropped[i] = f"face too small ({size[i]:.0f} px < {config.min_face_size:g})"
+        elif config.min_det_score is not None and faces["det_score"].iloc[i] < config.min_det_score:
+            dropped[i] = f"low detector score ({faces['det_score'].iloc[i]:.3f} < {config.min_det_score:g})"
+    first_of: dict[str, int] = {}
+    for i in range(len(paths)):
+        if i in dropped:
+            continue
+        if sha[i] in first_of:
+            dropped[i] = f"exact duplicate of {paths[first_of[sha[i]]]}"
+        else:
+            first_of[sha[i]] = i
+    folders = [folder_of(p) for p in paths]
+    members: dict[str, list[int]] = {}
+    for i, f in enumerate(folders):
+        if i not in dropped:
+            members.setdefault(f, []).append(i)
+    bar = config.outlier_ratio * threshold
+    for rows in members.values():
+        if len(rows) < 3:
+            continue
+        dist = distance_matrix(vectors[rows], vectors[rows], "cosine")
+        np.fill_diagonal(dist, np.nan)
+        median = np.nanmedian(dist, axis=1)
+        for r, m in zip(rows, median, strict=True):
+            if m > bar:
+                dropped[r] = (
+                    f"far from its folder's other faces (median distance {m:.3f} > {bar:.3f}): "
+                    "wrong person or the wrong face of a group photo"
+                )
+    names = sorted(members)
+    kept_rows = {f: [r for r in members[f] if r not in dropped] for f in names}
+    names = [f for f in names if kept_rows[f]]
+    # Average linkage between folders: merge when the mean cross distance is under the bar.
+    pairs = []
+    centroids = []
+    for f in names:
+        c = vectors[kept_rows[f]].mean(0)
+        centroids.append(c)
+    merge_bar = config.merge_ratio * threshold
+    if len(names) > 1:
+        cent = np.asarray(centroids, dtype=np.float64)
+        # Mean of pairwise dot products = dot of the mean vectors, so mean cross distance = 1 - <ca, cb>.
+        mean_cross = 1.0 - cent @ cent.T
+        ia, ib = np.nonzero(np.triu(mean_cross < merge_bar, k=1))
+        pairs = list(zip(ia.tolist(), ib.tolist(), strict=True))
+    root_of = _union_find(len(names), pairs)
+    group_name = {i: identity_name(names[root_of[i]]) for i in range(len(names))}
+    records = []
+    for gi, f in enumerate(names):
+        for r in kept_rows[f]:
+            records.append({"row": r, "path": paths[r], "folder": f, "identity_name": group_name[gi]})
+    kept = pd.DataFrame(records, columns=["row", "path", "folder", "identity_name"])
+    kept = kept.sort_values(["identity_name", "path"], kind="stable").reset_index(drop=True)
+    # Near-duplicates inside an identity: keep the first photo (path order), drop those too close to it.
+    near = config.reference_config().near_duplicate(threshold)
+    drop_near = set()
+    for _, group in kept.groupby("identity_name", sort=True):
+        rows = group["row"].tolist()
+        dist = distance_matrix(vectors[rows], vectors[rows], "cosine")
+        keep_idx: list[int] = []
+        for j, r in enumerate(rows):
+            close = [k for k in keep_idx if dist[j, k] < near]
+            if close:
+                drop_near.add(r)
+                dropped[r] = f"near-duplicate of {paths[rows[close[0]]]} (distance {dist[j, close[0]]:.3f})"
+            else:
+                keep_idx.append(j)
+    kept = kept[~kept["row"].isin(drop_near)].reset_index(drop=True)
+    drop_df = pd.DataFrame(
+        [{"path": paths[i], "reason": reason} for i, reason in sorted(dropped.items())],
+        columns=["path", "reason"],
+    )
+    return kept, drop_df
+
+
+def _crop_chunk(items: list[tuple[str, list[float], str, int]]) -> list[str]:
+    """Align and write crops: (source file, 10 landmark floats, target file, size) -> errors."""
+    from refface.manifests.errors import ImageError
+    from refface.manifests.io import read_image, write_png
+    from refface.mining.align import ffhq_crop
+
+    errors = []
+    for src, lm, dst, size in items:
+        try:
+            img = read_image(src)
+            write_png(dst, ffhq_crop(img, np.asarray(lm, dtype=np.float64).reshape(5, 2), size))
+        except (ImageError, ValueError) as e:
+            errors.append(f"{src}\t{e}")
+    return errors
+
+
+def curate_stage(folders: Path, root: Path, config: RefaceHQConfig) -> tuple[dict, bool]:
+    """Curate the mined photos into ``images/<identity>/<n>.png`` plus the tables the later stages read."""
+    from refface.builders.ffhq_ref import file_digest, identity_threshold_of, load_embedding_rows
+    from refface.manifests.atomic import sha256_file
+    from refface.manifests.errors import ErrorsTable
+    from refface.mining.embed import Embeddings, save_embeddings
+    from refface.stages import map_chunks, run_stage
+
+    mined = root / MINED_DIR
+
+    def work() -> dict:
+        emb, paths, vectors = load_embedding_rows(mined)
+        faces = pd.read_parquet(mined / "faces.parquet").drop_duplicates("path").set_index("path")
+        faces = faces.loc[paths].reset_index()
+        images = pd.read_parquet(mined / "images.parquet").set_index("path")
+        sha = [str(images.loc[p, "sha256"]) for p in paths]
+        threshold = identity_threshold_of(emb, config)
+        kept, dropped = curate(faces, vectors, sha, threshold, config)
+        mining_errors = ErrorsTable.read(mined).to_frame()
+        dropped = pd.concat(
+            [dropped, pd.DataFrame({"path": mining_errors["path"], "reason": mining_errors["reason"]})],
+            ignore_index=True,
+        ).sort_values("path", kind="stable")
+        kept["n"] = kept.groupby("identity_name").cumcount()
+        kept["out"] = [f"{name}/{n}.png" for name, n in zip(kept["identity_name"], kept["n"], strict=True)]
+        out_dir = root / IMAGES_DIR
+        # Stale crops from an earlier configuration must not linger beside the new ones.
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        lm_of = dict(zip(faces["path"], faces["lm"], strict=True))
+        items = [
+            (str(folders / p), [float(v) for v in lm_of[p]], str(out_dir / o), config.crop_size)
+            for p, o in zip(kept["path"], kept["out"], strict=True)
+        ]
+        crop_errors = [
+            e for part in map_chunks(_crop_chunk, items, 16, config.workers, "aligning") for e in part
+        ]
+        failed = {e.split("\t")[0] for e in crop_errors}
+        if failed:
+            extra = [
+                {"path": e.split("\t")[0], "reason": "crop failed: " + e.split("\t")[1]} for e in crop_errors
+            ]
+            dropped = pd.concat([dropped, pd.DataFrame(extra)], ignore_index=True)
+            kept = kept[~kept["path"].map(lambda p: str(folders / p) in failed)].reset_index(drop=True)
+        row_of = {p: i for i, p in enumerate(paths)}
+        ident_codes = {name: i for i, name in enumerate(sorted(kept["identity_name"].unique()))}
+        kept = kept.sort_values("out", kind="stable").reset_index(drop=True)
+        counts = kept["identity_name"].value_counts()
+        identity = kept["identity_name"].map(ident_codes).astype("int64")
+        size = kept["identity_name"].map(counts).astype("int64")
+        # A folder left with one photo is a singleton: it can have no references.
+        identity = identity.where(size >= 2, -1)
+        write_parquet(
+            root / "identities.parquet",
+            pd.DataFrame({"path": kept["out"], "identity": identity, "cluster_size": size}),
+        )
+        write_parquet(
+            root / "sources.parquet",
+            kept[["out", "path", "folder", "identity_name"]].rename(
+                columns={"out": "path", "path": "source"}
+            ),
+        )
+        write_parquet(
+            root / "images.parquet",
+            pd.DataFrame(
+                {
+                    "path": kept["out"],
+                    "sha256": [sha256_file(out_dir / o) for o in kept["out"]],
+                    "width": config.crop_size,
+                    "height": config.crop_size,
+                }
+            ),
+        )
+        save_embeddings(
+            root,
+            Embeddings(
+                vectors=vectors[[row_of[p] for p in kept["path"]]],
+                paths=kept["out"].tolist(),
+                model=emb.model,
+                fingerprint=emb.fingerprint,
+                metric=emb.metric,
+                identity_threshold=emb.identity_threshold,
+            ),
+        )
+        dropped = dropped.sort_values("path", kind="stable").reset_index(drop=True)
+        write_parquet(root / "dropped.parquet", dropped)
+        write_text(root / "dropped.csv", dropped.to_csv(index=False, lineterminator="\n"))
+        ErrorsTable.read(mined).write(root)
+        merged = kept.groupby("identity_name")["folder"].nunique()
+        return {
+            "outputs": [
+                "identities.parquet",
+                "sources.parquet",
+                "images.parquet",
+                "embeddings.npy",
+                "embeddings.parquet",
+                "embeddings.json",
+                "dropped.csv",
+                "dropped.parquet",
+                "errors.parquet",
+            ],
+            "kept": int(len(kept)),
+            "dropped": int(len(dropped)),
+            "merged_identities": int((merged > 1).sum()),
+        }
+
+    inputs = {
+        "embeddings": file_digest(mined, "embeddings.npy"),
+        "faces": file_digest(mined, "faces.parquet"),
+    }
+    cfg = {
+        k: getattr(config, k)
+        for k in (
+            "crop_size",
+            "min_face_size",
+            "min_det_score",
+            "outlier_ratio",
+            "merge_ratio",
+            "identity_threshold",
+        )
+    }
+    cfg["near_duplicate_distance"] = config.near_duplicate_distance
+    return run_stage(root, STAGE, cfg, inputs, work)
+
+
+def build_reface_hq(
+    folders_dir: str | os.PathLike, out_root: str | os.PathLike, config: RefaceHQConfig | None = None
+) -> dict:
+    """Build a Reface-HQ-style dataset from identity folders (``<identity>/*.jpg``).
+
+    Returns:
+        Summary counts (kept images, identities, merged folders, dropped photos, per-split targets).
+    """
+    from refface.builders.ffhq_ref import (
+        build_summary,
+        card_stage,
+        references_stage,
+        run_mining,
+        splits_stage,
+        write_build_json,
+    )
+    from refface.manifests.io import list_images
+
+    config = config or RefaceHQConfig()
+    folders, root = Path(folders_dir), Path(out_root)
+    root.mkdir(parents=True, exist_ok=True)
+    if not list_images(folders):
+        raise ValueError(f"no images found under {folders}")
+    timings = {"mine": run_mining(folders, root / MINED_DIR, config)["seconds"]}
+    manifest, _ = curate_stage(folders, root, config)
+    kept = pd.read_parquet(root / "identities.parquet")["path"].tolist()
+    splits_stage(root, config, kept)
+    references_stage(root, config)
+    card_config = config
+    if config.labels:
+        # Known labels name source photos; the card needs them under the output names.
+        labels = pd.read_csv(config.labels, dtype=str, keep_default_na=False)[["path", "identity"]]
+        sources = pd.read_parquet(root / "sources.parquet")
+        moved = sources.merge(labels.rename(columns={"path": "source"}), on="source")[["path", "identity"]]
+        write_text(root / "labels.csv", moved.to_csv(index=False, lineterminator="\n"))
+        card_config = replace(config, labels=str(root / "labels.csv"))
+    card_stage(
+        root, card_config, "Reface-HQ-style dataset", {"dropped": file_digest_or_none(root / "dropped.csv")}
+    )
+    write_build_json(
+        root,
+        "reface-hq",
+        config,
+        root / IMAGES_DIR,
+        kept,
+        timings,
+        {
+            "source_root": str(folders.resolve()),
+            "curation": {k: manifest.get(k) for k in ("kept", "dropped", "merged_identities")},
+        },
+    )
+    summary = build_summary(root)
+    summary.update(
+        kept=manifest.get("kept"),
+        dropped=manifest.get("dropped"),
+        merged_identities=manifest.get("merged_identities"),
+    )
+    return summary
+
+
+def file_digest_or_none(path: Path) -> str | None:
+    from refface.manifests.atomic import sha256_file
+
+    return sha256_file(path) if path.exists() else None

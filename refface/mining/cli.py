@@ -1,0 +1,89 @@
+"""``refface embed``: a folder of photos -> faces, landmarks and identity embeddings in a dataset root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("embed")(embed)
+
+
+def embed(
+    images: Path = typer.Argument(
+        ..., help="Folder of photos (searched recursively; JPEG/PNG/WebP/BMP/TIFF)."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Dataset root that receives the tables and embeddings."
+    ),
+    detector: str = typer.Option(
+        "dlib",
+        help="Face detector: dlib (offline), scrfd (insightface det_10g.onnx), prealigned (FFHQ crops).",
+    ),
+    embedder: str = typer.Option(
+        "dlib", help="Embedder: dlib (offline, 128-d) or arcface (insightface ONNX, 512-d)."
+    ),
+    model: Path | None = typer.Option(
+        None, help="Embedder weights: an ArcFace .onnx (e.g. w600k_r50.onnx) or a folder holding one."
+    ),
+    model_root: Path | None = typer.Option(
+        None,
+        help="Folder holding det_10g.onnx for --detector scrfd (default ~/.insightface/models/buffalo_l).",
+    ),
+    dlib_detector: str = typer.Option(
+        "hog", help="dlib detector: hog (fast) or mmod (CNN, slower, more poses)."
+    ),
+    face_policy: str = typer.Option(
+        "largest_central", help="Face kept when several are found: largest, central or largest_central."
+    ),
+    save_crops: bool = typer.Option(
+        False, "--save-crops", help="Also write FFHQ-style aligned crops to ROOT/aligned/."
+    ),
+    crop_size: int = typer.Option(512, help="Side of the aligned crops in pixels."),
+    workers: int = typer.Option(2, help="Worker processes (results do not depend on it)."),
+    chunk_size: int = typer.Option(32, help="Images per unit of work / resumable part file."),
+    force: bool = typer.Option(False, "--force", help="Recompute even when the outputs are up to date."),
+) -> None:
+    """Detect, align and embed every face photo under IMAGES into the dataset root OUT.
+
+    Writes images.parquet, faces.parquet, embeddings.npy/.parquet/.json and errors.parquet/.csv
+    (one row per unreadable, corrupt, oversized or faceless image). A killed run resumes where
+    it stopped; a rerun with the same inputs and settings does nothing.
+    """
+    from refface.console import console, print_summary
+    from refface.mining.pipeline import MiningConfig, mine_folder
+
+    config = MiningConfig(
+        detector=detector,
+        embedder=embedder,
+        model_path=str(model) if model else None,
+        model_root=str(model_root) if model_root else None,
+        dlib_detector=dlib_detector,
+        face_policy=face_policy,
+        crop_size=crop_size,
+        save_crops=save_crops,
+        workers=workers,
+        chunk_size=chunk_size,
+    )
+    try:
+        result = mine_folder(images, out, config, force=force)
+    except (ValueError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    rows: list[tuple[str, object]] = [
+        ("images", result.n_images),
+        ("decoded", result.n_decoded),
+        ("faces", result.n_faces),
+        ("errors", result.n_errors),
+    ]
+    rows += [(f"  {reason}", n) for reason, n in result.errors_by_reason.items()]
+    rows += [
+        ("model", result.model),
+        ("seconds", round(result.seconds, 1)),
+        ("faces/s", round(result.faces_per_second, 2)),
+        ("status", "computed" if result.ran else "up to date (nothing to do)"),
+        ("dataset root", str(out)),
+    ]
+    print_summary("refface embed", rows)

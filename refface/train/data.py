@@ -1,0 +1,727 @@
+"""Training inputs: WebDataset shards or a dataset root, ReF-LDM and MGFR sampling, augmentation, LQ on the fly.
+
+Every random choice of a sample (reference pick, augmentation, flip, degradation, negative-quality
+draw) comes from a generator seeded by ``(seed, epoch, key)``, so a resumed run sees the same data
+whatever the worker count. Batches follow CONTRIBUTING.md's contracts: images float32
+``(B, 3, H, W)`` in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from refface.seeding import item_seed
+
+log = logging.getLogger(__name__)
+
+TRAIN_PRESET = "refldm-train"
+DEFAULT_EMBEDDING_DIM = 512
+
+
+@dataclass(frozen=True)
+class RefAugment:
+    """ReF-LDM reference augmentation (torchvision semantics, implemented with cv2/numpy)."""
+
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.02
+    degrees: float = 2.0
+    translate: float = 0.05
+    scale: tuple[float, float] = (0.95, 1.05)
+    perspective: float = 0.2
+    perspective_p: float = 0.5
+    hflip_p: float = 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Image ops (uint8 HWC RGB in, uint8 HWC RGB out)
+# ----------------------------------------------------------------------------------------------
+
+
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    """Resize to ``size``x``size`` (area filter when shrinking, bicubic when growing); no-op when equal."""
+    import cv2
+
+    h, w = img.shape[:2]
+    if h == size and w == size:
+        return img
+    interp = cv2.INTER_AREA if min(h, w) > size else cv2.INTER_CUBIC
+    return cv2.resize(img, (size, size), interpolation=interp)
+
+
+def _gray(img: np.ndarray) -> np.ndarray:
+    # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale.
+    return img[..., 0] * 0.299 + img[..., 1] * 0.587 + img[..., 2] * 0.114
+
+
+def color_jitter(img: np.ndarray, rng: np.random.Generator, aug: RefAugment) -> np.ndarray:
+    """Brightness, contrast, saturation and hue jitter in a random order (as torchvision ColorJitter)."""
+    import cv2
+
+    x = img.astype(np.float32)
+    factors = {
+        "b": rng.uniform(1 - aug.brightness, 1 + aug.brightness),
+        "c": rng.uniform(1 - aug.contrast, 1 + aug.contrast),
+        "s": rng.uniform(1 - aug.saturation, 1 + aug.saturation),
+        "h": rng.uniform(-aug.hue, aug.hue),
+    }
+    strength = {"b": aug.brightness, "c": aug.contrast, "s": aug.saturation, "h": aug.hue}
+    for op in rng.permutation(["b", "c", "s", "h"]):
+        f = factors[op]
+        if strength[op] == 0:
+            continue  # as torchvision: a zero range means the op is off (the HSV round trip is lossy)
+        if op == "b":
+            x = np.clip(x * f, 0, 255)
+        elif op == "c":
+            x = np.clip((x - _gray(x).mean()) * f + _gray(x).mean(), 0, 255)
+        elif op == "s":
+            g = _gray(x)[..., None]
+            x = np.clip((x - g) * f + g, 0, 255)
+        else:
+            hsv = cv2.cvtColor(np.round(x).astype(np.uint8), cv2.COLOR_RGB2HSV_FULL)
+            hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(round(f * 256))) % 256
+            x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL).astype(np.float32)
+    return np.round(x).astype(np.uint8)
+
+
+def random_affine(img: np.ndarray, rng: np.random.Generator, aug: RefAugment) -> np.ndarray:
+    """Rotation ±degrees, translation ±translate·size, isotropic scale in ``aug.scale`` about the centre."""
+    import cv2
+
+    h, w = img.shape[:2]
+    angle = rng.uniform(-aug.degrees, aug.degrees)
+    scale = rng.uniform(*aug.scale)
+    tx = rng.uniform(-aug.translate, aug.translate) * w
+    ty = rng.uniform(-aug.translate, aug.translate) * h
+    m = cv2.getRotationMatrix2D((w * 0.5, h * 0.5), angle, scale)
+    m[:, 2] += (tx, ty)
+    return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+
+
+def random_perspective(img: np.ndarray, rng: np.random.Generator, distortion: float) -> np.ndarray:
+    """Move each corner inwards by up to ``distortion``·half-size (torchvision RandomPerspective)."""
+    import cv2
+
+    h, w = img.shape[:2]
+    hw, hh = distortion * w / 2, distortion * h / 2
+    src = np.float32([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]])
+    sx = rng.uniform(0, hw, 4)
+    sy = rng.uniform(0, hh, 4)
+    dst = np.float32(
+        [[sx[0], sy[0]], [w - 1 - sx[1], sy[1]], [w - 1 - sx[2], h - 1 - sy[2]], [sx[3], h - 1 - sy[3]]]
+    )
+    m = cv2.getPerspectiveTransform(src, dst)
+    return cv2.warpPerspective(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+
+
+def augment_reference(img: np.ndarray, rng: np.random.Generator, aug: RefAugment | None = None) -> np.ndarray:
+    """The ReF-LDM reference augmentation: colour jitter, affine, perspective (p), horizontal flip (p)."""
+    aug = aug or RefAugment()
+    img = color_jitter(img, rng, aug)
+    img = random_affine(img, rng, aug)
+    if rng.random() < aug.perspective_p:
+        img = random_perspective(img, rng, aug.perspective)
+    if rng.random() < aug.hflip_p:
+        img = img[:, ::-1]
+    return np.ascontiguousarray(img)
+
+
+def to_tensor(img: np.ndarray):
+    """(H, W, 3) uint8 -> float32 (3, H, W) in [-1, 1]."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def fill_references(n: int, k: int, rng: np.random.Generator | None) -> list[int]:
+    """Indices of ``k`` reference slots from ``n`` references: distinct when n >= k, else repeated to fill.
+
+    With ``rng`` the choice and the slot order are shuffled (training); without, the first ``k`` in
+    order, cycled (evaluation). Empty when ``n == 0``.
+    """
+    if n == 0:
+        return []
+    if rng is None:
+        return [i % n for i in range(k)]
+    if n >= k:
+        return [int(i) for i in rng.choice(n, size=k, replace=False)]
+    picks = [i % n for i in range(k)]
+    return [int(i) for i in rng.permutation(picks)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Raw samples: one format for shards and for dataset roots
+# ----------------------------------------------------------------------------------------------
+
+
+def decode_shard_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """A WebDataset sample (member suffix -> bytes) as a raw sample.
+
+    Raw sample: ``key``, ``hq`` (H, W, 3) uint8, ``refs`` list of uint8 images, ``id_embedding``
+    (D,) or None, ``ref_embeddings`` (K, D) or None, ``attrs`` dict, ``meta`` dict, ``lq`` or None.
+    """
+    from refface.builders.shards import decode_member
+
+    refs = []
+    i = 0
+    while True:
+        name = next((s for s in sample if s.startswith(f"ref{i}.") and s != f"ref{i}.npy"), None)
+        if name is None:
+            break
+        refs.append(decode_member(name, sample[name]))
+        i += 1
+    hq_name = next(s for s in sample if s.startswith("hq."))
+    lq_name = next((s for s in sample if s.startswith("lq.")), None)
+    return {
+        "key": sample["__key__"],
+        "hq": decode_member(hq_name, sample[hq_name]),
+        "refs": refs,
+        "id_embedding": decode_member("id.npy", sample["id.npy"]) if "id.npy" in sample else None,
+        "ref_embeddings": decode_member("refemb.npy", sample["refemb.npy"])
+        if "refemb.npy" in sample
+        else None,
+        "attrs": decode_member("attrs.json", sample["attrs.json"]) if "attrs.json" in sample else {},
+        "meta": decode_member("meta.json", sample["meta.json"]) if "meta.json" in sample else {},
+        "lq": decode_member(lq_name, sample[lq_name]) if lq_name else None,
+        "degrade": decode_member("degrade.json", sample["degrade.json"])
+        if "degrade.json" in sample
+        else None,
+    }
+
+
+class ReferenceDataset:
+    """Map-style raw samples straight from a dataset root's reference CSV (no shards; small data)."""
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", max_refs: int = 5):
+        from refface.builders.shards import ShardsConfig, image_root_of, plan_jobs
+
+        self.root = Path(root)
+        self.image_root = image_root_of(self.root)
+        self.jobs = plan_jobs(self.root, ShardsConfig(split=split, max_refs=max_refs))
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from refface.builders.shards import attrs_record
+        from refface.manifests.errors import ImageError
+        from refface.manifests.io import read_image
+
+        job = self.jobs[i]
+        refs, embs = [], []
+        for rel, emb in zip(job.refs, job.ref_embeddings, strict=True):
+            try:
+                refs.append(read_image(self.image_root / rel))
+                embs.append(emb)
+            except ImageError as e:
+                log.warning("reference %s of %s skipped: %s", rel, job.gt, e)
+        lq = None
+        if job.lq and job.lq != job.gt:
+            for base in (self.image_root, self.root):
+                if (base / job.lq).exists():
+                    lq = read_image(base / job.lq)
+                    break
+        return {
+            "key": job.key,
+            "hq": read_image(self.image_root / job.gt),
+            "refs": refs,
+            "id_embedding": job.embedding,
+            "ref_embeddings": np.stack(embs) if embs and all(e is not None for e in embs) else None,
+            "attrs": attrs_record(job.attrs),
+            "meta": {"key": job.key, "identity": job.identity, "split": job.split, "path": job.gt},
+            "lq": lq,
+            "degrade": None,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling transforms (raw sample -> training sample of tensors)
+# ----------------------------------------------------------------------------------------------
+
+
+class _Degrade:
+    """The CPU degrader, built lazily in each worker (it is not needed in the main process)."""
+
+    def __init__(self, preset: str, seed: int):
+        self.preset = preset
+        self.seed = seed
+        self._degrader = None
+
+    def __call__(self, img: np.ndarray, key: str) -> np.ndarray:
+        if self._degrader is None:
+            from refface.builders.shards import load_degrader
+
+            self._degrader = load_degrader()(self.preset, self.seed)
+        lq, _params = self._degrader.degrade(img, key)
+        return lq
+
+    def __getstate__(self):
+        return {"preset": self.preset, "seed": self.seed, "_degrader": None}
+
+
+@dataclass
+class SamplingConfig:
+    """Shared settings of both sampling transforms."""
+
+    resolution: int = 512
+    seed: int = 0
+    epoch: int = 0
+    train: bool = True
+    preset: str = TRAIN_PRESET
+    augment: RefAugment = RefAugment()
+
+
+class _Sampler:
+    def __init__(self, config: SamplingConfig):
+        self.config = config
+        self.degrade = _Degrade(config.preset, config.seed)
+
+    def rng(self, key: str) -> np.random.Generator:
+        return np.random.default_rng(item_seed(self.config.seed, f"{self.config.epoch}\0{key}"))
+
+    def degrade_key(self, key: str, tag: str = "lq") -> str:
+        # Epoch in the key: a new LQ every epoch, the same one after a resume.
+        return f"{self.config.epoch}/{key}/{tag}"
+
+    def gt_and_lq(
+        self, raw: dict[str, Any], rng: np.random.Generator | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        res = self.config.resolution
+        gt = resize_square(raw["hq"], res)
+        flip = rng is not None and rng.random() < 0.5
+        if raw.get("lq") is not None and not self.config.train:
+            lq = resize_square(raw["lq"], res)
+        else:
+            lq = None
+        if flip:
+            gt = np.ascontiguousarray(gt[:, ::-1])
+        if lq is None:
+            lq = self.degrade(gt, self.degrade_key(raw["key"]))
+        return gt, lq
+
+    def reference(self, img: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        ref = resize_square(img, self.config.resolution)
+        return augment_reference(ref, rng, self.config.augment) if rng is not None else ref
+
+
+class RefLDMSampler(_Sampler):
+    """ReF-LDM sampling: ``num_refs`` references (repeat to fill, shuffled), reference augmentation,
+    whole-sample horizontal flip, LQ from the target with the training preset."""
+
+    def __init__(self, config: SamplingConfig, num_refs: int = 5):
+        super().__init__(config)
+        self.num_refs = num_refs
+
+    def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        rng = self.rng(raw["key"]) if self.config.train else None
+        gt, lq = self.gt_and_lq(raw, rng)
+        res = self.config.resolution
+        slots = fill_references(len(raw["refs"]), self.num_refs, rng)
+        refs = torch.zeros(self.num_refs, 3, res, res)
+        mask = torch.zeros(self.num_refs, dtype=torch.bool)
+        for j, i in enumerate(slots):
+            refs[j] = to_tensor(self.reference(raw["refs"][i], rng))
+            mask[j] = True
+        return {"gt": to_tensor(gt), "lq": to_tensor(lq), "refs": refs, "ref_mask": mask, "key": raw["key"]}
+
+
+class MGFRSampler(_Sampler):
+    """MGFR sampling: one reference, the identity embedding of that reference, the attribute prompt;
+    a ``negative_quality_fraction`` of samples get a degraded target and the negative-quality prompt.
+
+    The identity embedding is the reference's (what the identity extractor sees at inference), else
+    the target's, else zeros. A sample without references gets a zero reference and zero embedding.
+    """
+
+    def __init__(
+        self, config: SamplingConfig, negative_quality_fraction: float = 0.1, embedding_dim: int | None = None
+    ):
+        super().__init__(config)
+        if not 0.0 <= negative_quality_fraction <= 1.0:
+            raise ValueError("negative_quality_fraction must be within [0, 1]")
+        self.negative_quality_fraction = negative_quality_fraction
+        self.embedding_dim = embedding_dim
+
+    def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        from refface.mining.attributes import FALLBACK_PROMPT, NEGATIVE_QUALITY_PROMPT
+
+        rng = self.rng(raw["key"]) if self.config.train else None
+        gt, lq = self.gt_and_lq(raw, rng)
+        res = self.config.resolution
+        n = len(raw["refs"])
+        if n:
+            i = int(rng.integers(n)) if rng is not None else 0
+            ref = to_tensor(self.reference(raw["refs"][i], rng))
+        else:
+            i = -1
+            ref = torch.zeros(3, res, res)
+        emb = None
+        if i >= 0 and raw.get("ref_embeddings") is not None:
+            emb = raw["ref_embeddings"][i]
+        elif raw.get("id_embedding") is not None:
+            emb = raw["id_embedding"]
+        dim = self.embedding_dim or (len(emb) if emb is not None else DEFAULT_EMBEDDING_DIM)
+        emb = np.zeros(dim, np.float32) if emb is None else np.asarray(emb, np.float32)
+        prompt = (raw.get("attrs") or {}).get("prompt") or FALLBACK_PROMPT
+        # Own generator for the negative-quality draw: the fraction holds whatever the other draws are.
+        negative = bool(
+            self.config.train
+            and np.random.default_rng(
+                item_seed(self.config.seed, f"{self.config.epoch}\0{raw['key']}\0negq")
+            ).random()
+            < self.negative_quality_fraction
+        )
+        if negative:
+            gt = self.degrade(gt, self.degrade_key(raw["key"], "negq"))
+            prompt = (raw.get("attrs") or {}).get("negative_quality_prompt") or NEGATIVE_QUALITY_PROMPT
+        return {
+            "gt": to_tensor(gt),
+            "lq": to_tensor(lq),
+            "ref": ref,
+            "id_embedding": torch.from_numpy(emb),
+            "prompt": prompt,
+            "negative_quality": torch.tensor(negative),
+            "key": raw["key"],
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources and pipelines
+# ----------------------------------------------------------------------------------------------
+
+
+def is_dataset_root(source: str | os.PathLike, split: str = "train") -> bool:
+    return Path(source).is_dir() and (Path(source) / f"{split}_references.csv").exists()
+
+
+def resolve_shards(
+    source: str | os.PathLike | Sequence[str], split: str = "train", skip_bad_shards: bool = False
+) -> tuple[list[str], int | None]:
+    """Shard URLs of a source and its sample count (None when unknown).
+
+    ``source``: a shard folder (its ``index-<split>.json`` when present, else every ``*.tar``), a
+    brace or glob pattern, or a list of shard paths. With an index, shards whose size differs from
+    the index (truncated, replaced) raise :class:`ShardError` naming them, or are dropped with a
+    warning when ``skip_bad_shards``.
+    """
+    import braceexpand
+
+    from refface.builders.shards import ShardError
+    from refface.manifests.shard_index import index_path, read_shard_index
+
+    if isinstance(source, (list, tuple)):
+        return [str(s) for s in source], None
+    path = Path(source)
+    if path.is_dir():
+        ipath = index_path(path, split)
+        if not ipath.exists():
+            urls = sorted(str(p) for p in path.glob(f"{split}-*.tar")) or sorted(
+                str(p) for p in path.glob("*.tar")
+            )
+            if not urls:
+                raise FileNotFoundError(f"no shards in {path}")
+            return urls, None
+        index = read_shard_index(ipath)
+        urls, count = [], 0
+        for entry in index.shards:
+            shard = path / entry.name
+            size = shard.stat().st_size if shard.exists() else -1
+            if size != entry.bytes:
+                what = "missing" if size < 0 else f"{size} bytes, the index says {entry.bytes}"
+                message = (
+                    f"shard {shard} is truncated or corrupt ({what}); run `refface shards verify {path}`"
+                )
+                if not skip_bad_shards:
+                    raise ShardError(message)
+                log.warning("skipping bad shard: %s", message)
+                continue
+            urls.append(str(shard))
+            count += entry.samples
+        if not urls:
+            raise ShardError(f"no usable shards in {path}")
+        return urls, count
+    urls = [
+        u for pattern in braceexpand.braceexpand(str(source)) for u in sorted(glob.glob(pattern)) or [pattern]
+    ]
+    return urls, None
+
+
+def _shard_url_of(exn: BaseException) -> str:
+    for arg in getattr(exn, "args", ()):
+        if isinstance(arg, str) and (".tar" in arg):
+            return arg
+    return "<unknown shard>"
+
+
+def _raise_naming_shard(exn: BaseException) -> bool:
+    from refface.builders.shards import ShardError
+
+    if isinstance(exn, ShardError):
+        raise exn
+    raise ShardError(f"shard {_shard_url_of(exn)} is truncated or corrupt: {exn}") from exn
+
+
+def _warn_and_skip(exn: BaseException) -> bool:
+    log.warning("skipping unreadable data in shard %s: %s", _shard_url_of(exn), exn)
+    return True
+
+
+def _chain(*fns: Callable | None) -> Callable:
+    steps = [f for f in fns if f is not None]
+
+    def run(sample):
+        for f in steps:
+            sample = f(sample)
+        return sample
+
+    return run
+
+
+def _map_stage(src, fn: Callable, handler: Callable):
+    """A generator stage applying ``fn`` with an injected error handler.
+
+    Unlike ``wds.map`` it does not copy ``__key__`` into the result, so batches hold exactly the
+    contract's keys.
+    """
+    for sample in src:
+        try:
+            result = fn(sample)
+        except Exception as exn:  # the handler decides: re-raise naming the shard, or skip
+            if handler(exn):
+                continue
+            break
+        yield result
+
+
+def make_shard_dataset(
+    urls: Sequence[str],
+    transform: Callable[[dict[str, Any]], Any] | None,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    resampled: bool = True,
+    shuffle_buffer: int = 1000,
+    samples_per_worker: int | None = None,
+    skip_bad_shards: bool = False,
+):
+    """The WebDataset pipeline: shards split by node and worker, shuffle buffer, decode, transform.
+
+    With ``resampled`` each worker draws shards with replacement from a generator seeded by
+    (seed, epoch, rank, worker) and ``with_epoch(samples_per_worker)`` ends its epoch; without, every
+    shard goes to exactly one (rank, worker), so each sample is seen once per pass.
+    """
+    import webdataset as wds
+
+    handler = _warn_and_skip if skip_bad_shards else _raise_naming_shard
+    ds = wds.WebDataset(
+        list(urls),
+        resampled=resampled,
+        shardshuffle=False if resampled else (len(urls) if shuffle_buffer > 0 else False),
+        detshuffle=True,
+        nodesplitter=wds.split_by_node,
+        workersplitter=wds.split_by_worker,
+        handler=handler,
+        empty_check=False,
+        seed=wds.utils.make_seed(seed, epoch),
+    )
+    if resampled:
+        # WebDataset's own resampler reseeds from pid and time; this one is deterministic per
+        # (rank, worker, seed, epoch) so a resumed run draws the same shards.
+        ds.pipeline[0] = wds.ResampledShards(
+            list(urls), seed=wds.utils.make_seed(seed, epoch), deterministic=True
+        )
+    if shuffle_buffer > 0:
+        ds = ds.shuffle(shuffle_buffer, seed=wds.utils.make_seed(seed, epoch, "samples"))
+    ds = ds.compose(functools.partial(_map_stage, fn=_chain(decode_shard_sample, transform), handler=handler))
+    if resampled and samples_per_worker:
+        ds = ds.with_epoch(samples_per_worker)
+    return ds
+
+
+class _MapDataset:
+    """A map-style torch dataset: raw samples from a :class:`ReferenceDataset` through a sampler."""
+
+    def __init__(self, raw: ReferenceDataset, transform: Callable):
+        self.raw = raw
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.raw[i])
+
+
+def _make_loader(
+    source,
+    sampler: _Sampler,
+    batch_size: int,
+    num_workers: int,
+    *,
+    split: str,
+    max_refs: int,
+    seed: int,
+    epoch: int,
+    resampled: bool,
+    shuffle_buffer: int,
+    samples_per_epoch: int | None,
+    skip_bad_shards: bool,
+    drop_last: bool,
+):
+    import torch
+    import webdataset as wds
+
+    if not isinstance(source, (list, tuple)) and is_dataset_root(source, split):
+        dataset = _MapDataset(ReferenceDataset(source, split, max_refs=max_refs), sampler)
+        generator = torch.Generator().manual_seed(int(item_seed(seed, f"epoch{epoch}") % (2**63)))
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=sampler.config.train,
+            generator=generator,
+            num_workers=num_workers,
+            drop_last=drop_last,
+        )
+    urls, count = resolve_shards(source, split, skip_bad_shards)
+    total = samples_per_epoch or count
+    per_worker = None
+    if resampled:
+        if total is None:
+            raise ValueError("samples_per_epoch is needed with resampling when the shards have no index")
+        _rank, world, _w, _n = wds.utils.pytorch_worker_info()
+        per_worker = math.ceil(total / (world * max(1, num_workers)))
+    dataset = make_shard_dataset(
+        urls,
+        sampler,
+        seed=seed,
+        epoch=epoch,
+        resampled=resampled,
+        shuffle_buffer=shuffle_buffer,
+        samples_per_worker=per_worker,
+        skip_bad_shards=skip_bad_shards,
+    )
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last
+    )
+
+
+def make_refldm_dataloader(
+    source,
+    batch_size: int,
+    num_workers: int,
+    resolution: int = 512,
+    num_refs: int = 5,
+    seed: int = 0,
+    *,
+    epoch: int = 0,
+    split: str = "train",
+    train: bool = True,
+    preset: str = TRAIN_PRESET,
+    resampled: bool | None = None,
+    shuffle_buffer: int = 1000,
+    samples_per_epoch: int | None = None,
+    skip_bad_shards: bool = False,
+    drop_last: bool | None = None,
+):
+    """ReF-LDM batches ``{"gt", "lq", "refs" (B, K, 3, H, W), "ref_mask" (B, K), "key"}``.
+
+    Args:
+        source: shard folder / pattern / list of shards, or a dataset root (map-style over the CSV).
+        batch_size: samples per batch (per rank).
+        num_workers: DataLoader worker processes.
+        resolution: square output size; stored images are resized when they differ.
+        num_refs: reference slots K (references repeat to fill, shuffled).
+        seed: base seed; every sample's randomness derives from (seed, epoch, key).
+        epoch: epoch number (changes augmentation and LQ; the same after a resume).
+        split: which split's shards / CSV to read.
+        train: augment and degrade on the fly; False gives deterministic evaluation samples
+            (first K references in order, stored fixed LQ when present).
+        preset: degradation preset for the on-the-fly LQ.
+        resampled: WebDataset resampling (DDP-safe uneven shards); False = one pass over the shards
+            (default: ``train``).
+        shuffle_buffer: sample shuffle buffer size (0 = off).
+        samples_per_epoch: samples per epoch over all ranks (default: the index's sample count).
+        skip_bad_shards: warn and skip unreadable shards instead of raising.
+        drop_last: drop an incomplete last batch (default: ``train``).
+    """
+    sampler = RefLDMSampler(
+        SamplingConfig(resolution=resolution, seed=seed, epoch=epoch, train=train, preset=preset), num_refs
+    )
+    return _make_loader(
+        source,
+        sampler,
+        batch_size,
+        num_workers,
+        split=split,
+        max_refs=num_refs,
+        seed=seed,
+        epoch=epoch,
+        resampled=train if resampled is None else resampled,
+        shuffle_buffer=shuffle_buffer if train else 0,
+        samples_per_epoch=samples_per_epoch,
+        skip_bad_shards=skip_bad_shards,
+        drop_last=train if drop_last is None else drop_last,
+    )
+
+
+def make_mgfr_dataloader(
+    source,
+    batch_size: int,
+    num_workers: int,
+    resolution: int = 512,
+    negative_quality_fraction: float = 0.1,
+    seed: int = 0,
+    *,
+    epoch: int = 0,
+    split: str = "train",
+    train: bool = True,
+    preset: str = TRAIN_PRESET,
+    embedding_dim: int | None = None,
+    resampled: bool | None = None,
+    shuffle_buffer: int = 1000,
+    samples_per_epoch: int | None = None,
+    skip_bad_shards: bool = False,
+    drop_last: bool | None = None,
+):
+    """MGFR batches ``{"gt", "lq", "ref", "id_embedding" (B, D), "prompt", "negative_quality" (B,), "key"}``.
+
+    Args are those of :func:`make_refldm_dataloader`, plus:
+        negative_quality_fraction: share of samples whose target is degraded and whose prompt is the
+            negative-quality prompt (0 in evaluation).
+        embedding_dim: D for samples without any embedding (default: from the data, else 512).
+    """
+    sampler = MGFRSampler(
+        SamplingConfig(resolution=resolution, seed=seed, epoch=epoch, train=train, preset=preset),
+        negative_quality_fraction=negative_quality_fraction,
+        embedding_dim=embedding_dim,
+    )
+    return _make_loader(
+        source,
+        sampler,
+        batch_size,
+        num_workers,
+        split=split,
+        max_refs=5,
+        seed=seed,
+        epoch=epoch,
+        resampled=train if resampled is None else resampled,
+        shuffle_buffer=shuffle_buffer if train else 0,
+        samples_per_epoch=samples_per_epoch,
+        skip_bad_shards=skip_bad_shards,
+        drop_last=train if drop_last is None else drop_last,
+    )

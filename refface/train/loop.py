@@ -1,0 +1,577 @@
+"""The one shared accelerate training loop for every refface model (ReF-LDM, MGFR).
+
+A model plugs in as a :class:`TrainTask`; the loop owns devices, precision, optimizer, schedule,
+gradient accumulation, EMA, checkpoints, exact resume, TensorBoard logs and validation grids.
+
+Output layout (``config.output_dir``)::
+
+    config.json                      resolved LoopConfig + the task's own config
+    logs/                            TensorBoard event files
+    validation/step_000100.png       rows LQ | reference | output | GT (the task draws them)
+    checkpoints/step_000100/
+        trainable/<name>.safetensors live (fp32) weights of each trainable module
+        ema/<name>.safetensors       EMA weights (when ema_decay is set) + ema.json
+        accelerate/                  optimizer, scheduler, RNG and accelerate state (save_state)
+        state.json                   step, epoch, batch position, config; written LAST (done-marker)
+
+Exact resume: every micro-batch's noise comes from a ``torch.Generator`` seeded from
+``(seed, step, micro-batch, process)``, the data order is a function of ``(seed, epoch)`` and the
+checkpoint records how many batches of the current epoch were consumed, so a resumed run produces the
+uninterrupted run's next losses bit for bit (same device, same kernels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+logger = logging.getLogger(__name__)
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+STATE_VERSION = 1
+
+
+@dataclass
+class LoopConfig:
+    """Everything the shared loop needs; saved beside the outputs and inside every checkpoint.
+
+    Attributes:
+        output_dir: folder for checkpoints, logs, validation grids and ``config.json``.
+        max_steps: number of optimizer steps (a resumed run continues up to this count).
+        learning_rate: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        adam_betas: AdamW betas.
+        adam_eps: AdamW epsilon.
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        max_grad_norm: gradient clipping norm (0 disables clipping).
+        mixed_precision: ``no``, ``fp16`` or ``bf16``; frozen modules are cast to it, trainable stay fp32.
+        gradient_checkpointing: call ``enable_gradient_checkpointing()`` on every module that has it.
+        ema_decay: EMA decay of the trainable weights; ``None`` disables EMA.
+        checkpoint_every: optimizer steps between checkpoints (a final one is always written).
+        checkpoints_total_limit: keep at most this many checkpoints (oldest deleted); 0 keeps all.
+        validate_every: optimizer steps between validation grids (0 disables).
+        log_every: optimizer steps between TensorBoard scalar writes.
+        seed: base seed for data order, noise and initialisation.
+        lr_warmup_steps: linear warmup length in optimizer steps.
+        lr_schedule: ``constant``, ``cosine`` or ``linear`` decay after warmup.
+        resume: ``"latest"`` (resume if a checkpoint exists), a checkpoint folder, or ``None``.
+        report_to: ``tensorboard`` or ``none``.
+    """
+
+    output_dir: str
+    max_steps: int
+    learning_rate: float = 5e-5
+    weight_decay: float = 1e-2
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    ema_decay: float | None = 0.9999
+    checkpoint_every: int = 1000
+    checkpoints_total_limit: int = 3
+    validate_every: int = 1000
+    log_every: int = 10
+    seed: int = 0
+    lr_warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    resume: str | None = "latest"
+    report_to: str = "tensorboard"
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(
+                f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}"
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError("gradient_accumulation_steps must be >= 1")
+        if self.checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be >= 1 (a final checkpoint is always written)")
+        if self.report_to not in ("tensorboard", "none"):
+            raise ValueError(f"report_to must be 'tensorboard' or 'none', got {self.report_to!r}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) or null, got {self.ema_decay}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoopConfig:
+        """Build from a mapping (e.g. the ``loop:`` section of a YAML config); unknown keys raise."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown loop config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@runtime_checkable
+class TrainTask(Protocol):
+    """What a model provides to the shared loop.
+
+    The loop calls, in order: ``trainable_modules()`` / ``frozen_modules()`` (once, before
+    ``accelerator.prepare``), ``bind(...)`` (after prepare, again around validation), then
+    ``compute_loss`` per micro-batch and ``validation_grid`` every ``validate_every`` steps.
+    """
+
+    def trainable_modules(self) -> dict[str, Any]:
+        """name -> ``torch.nn.Module`` updated by the optimizer (kept in fp32, wrapped by DDP)."""
+        ...
+
+    def frozen_modules(self) -> dict[str, Any]:
+        """name -> ``torch.nn.Module`` never updated (``requires_grad_(False)``, cast to the compute dtype)."""
+        ...
+
+    def bind(self, modules: dict[str, Any], weight_dtype: Any, device: Any) -> None:
+        """Receive the modules to call in ``compute_loss`` (DDP-wrapped during training, bare during
+        validation), the compute dtype of the frozen modules and the device."""
+        ...
+
+    def compute_loss(self, batch: dict, generator: Any) -> tuple[Any, dict[str, float]]:
+        """Return ``(scalar loss tensor, extra float logs)``; draw all randomness from ``generator``."""
+        ...
+
+    def validation_grid(self, batch: dict, generator: Any) -> Any:
+        """Return a uint8 ``(H, W, 3)`` array whose rows are LQ | reference | output | GT."""
+        ...
+
+    def config_dict(self) -> dict[str, Any]:
+        """The task's resolved configuration (saved in ``config.json`` and checkpoints)."""
+        ...
+
+
+@dataclass
+class LoopState:
+    """Where training stands: optimizer steps done and the data position within the epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def step_seed(seed: int, step: int, micro: int, process: int) -> int:
+    """The 63-bit seed of one micro-batch's generator, from ``(seed, step, micro-batch, process)``."""
+    from refface.seeding import item_seed
+
+    return item_seed(seed, f"step={step}/micro={micro}/proc={process}") & ((1 << 63) - 1)
+
+
+def find_checkpoint(output_dir: str | Path, which: str | None = "latest") -> Path | None:
+    """Resolve ``which`` to a complete checkpoint folder (one with ``state.json``).
+
+    Args:
+        output_dir: the run's output folder.
+        which: ``"latest"`` (newest complete checkpoint or ``None`` when there is none), a
+            checkpoint folder path, or ``None`` (never resume).
+
+    Raises:
+        FileNotFoundError: ``which`` names a folder that is not a complete checkpoint.
+    """
+    if which is None or which == "":
+        return None
+    if which == "latest":
+        ckpts = list_checkpoints(output_dir)
+        return ckpts[-1] if ckpts else None
+    path = Path(which)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.json inside)")
+    return path
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under ``<output_dir>/checkpoints``, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def load_trainable_weights(checkpoint: str | Path, modules: dict[str, Any], use_ema: bool = True) -> str:
+    """Load a checkpoint's weights into ``modules`` (name -> module) for inference or a later stage.
+
+    Args:
+        checkpoint: a checkpoint folder (``.../checkpoints/step_N``).
+        modules: the modules to fill, keyed like the task's ``trainable_modules()``.
+        use_ema: prefer the EMA weights when the checkpoint has them.
+
+    Returns:
+        ``"ema"`` or ``"trainable"``: which weights were loaded.
+    """
+    from safetensors.torch import load_file
+
+    checkpoint = Path(checkpoint)
+    kind = "ema" if use_ema and (checkpoint / "ema" / "ema.json").is_file() else "trainable"
+    for name, module in modules.items():
+        f = checkpoint / kind / f"{name}.safetensors"
+        if not f.is_file():
+            raise FileNotFoundError(f"checkpoint {checkpoint} has no weights for module {name!r} ({f})")
+        _unwrap(module).load_state_dict(load_file(str(f)), strict=True)
+    return kind
+
+
+def train(
+    task: TrainTask,
+    dataloader,
+    config: LoopConfig,
+    accelerator=None,
+    validation_batch: dict | None = None,
+) -> list[dict[str, float]]:
+    """Train ``task`` on ``dataloader`` until ``config.max_steps`` optimizer steps are done.
+
+    Works the same on CPU, one GPU, and multi-GPU / multi-node under ``accelerate launch``.
+
+    Args:
+        task: the model (see :class:`TrainTask`).
+        dataloader: a ``torch.utils.data.DataLoader`` (map-style or iterable dataset) of batch dicts;
+            it is re-iterated for as many epochs as needed.
+        config: the loop configuration.
+        accelerator: an ``accelerate.Accelerator`` to use; by default one is built from ``config``
+            (its gradient accumulation and mixed precision then come from ``config``).
+        validation_batch: the batch drawn in validation grids; default: the first training batch this
+            call sees (on this process).
+
+    Returns:
+        One dict per optimizer step run in this call: ``step``, ``loss`` (mean over micro-batches and
+        processes), ``lr``, ``grad_norm`` and the task's extra logs.
+    """
+    import torch
+    from accelerate.utils import set_seed
+
+    out = Path(config.output_dir)
+    if accelerator is None:
+        accelerator = make_accelerator(config)
+    set_seed(config.seed)  # model init inside the task already happened; this fixes data-order seeds
+
+    trainable = dict(task.trainable_modules())
+    frozen = dict(task.frozen_modules())
+    if not trainable:
+        raise ValueError("the task has no trainable modules")
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        accelerator.mixed_precision
+    ]
+    for module in frozen.values():
+        module.requires_grad_(False)
+        module.eval()
+        _move(module, accelerator.device, weight_dtype)
+    for module in trainable.values():
+        _move(module, accelerator.device, torch.float32)
+        module.train()
+    if config.gradient_checkpointing:
+        for module in [*trainable.values(), *frozen.values()]:
+            if hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+
+    params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the trainable modules have no parameter with requires_grad=True")
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=config.learning_rate,
+        betas=config.adam_betas,
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+
+    names = list(trainable)
+    prepared = accelerator.prepare(*[trainable[n] for n in names], optimizer, dataloader)
+    prepared_modules = dict(zip(names, prepared[: len(names)], strict=True))
+    optimizer, dataloader = prepared[len(names)], prepared[len(names) + 1]
+    # The scheduler is stepped by hand once per optimizer step (not prepared), so its schedule does not
+    # depend on the process count; it is checkpointed through accelerate's custom-object hook.
+    accelerator.register_for_checkpointing(scheduler)
+    ema = None
+    if config.ema_decay is not None:
+        from refface.train.ema import EMA
+
+        ema = EMA(prepared_modules, config.ema_decay)
+
+    state = LoopState()
+    ckpt = find_checkpoint(out, config.resume)
+    if ckpt is not None:
+        state = _load_checkpoint(ckpt, accelerator, ema)
+        accelerator.print(f"resumed from {ckpt} at step {state.step}")
+
+    if accelerator.is_main_process:
+        from refface.manifests.atomic import write_json
+
+        write_json(out / "config.json", {"loop": config.to_dict(), "task": task.config_dict()})
+        if config.report_to == "tensorboard":
+            (out / "logs").mkdir(parents=True, exist_ok=True)
+    if config.report_to == "tensorboard":
+        accelerator.init_trackers("train", config=_flat_hparams(config))
+
+    task.bind(prepared_modules, weight_dtype, accelerator.device)
+
+    logs: list[dict[str, float]] = []
+    micro = 0
+    acc_loss = 0.0
+    acc_extra: dict[str, float] = {}
+    done = state.step >= config.max_steps
+    while not done:
+        _set_epoch(dataloader, state.epoch)
+        epoch_iter = (
+            accelerator.skip_first_batches(dataloader, state.batch_in_epoch)
+            if state.batch_in_epoch
+            else dataloader
+        )
+        for batch in epoch_iter:
+            state.batch_in_epoch += 1
+            if validation_batch is None:
+                # Taken from the stream rather than by iterating the loader again, which would move
+                # the data position and break exact resume.
+                validation_batch = batch
+            g = torch.Generator(device=accelerator.device)
+            g.manual_seed(step_seed(config.seed, state.step, micro, accelerator.process_index))
+            with accelerator.accumulate(*prepared_modules.values()):
+                with accelerator.autocast():
+                    loss, extra = task.compute_loss(batch, g)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            acc_loss += float(loss.detach())
+            for k, v in extra.items():
+                acc_extra[k] = acc_extra.get(k, 0.0) + float(v)
+            if not accelerator.sync_gradients:
+                continue
+
+            # One optimizer step finished.
+            scheduler.step()
+            if ema is not None:
+                ema.update(prepared_modules)
+            mean_loss = torch.tensor(acc_loss / micro, device=accelerator.device)
+            record = {
+                "step": state.step + 1,
+                "loss": float(accelerator.reduce(mean_loss, "mean")),
+                "lr": float(scheduler.get_last_lr()[0]),
+            }
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            record.update({k: v / micro for k, v in acc_extra.items()})
+            logs.append(record)
+            micro, acc_loss, acc_extra = 0, 0.0, {}
+            state.step += 1
+            if config.report_to == "tensorboard" and (state.step % config.log_every == 0 or state.step == 1):
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
+
+            done = state.step >= config.max_steps
+            if done or state.step % config.checkpoint_every == 0:
+                _save_checkpoint(out, state, config, task, accelerator, prepared_modules, ema)
+            if config.validate_every > 0 and (state.step % config.validate_every == 0 or done):
+                if accelerator.is_main_process:
+                    _validate(
+                        out, state.step, task, config, accelerator, prepared_modules, ema, validation_batch
+                    )
+                accelerator.wait_for_everyone()
+                task.bind(prepared_modules, weight_dtype, accelerator.device)
+            if done:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            if state.step == 0 and micro == 0:
+                raise ValueError("the dataloader yielded no batch")
+
+    if config.report_to == "tensorboard":
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return logs
+
+
+def make_accelerator(config: LoopConfig):
+    """The Accelerator the loop builds by default: precision and accumulation from ``config``,
+    TensorBoard under ``<output_dir>/logs``, seedable samplers so the data order is a function of
+    ``(seed, epoch)``."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    return Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with="tensorboard" if config.report_to == "tensorboard" else None,
+        project_config=ProjectConfiguration(
+            project_dir=str(config.output_dir), logging_dir=str(Path(config.output_dir) / "logs")
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# internals
+
+
+def _lr_lambda(config: LoopConfig):
+    warm = max(0, int(config.lr_warmup_steps))
+    total = max(1, int(config.max_steps))
+    schedule = config.lr_schedule
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return {
+            "constant": 1.0,
+            "cosine": 0.5 * (1.0 + math.cos(math.pi * progress)),
+            "linear": 1.0 - progress,
+        }[schedule]
+
+    return factor
+
+
+def _move(module, device, dtype) -> None:
+    # Cast only when needed: diffusers warns on every dtype ``to()`` even when nothing changes.
+    if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
+        module.to(device, dtype=dtype)
+    else:
+        module.to(device)
+
+
+def _set_epoch(dataloader, epoch: int) -> None:
+    if hasattr(dataloader, "set_epoch"):
+        dataloader.set_epoch(epoch)
+    for holder in (getattr(dataloader, "sampler", None), getattr(dataloader, "dataset", None)):
+        if holder is not None and hasattr(holder, "set_epoch"):
+            holder.set_epoch(epoch)
+
+
+def _unwrap(module):
+    from refface.train.ema import _unwrap as unwrap
+
+    return unwrap(module)
+
+
+def _flat_hparams(config: LoopConfig) -> dict[str, Any]:
+    # TensorBoard hparams accept only scalars and strings.
+    return {
+        k: (str(v) if not isinstance(v, int | float | str | bool) else v) for k, v in config.to_dict().items()
+    }
+
+
+def _save_checkpoint(out: Path, state: LoopState, config, task, accelerator, modules, ema) -> None:
+    from safetensors.torch import save_file
+
+    from refface.manifests.atomic import atomic_path, write_json
+
+    root = out / "checkpoints"
+    final = root / f"step_{state.step:06d}"
+    tmp = root / f".step_{state.step:06d}.tmp"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    # Every process writes its own RNG state; the main process writes models and optimizer.
+    accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True)
+    if accelerator.is_main_process:
+        (tmp / "trainable").mkdir()
+        for name, module in modules.items():
+            sd = {
+                k: v.detach().cpu().contiguous()
+                for k, v in accelerator.unwrap_model(module).state_dict().items()
+            }
+            with atomic_path(tmp / "trainable" / f"{name}.safetensors") as t:
+                save_file(sd, str(t))
+        if ema is not None:
+            ema.save(tmp / "ema")
+        write_json(
+            tmp / "state.json",
+            {
+                "version": STATE_VERSION,
+                "step": state.step,
+                "epoch": state.epoch,
+                "batch_in_epoch": state.batch_in_epoch,
+                "loop": config.to_dict(),
+                "task": task.config_dict(),
+            },
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if config.checkpoints_total_limit > 0:
+            for old in list_checkpoints(out)[: -config.checkpoints_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        logger.info("checkpoint written: %s", final)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(ckpt: Path, accelerator, ema) -> LoopState:
+    meta = json.loads((ckpt / "state.json").read_text())
+    if meta.get("version") != STATE_VERSION:
+        raise ValueError(
+            f"{ckpt}/state.json has version {meta.get('version')}, this loop reads {STATE_VERSION}"
+        )
+    accelerator.load_state(str(ckpt / "accelerate"))
+    if ema is not None:
+        if (ckpt / "ema" / "ema.json").is_file():
+            ema.load(ckpt / "ema")
+        else:
+            logger.warning("%s has no EMA weights; the EMA restarts from the current weights", ckpt)
+    return LoopState(
+        step=int(meta["step"]), epoch=int(meta["epoch"]), batch_in_epoch=int(meta["batch_in_epoch"])
+    )
+
+
+def _validate(out: Path, step: int, task, config, accelerator, modules, ema, batch) -> None:
+    import numpy as np
+    import torch
+
+    from refface.manifests.atomic import atomic_path
+
+    bare = {n: accelerator.unwrap_model(m) for n, m in modules.items()}
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        accelerator.mixed_precision
+    ]
+    task.bind(bare, weight_dtype, accelerator.device)
+    was_training = {n: m.training for n, m in bare.items()}
+    for m in bare.values():
+        m.eval()
+    g = torch.Generator(device=accelerator.device)
+    g.manual_seed(step_seed(config.seed, 0, 0, 0))  # same noise every time: grids are comparable
+    try:
+        with torch.no_grad(), accelerator.autocast():
+            if ema is not None:
+                with ema.swapped_in(bare):
+                    grid = task.validation_grid(batch, g)
+            else:
+                grid = task.validation_grid(batch, g)
+    finally:
+        for n, m in bare.items():
+            m.train(was_training[n])
+    grid = np.asarray(grid)
+    if grid.dtype != np.uint8 or grid.ndim != 3 or grid.shape[2] != 3:
+        raise ValueError(f"validation_grid must return uint8 (H, W, 3), got {grid.dtype} {grid.shape}")
+    import cv2
+
+    target = out / "validation" / f"step_{step:06d}.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError(f"could not encode the validation grid for step {step}")
+    with atomic_path(target) as t:
+        t.write_bytes(buf.tobytes())
+    if config.report_to == "tensorboard":
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation", grid, step, dataformats="HWC")

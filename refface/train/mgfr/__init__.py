@@ -1,0 +1,1 @@
+"""MGFR: dual control adapters (LCA, RCA) on a frozen Stable Diffusion."""

@@ -1,0 +1,385 @@
+"""MGFR training entry point: ``accelerate launch -m refface.train.mgfr.train --config ... --stage 1|2``.
+
+Stage 1 trains LCA (text + LQ); stage 2 loads stage 1's LCA, adds RCA/RLF/identity tokens/links (all
+zero-initialised towards the UNet and LCA) and trains both. The loop is the shared one
+(:mod:`refface.train.loop`); this file only defines the MGFR task and the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+STAGES = (1, 2)
+
+
+@dataclass
+class MGFRConfig:
+    """MGFR model and data settings (the ``mgfr:`` section of the YAML config).
+
+    Attributes:
+        stage: 1 (text + LQ, LCA only) or 2 (adds reference, identity, RCA).
+        resolution: training image size (512 for SD 1.x/2.x base).
+        batch_size: per-process batch size.
+        num_workers: dataloader workers per process.
+        id_dim: identity embedding size D (512 ArcFace, 128 dlib); must match the dataset.
+        num_id_tokens: identity tokens appended to RCA's cross-attention context.
+        rlf_channels: hidden channels of RLF's ResBlock.
+        negative_quality_fraction: share of negative-quality samples the input pipeline makes.
+        prompt_dropout: probability of replacing a prompt with "" (keeps unconditional guidance usable).
+        train_lca_in_stage2: keep training LCA in stage 2 (else it is frozen at stage 1's weights).
+        init_use_ema: stage 2 starts from stage 1's EMA weights when the checkpoint has them.
+        validation_steps: DDIM steps for validation grids.
+        validation_samples: rows in each validation grid.
+    """
+
+    stage: int = 1
+    resolution: int = 512
+    batch_size: int = 4
+    num_workers: int = 4
+    id_dim: int = 512
+    num_id_tokens: int = 4
+    rlf_channels: int = 64
+    negative_quality_fraction: float = 0.1
+    prompt_dropout: float = 0.05
+    train_lca_in_stage2: bool = True
+    init_use_ema: bool = True
+    validation_steps: int = 20
+    validation_samples: int = 4
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.resolution % 8 or self.resolution < 8:
+            raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if not 0.0 <= self.prompt_dropout <= 1.0:
+            raise ValueError("prompt_dropout must be within [0, 1]")
+        if self.batch_size < 1 or self.id_dim < 1 or self.num_id_tokens < 1:
+            raise ValueError("batch_size, id_dim and num_id_tokens must be >= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MGFRConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown mgfr config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+class MGFRTask:
+    """The MGFR :class:`refface.train.loop.TrainTask`: frozen SD + trainable :class:`MGFRAdapters`."""
+
+    def __init__(self, sd, adapters, config: MGFRConfig) -> None:
+        self.sd = sd
+        self.adapters = adapters
+        self.config = config
+        self._adapters = adapters
+        self.weight_dtype = None
+        self.device = None
+        if config.stage == 2 and not config.train_lca_in_stage2:
+            adapters.lca.requires_grad_(False)
+
+    def trainable_modules(self) -> dict[str, Any]:
+        return {"adapters": self.adapters}
+
+    def frozen_modules(self) -> dict[str, Any]:
+        return {"unet": self.sd.unet, "vae": self.sd.vae, "text_encoder": self.sd.text_encoder}
+
+    def bind(self, modules, weight_dtype, device) -> None:
+        self._adapters = modules["adapters"]
+        self.weight_dtype = weight_dtype
+        self.device = device
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "mgfr": dataclasses.asdict(self.config),
+            "sd": self.sd.path,
+            "adapters": dict(self.adapters.config),
+        }
+
+    def _conditions(self, batch: dict, generator=None):
+        """Scaled latents of GT (posterior sample) / LQ / reference (modes), text tokens, id embedding."""
+        import torch
+
+        from refface.train.mgfr.model import encode_images
+
+        wd = self.weight_dtype
+        with torch.no_grad():
+            z0 = encode_images(self.sd, batch["gt"].to(self.device, wd), generator).float()
+            z_lq = encode_images(self.sd, batch["lq"].to(self.device, wd)).float()
+            z_ref, emb = None, None
+            if self.config.stage == 2:
+                z_ref = encode_images(self.sd, batch["ref"].to(self.device, wd)).float()
+                emb = batch["id_embedding"].to(self.device, torch.float32)
+                if emb.shape[-1] != self.config.id_dim:
+                    raise ValueError(
+                        f"id_embedding has D={emb.shape[-1]} but the model was built with id_dim="
+                        f"{self.config.id_dim}; set mgfr.id_dim to the dataset's embedding size"
+                    )
+        return z0, z_lq, z_ref, emb
+
+    def compute_loss(self, batch: dict, generator):
+        import torch
+        import torch.nn.functional as F
+
+        from refface.train.mgfr.model import encode_prompts, predict
+
+        z0, z_lq, z_ref, emb = self._conditions(batch, generator)
+        b = z0.shape[0]
+        prompts = list(batch["prompt"])
+        drop = torch.rand(b, generator=generator, device=generator.device) < self.config.prompt_dropout
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
+        with torch.no_grad():
+            text = encode_prompts(self.sd, prompts, self.device)
+        scheduler = self._noise_scheduler()
+        noise = torch.randn(z0.shape, generator=generator, device=generator.device).to(z0.device)
+        t = torch.randint(
+            0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=generator.device
+        ).to(z0.device)
+        z_t = scheduler.add_noise(z0, noise, t)
+        pred = predict(self.sd, self._adapters, z_t, t, text, z_lq, z_ref, emb).float()
+        target = {"epsilon": lambda: noise, "v_prediction": lambda: scheduler.get_velocity(z0, noise, t)}
+        if self.sd.prediction_type not in target:
+            raise ValueError(
+                f"unsupported prediction_type {self.sd.prediction_type!r} (epsilon or v_prediction)"
+            )
+        loss = F.mse_loss(pred, target[self.sd.prediction_type]().float())
+        neg = batch.get("negative_quality")
+        extra = {"negative_quality_share": float(neg.float().mean()) if neg is not None else 0.0}
+        return loss, extra
+
+    def _noise_scheduler(self):
+        from diffusers import DDPMScheduler
+
+        if getattr(self, "_scheduler", None) is None:
+            self._scheduler = DDPMScheduler.from_config(self.sd.scheduler_config)
+        return self._scheduler
+
+    def validation_grid(self, batch: dict, generator):
+        import numpy as np
+        import torch
+
+        from refface.train.mgfr.model import GuidanceConfig, sample
+
+        n = min(self.config.validation_samples, len(batch["prompt"]))
+        sub = {k: v[:n] for k, v in batch.items()}
+        stage2 = self.config.stage == 2
+        out = sample(
+            self.sd,
+            self._adapters,
+            sub["lq"].to(self.device, self.weight_dtype),
+            list(sub["prompt"]),
+            GuidanceConfig(steps=self.config.validation_steps),
+            generator,
+            ref=sub["ref"].to(self.device, self.weight_dtype) if stage2 else None,
+            id_embedding=sub["id_embedding"].to(self.device, torch.float32) if stage2 else None,
+        )
+        cols = [sub["lq"], sub["ref"], out, sub["gt"]]
+        h, w = sub["gt"].shape[-2:]
+        cols = [torch.nn.functional.interpolate(c.float().cpu(), size=(h, w), mode="bilinear") for c in cols]
+        grid = torch.cat([torch.cat(cols, dim=3)[i] for i in range(n)], dim=1)  # (3, n*H, 4*W)
+        return (
+            ((grid.clamp(-1, 1) + 1) * 127.5)
+            .round()
+            .to(torch.uint8)
+            .permute(1, 2, 0)
+            .numpy()
+            .astype(np.uint8)
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# building
+
+
+def build_adapters(sd, config: MGFRConfig, init_from: str | Path | None = None):
+    """The trainable adapters for ``config.stage``; stage 2 copies LCA from a stage-1 checkpoint.
+
+    Args:
+        sd: the frozen Stable Diffusion (:class:`FrozenSD`).
+        config: MGFR settings.
+        init_from: stage 2 only: a stage-1 checkpoint folder or stage-1 output folder (its latest
+            checkpoint). ``None`` in stage 2 keeps LCA at its ControlNet initialisation (logged).
+    """
+    from refface.train.mgfr.model import MGFRAdapters
+
+    adapters = MGFRAdapters.from_unet(
+        sd.unet,
+        use_rca=config.stage == 2,
+        id_dim=config.id_dim,
+        num_id_tokens=config.num_id_tokens,
+        rlf_channels=config.rlf_channels,
+        latent_channels=int(sd.vae.config.latent_channels),
+    )
+    if config.stage == 2:
+        if init_from is None:
+            logger.warning("stage 2 without a stage-1 checkpoint: LCA starts from the UNet encoder copy")
+        else:
+            load_stage1_lca(adapters, init_from, use_ema=config.init_use_ema)
+    return adapters
+
+
+def load_stage1_lca(adapters, source: str | Path, use_ema: bool = True) -> Path:
+    """Copy stage 1's LCA weights into stage-2 ``adapters``; returns the checkpoint used.
+
+    Raises:
+        FileNotFoundError: no complete checkpoint at ``source``.
+        ValueError: the checkpoint's LCA does not match (different SD or config).
+    """
+    from safetensors.torch import load_file
+
+    ckpt = resolve_checkpoint(source)
+    kind = "ema" if use_ema and (ckpt / "ema" / "adapters.safetensors").is_file() else "trainable"
+    state = load_file(str(ckpt / kind / "adapters.safetensors"))
+    lca = {k[len("lca.") :]: v for k, v in state.items() if k.startswith("lca.")}
+    if not lca:
+        raise ValueError(f"{ckpt} holds no LCA weights (is it an MGFR checkpoint?)")
+    try:
+        adapters.lca.load_state_dict(lca, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"stage-1 LCA in {ckpt} does not fit this UNet/config: {exc}") from exc
+    logger.info("stage 2: LCA loaded from %s (%s weights)", ckpt, kind)
+    return ckpt
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """A checkpoint folder, or a run's output folder (-> its latest complete checkpoint)."""
+    from refface.train.loop import find_checkpoint
+
+    source = Path(source)
+    if (source / "state.json").is_file():
+        return source
+    ckpt = find_checkpoint(source, "latest")
+    if ckpt is None:
+        raise FileNotFoundError(
+            f"no complete checkpoint in {source} (expected {source}/checkpoints/step_*/state.json); "
+            "train stage 1 first or pass --init-from with a checkpoint folder"
+        )
+    return ckpt
+
+
+def load_yaml_config(path: str | Path, stage: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(loop section, mgfr section)`` of a YAML config with the ``stage<N>:`` overrides applied."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = set(raw) - {"loop", "mgfr", "stage1", "stage2"}
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)} (loop, mgfr, stage1, stage2)")
+    loop = dict(raw.get("loop") or {})
+    mgfr = dict(raw.get("mgfr") or {})
+    override = raw.get(f"stage{stage}") or {}
+    bad = set(override) - {"loop", "mgfr"}
+    if bad:
+        raise ValueError(f"{path}: stage{stage} may override only loop and mgfr, got {sorted(bad)}")
+    loop.update(override.get("loop") or {})
+    mgfr.update(override.get("mgfr") or {})
+    mgfr["stage"] = stage
+    return loop, mgfr
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m refface.train.mgfr.train",
+        description="Train MGFR (LCA/RCA adapters on a frozen Stable Diffusion). Launch with "
+        "`accelerate launch -m refface.train.mgfr.train ...` for multi-GPU / multi-node.",
+    )
+    p.add_argument(
+        "--config", required=True, help="YAML config (configs/mgfr_sd15.yaml, configs/mgfr_tiny.yaml)"
+    )
+    p.add_argument("--dataset", help="dataset root or shard folder/pattern (refface.train.data)")
+    p.add_argument("--sd", required=True, help="local diffusers Stable Diffusion 1.x/2.x folder")
+    p.add_argument(
+        "--stage", type=int, choices=STAGES, default=1, help="1: text + LQ; 2: adds reference/identity"
+    )
+    p.add_argument("--output", required=True, help="run folder; stage N writes <output>/stage<N>")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="stage 2: stage-1 checkpoint or run folder (default <output>/stage1)",
+    )
+    p.add_argument("--max-steps", type=int, default=None, help="override loop.max_steps")
+    p.add_argument(
+        "--resume", default=None, help="'latest' (default in configs), a checkpoint folder, or 'none'"
+    )
+    p.add_argument(
+        "--mixed-precision", choices=("no", "fp16", "bf16"), default=None, help="override the config"
+    )
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace, dataloader=None) -> list[dict[str, float]]:
+    """Run one stage as ``args`` say; returns the per-step logs.
+
+    Args:
+        args: parsed by :func:`parse_args` (never modified).
+        dataloader: a ready dataloader of MGFR batches (programmatic use and tests); by default
+            ``refface.train.data.make_mgfr_dataloader(args.dataset, ...)``.
+    """
+    from refface.train.loop import LoopConfig, train
+    from refface.train.mgfr.model import load_frozen_sd
+
+    loop_raw, mgfr_raw = load_yaml_config(args.config, args.stage)
+    out_dir = Path(args.output) / f"stage{args.stage}"
+    loop_raw["output_dir"] = str(out_dir)
+    if args.max_steps is not None:
+        loop_raw["max_steps"] = args.max_steps
+    if args.resume is not None:
+        loop_raw["resume"] = None if args.resume.lower() == "none" else args.resume
+    if args.mixed_precision is not None:
+        loop_raw["mixed_precision"] = args.mixed_precision
+    loop_cfg = LoopConfig.from_dict(loop_raw)
+    cfg = MGFRConfig.from_dict(mgfr_raw)
+
+    sd = load_frozen_sd(args.sd)
+    init_from = None
+    if cfg.stage == 2:
+        init_from = Path(args.init_from) if args.init_from else Path(args.output) / "stage1"
+        init_from = resolve_checkpoint(init_from)
+    adapters = build_adapters(sd, cfg, init_from)
+    if dataloader is None:
+        dataloader = make_dataloader(args.dataset, cfg, loop_cfg.seed)
+    task = MGFRTask(sd, adapters, cfg)
+    return train(task, dataloader, loop_cfg)
+
+
+def make_dataloader(dataset: str | None, cfg: MGFRConfig, seed: int):
+    """MGFR batches from the shared input pipeline (``refface.train.data.make_mgfr_dataloader``)."""
+    if not dataset:
+        raise ValueError("--dataset is required: a dataset root or a shard folder/pattern")
+    try:
+        from refface.train.data import make_mgfr_dataloader
+    except ImportError as exc:
+        raise ImportError(
+            "refface.train.data.make_mgfr_dataloader is not available; the MGFR trainer reads its batches "
+            f"from the shared input pipeline ({exc})"
+        ) from exc
+    return make_mgfr_dataloader(
+        dataset,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        resolution=cfg.resolution,
+        negative_quality_fraction=cfg.negative_quality_fraction,
+        seed=seed,
+        embedding_dim=cfg.id_dim,
+    )
+
+
+if __name__ == "__main__":
+    from refface.console import setup_logging
+
+    setup_logging(False)
+    main(parse_args())

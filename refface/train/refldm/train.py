@@ -1,0 +1,526 @@
+"""ReF-LDM training entry point: stage A (VQGAN), B (LQ-only LDM) and C (ReF-LDM) on the shared loop.
+
+Usage::
+
+    accelerate launch -m refface.train.refldm.train --config configs/refldm.yaml \\
+        --dataset ROOT --stage vqgan|ldm|refldm --output out/refldm
+
+Each stage writes ``<output>/<stage>/`` (the loop's checkpoints, logs, validation grids) and, when it
+finishes, ``<output>/<stage>/model/`` (``save_pretrained`` folders with the EMA weights) that the next
+stage and ``refface restore --model refldm`` read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from refface.train.refldm.model import NoiseConfig, UNetConfig
+from refface.train.refldm.vqgan import VQGANConfig
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("vqgan", "ldm", "refldm")
+MODEL_DIR = "model"
+
+
+@dataclass
+class TaskConfig:
+    """What the ReF-LDM tasks need beyond the architecture.
+
+    Attributes:
+        stage: ``vqgan`` (A), ``ldm`` (B, LQ only) or ``refldm`` (C, with references and identity loss).
+        lq_dropout: probability of zeroing the LQ latent of a sample (CFG-style condition dropout).
+        ref_dropout: probability of replacing a sample's reference latents by zeros (the CFG null).
+        identity_weight: weight of the timestep-scaled identity loss (stage C; 0 disables).
+        arcface: local ArcFace file (insightface ``.onnx`` or iresnet ``.pth``), needed when
+            ``identity_weight > 0``.
+        arcface_arch: iresnet depth of a ``.pth`` ArcFace.
+        arcface_widths: iresnet stage widths of a ``.pth`` ArcFace (the standard ones unless testing).
+        init_from: stage C starts from this stage B model (``<output>/ldm/model/unet`` or a checkpoint
+            folder); default: ``<output>/ldm/model/unet`` when it exists.
+        lpips_backbone: torchvision VGG16 weights for stage A's perceptual loss.
+        lpips_head: the lpips v0.1 ``vgg.pth`` head for stage A's perceptual loss.
+        val_steps: DDIM steps of the validation grids.
+        guidance_scale: CFG scale toward the references at validation and restore time.
+        val_samples: rows in a validation grid.
+    """
+
+    stage: str = "refldm"
+    lq_dropout: float = 0.1
+    ref_dropout: float = 0.1
+    identity_weight: float = 0.1
+    arcface: str | None = None
+    arcface_arch: str = "r50"
+    arcface_widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    init_from: str | None = None
+    lpips_backbone: str | None = None
+    lpips_head: str | None = None
+    val_steps: int = 50
+    guidance_scale: float = 1.5
+    val_samples: int = 4
+
+    def validate(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        for name in ("lq_dropout", "ref_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"task.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.identity_weight < 0:
+            raise ValueError("task.identity_weight must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Arguments of ``refface.train.data.make_refldm_dataloader`` (dataset root given on the command line)."""
+
+    resolution: int = 512
+    batch_size: int = 8
+    num_refs: int = 5
+    num_workers: int = 4
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RefLDMConfig:
+    """The whole resolved configuration of one run (saved in ``config.json`` and every checkpoint)."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vqgan: VQGANConfig = field(default_factory=VQGANConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RefLDMConfig:
+        """Build from a mapping; unknown sections or keys raise ``ValueError`` naming them."""
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        kinds = {"unet": UNetConfig, "vqgan": VQGANConfig, "noise": NoiseConfig, "task": TaskConfig}
+        kinds["data"] = DataConfig
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise ValueError(f"unknown config sections {sorted(unknown)}; known: {sorted(sections)}")
+        built = {}
+        for name, kind in kinds.items():
+            values = dict(d.get(name) or {})
+            known = {f.name for f in dataclasses.fields(kind)}
+            bad = set(values) - known
+            if bad:
+                raise ValueError(f"unknown keys in '{name}': {sorted(bad)}; known: {sorted(known)}")
+            built[name] = kind(**values)
+        cfg = cls(**built)
+        cfg.unet.validate()
+        cfg.task.validate()
+        return cfg
+
+
+def load_config(path: str | Path) -> tuple[RefLDMConfig, dict[str, Any]]:
+    """Read a YAML config: the model sections and the raw ``loop:`` section."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    loop = dict(raw.pop("loop", {}) or {})
+    return RefLDMConfig.from_dict(raw), loop
+
+
+# ----------------------------------------------------------------------------------------------------
+# model loading shared by the tasks, restore and the bench
+
+
+def load_module_weights(source: str | Path, name: str, module, use_ema: bool = True) -> str:
+    """Fill ``module`` from a ``save_pretrained`` folder or a loop checkpoint's ``<name>`` weights.
+
+    A checkpoint's live weights load first (they include buffers) and the EMA parameters on top.
+
+    Returns:
+        What was loaded: ``pretrained``, ``ema`` or ``trainable``.
+    """
+    from safetensors.torch import load_file
+
+    source = Path(source)
+    if (source / "config.json").is_file() and not (source / "state.json").is_file():
+        from diffusers.models.model_loading_utils import load_state_dict
+
+        files = sorted(source.glob("*.safetensors")) or sorted(source.glob("*.bin"))
+        if not files:
+            raise FileNotFoundError(f"{source} has a config.json but no weights file")
+        module.load_state_dict(load_state_dict(str(files[0])), strict=True)
+        return "pretrained"
+    live = source / "trainable" / f"{name}.safetensors"
+    if not live.is_file():
+        raise FileNotFoundError(
+            f"no weights for {name!r} in {source}: expected a save_pretrained folder or a checkpoint "
+            f"folder with trainable/{name}.safetensors"
+        )
+    module.load_state_dict(load_file(str(live)), strict=True)
+    ema = source / "ema" / f"{name}.safetensors"
+    if use_ema and ema.is_file():
+        module.load_state_dict(load_file(str(ema)), strict=False)
+        return "ema"
+    return "trainable"
+
+
+def build_vqgan_for(cfg: RefLDMConfig):
+    """The autoencoder of a run: new (stage A), a saved folder, or a stage A checkpoint."""
+    from refface.train.refldm.vqgan import build_vqgan
+
+    pretrained = cfg.vqgan.pretrained
+    if pretrained and (Path(pretrained) / "state.json").is_file():
+        vq = build_vqgan(dataclasses.replace(cfg.vqgan, pretrained=None))
+        load_module_weights(pretrained, "vqgan", vq)
+        return vq
+    return build_vqgan(cfg.vqgan)
+
+
+def _to_uint8(images) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return arr.permute(0, 2, 3, 1).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------------
+# tasks
+
+
+class LDMTask:
+    """Stages B and C: ε-prediction loss (+ timestep-scaled identity loss in stage C).
+
+    Args:
+        cfg: the run configuration (``cfg.task.stage`` is ``ldm`` or ``refldm``).
+        unet: the denoiser (new, or stage B weights for stage C).
+        vq: the trained autoencoder (frozen).
+        arcface: the frozen ArcFace for the identity loss, or None.
+    """
+
+    def __init__(self, cfg: RefLDMConfig, unet, vq, arcface=None):
+        from refface.train.refldm.model import make_train_scheduler
+
+        self.cfg = cfg
+        self.unet = unet
+        self.vq = vq
+        self.arcface = arcface
+        self.scheduler = make_train_scheduler(cfg.noise)
+        self.use_refs = cfg.task.stage == "refldm"
+        self.modules: dict[str, Any] = {}
+        self.weight_dtype = None
+        self.device = None
+
+    def trainable_modules(self) -> dict[str, Any]:
+        return {"unet": self.unet}
+
+    def frozen_modules(self) -> dict[str, Any]:
+        frozen = {"vqgan": self.vq}
+        if self.arcface is not None:
+            frozen["arcface"] = self.arcface
+        return frozen
+
+    def bind(self, modules: dict[str, Any], weight_dtype, device) -> None:
+        self.modules, self.weight_dtype, self.device = modules, weight_dtype, device
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.cfg.to_dict()
+
+    def _latents(self, batch: dict):
+        """Encode GT, LQ and references with the frozen autoencoder (no gradients)."""
+        import torch
+
+        from refface.train.refldm.vqgan import encode
+
+        dev, dt = self.device, self.weight_dtype
+        with torch.no_grad():
+            z0 = encode(self.vq, batch["gt"].to(dev, dt)).float()
+            zlq = encode(self.vq, batch["lq"].to(dev, dt)).float()
+            zref, mask = None, None
+            if self.use_refs and "refs" in batch and batch["refs"].shape[1] > 0:
+                refs = batch["refs"].to(dev, dt)
+                b, k = refs.shape[:2]
+                flat = encode(self.vq, refs.flatten(0, 1)).float()
+                zref = flat.view(b, k, *flat.shape[1:])
+                mask = batch.get("ref_mask")
+                mask = None if mask is None else mask.to(dev).bool()
+        return z0, zlq, zref, mask
+
+    def compute_loss(self, batch: dict, generator) -> tuple[Any, dict[str, float]]:
+        import torch
+        import torch.nn.functional as F
+
+        from refface.train.refldm.identity import identity_loss
+        from refface.train.refldm.vqgan import decode
+
+        z0, zlq, zref, mask = self._latents(batch)
+        b, dev = z0.shape[0], z0.device
+        noise = torch.randn(z0.shape, generator=generator, device=generator.device).to(dev)
+        t = torch.randint(
+            0, self.cfg.noise.num_train_timesteps, (b,), generator=generator, device=generator.device
+        ).to(dev)
+        # Condition dropout, drawn per sample from the loop's generator so a resume replays it exactly.
+        keep_lq = torch.rand(b, generator=generator, device=generator.device).to(dev) >= self.cfg.task.lq_dropout
+        keep_ref = torch.rand(b, generator=generator, device=generator.device).to(dev) >= self.cfg.task.ref_dropout
+        zlq = zlq * keep_lq.view(b, 1, 1, 1)
+        if zref is not None:
+            zref = zref * keep_ref.view(b, 1, 1, 1, 1)
+        acp = self.scheduler.alphas_cumprod.to(dev)[t]  # (B,)
+        a = acp.view(b, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        eps = self.modules["unet"](zt, zlq, t, ref_latents=zref, ref_mask=mask).float()
+        ldm = F.mse_loss(eps, noise)
+        loss = ldm
+        logs = {"ldm": float(ldm.detach())}
+        if self.use_refs and self.arcface is not None and self.cfg.task.identity_weight > 0:
+            x0_hat = (zt - (1 - a).sqrt() * eps) / a.sqrt()
+            quant = self.cfg.vqgan.quantize_on_decode
+            pred = decode(self.vq, x0_hat.to(self.weight_dtype), quantize=quant).float()
+            with torch.no_grad():
+                target = decode(self.vq, z0.to(self.weight_dtype), quantize=quant).float()
+            ident = identity_loss(self.arcface, pred, target, acp, self.cfg.task.identity_weight).mean()
+            loss = loss + ident
+            logs["identity"] = float(ident.detach())
+        return loss, logs
+
+    def validation_grid(self, batch: dict, generator) -> np.ndarray:
+        """Rows, one per sample: LQ | first reference | restored | GT."""
+        import torch
+
+        from refface.train.refldm.sampling import ddim_sample
+        from refface.train.refldm.vqgan import decode
+
+        n = min(self.cfg.task.val_samples, batch["gt"].shape[0])
+        sub = {k: v[:n] for k, v in batch.items()}
+        z0, zlq, zref, mask = self._latents(sub)
+        latents = ddim_sample(
+            self.modules["unet"],
+            zlq,
+            zref,
+            mask,
+            noise=self.cfg.noise,
+            steps=self.cfg.task.val_steps,
+            guidance_scale=self.cfg.task.guidance_scale,
+            generator=generator,
+        )
+        out = decode(self.vq, latents.to(self.weight_dtype), quantize=self.cfg.vqgan.quantize_on_decode)
+        refs = sub["refs"][:, 0] if "refs" in sub and sub["refs"].shape[1] else torch.zeros_like(sub["gt"])
+        cols = [sub["lq"], refs, out.float().cpu(), sub["gt"]]
+        rows = [np.concatenate([_to_uint8(c.cpu())[i] for c in cols], axis=1) for i in range(n)]
+        return np.concatenate(rows, axis=0)
+
+
+class VQGANTask:
+    """Stage A: L1 + perceptual + codebook losses, hinge GAN after ``vqgan.disc_start`` steps."""
+
+    def __init__(self, cfg: RefLDMConfig, vq, disc, perceptual=None, gradient_accumulation_steps: int = 1):
+        self.cfg = cfg
+        self.vq = vq
+        self.disc = disc
+        self.perceptual = perceptual
+        self.accum = gradient_accumulation_steps
+        self.modules: dict[str, Any] = {}
+        self.weight_dtype = None
+        self.device = None
+
+    def trainable_modules(self) -> dict[str, Any]:
+        return {"vqgan": self.vq, "disc": self.disc}
+
+    def frozen_modules(self) -> dict[str, Any]:
+        return {"lpips": self.perceptual} if self.perceptual is not None else {}
+
+    def bind(self, modules: dict[str, Any], weight_dtype, device) -> None:
+        self.modules, self.weight_dtype, self.device = modules, weight_dtype, device
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.cfg.to_dict()
+
+    def compute_loss(self, batch: dict, generator) -> tuple[Any, dict[str, float]]:
+        import torch
+
+        from refface.train.ema import _unwrap
+        from refface.train.refldm.vqgan import vqgan_losses
+
+        disc = _unwrap(self.modules["disc"])
+        # The discriminator counts the micro-batches it has seen in a buffer, so the start step survives
+        # checkpoints and resumes without the loop passing its step.
+        step = int(disc.seen_batches) // self.accum
+        gt = batch["gt"].to(self.device)
+        parts = vqgan_losses(self.modules["vqgan"], self.modules["disc"], self.perceptual, gt, step, self.cfg.vqgan)
+        with torch.no_grad():
+            disc.seen_batches += 1
+        return parts["loss"], {k: float(v.detach()) for k, v in parts.items() if k != "loss"}
+
+    def validation_grid(self, batch: dict, generator) -> np.ndarray:
+        """Rows, one per sample: GT | reconstruction."""
+        from refface.train.refldm.vqgan import decode, encode
+
+        n = min(self.cfg.task.val_samples, batch["gt"].shape[0])
+        gt = batch["gt"][:n].to(self.device)
+        vq = self.modules["vqgan"]
+        vq = getattr(vq, "module", vq)
+        rec = decode(vq, encode(vq, gt), quantize=True)
+        rows = [np.concatenate([_to_uint8(gt)[i], _to_uint8(rec)[i]], axis=1) for i in range(n)]
+        return np.concatenate(rows, axis=0)
+
+
+def build_task(cfg: RefLDMConfig, output: str | Path, gradient_accumulation_steps: int = 1):
+    """The task of ``cfg.task.stage`` with its modules built and, for later stages, loaded.
+
+    Raises:
+        FileNotFoundError: a needed earlier-stage model or weights file is missing (message names it).
+    """
+    import torch
+
+    stage = cfg.task.stage
+    output = Path(output)
+    if stage == "vqgan":
+        from refface.train.refldm.lpips import LPIPS
+        from refface.train.refldm.vqgan import PatchDiscriminator
+
+        vq = build_vqgan_for(cfg)
+        disc = PatchDiscriminator(cfg.vqgan.disc_channels, cfg.vqgan.disc_layers)
+        disc.register_buffer("seen_batches", torch.zeros((), dtype=torch.long))
+        perceptual = None
+        if cfg.vqgan.perceptual_weight > 0:
+            if not (cfg.task.lpips_backbone and cfg.task.lpips_head):
+                raise FileNotFoundError(
+                    "stage A's perceptual loss needs task.lpips_backbone (torchvision 'vgg16-397923af.pth') "
+                    "and task.lpips_head (lpips 'vgg.pth'); set them or vqgan.perceptual_weight: 0"
+                )
+            perceptual = LPIPS.from_files(cfg.task.lpips_backbone, cfg.task.lpips_head)
+        return VQGANTask(cfg, vq, disc, perceptual, gradient_accumulation_steps)
+
+    from refface.train.refldm.model import RefLDMUNet
+
+    if not cfg.vqgan.pretrained:
+        default = output.parent / "vqgan" / MODEL_DIR / "vqgan"
+        if not (default / "config.json").is_file():
+            raise FileNotFoundError(
+                f"stage {stage} needs a trained autoencoder: set vqgan.pretrained or run --stage vqgan "
+                f"first (expected {default})"
+            )
+        cfg = dataclasses.replace(cfg, vqgan=dataclasses.replace(cfg.vqgan, pretrained=str(default)))
+    vq = build_vqgan_for(cfg)
+    unet = RefLDMUNet.from_unet_config(cfg.unet)
+    if stage == "refldm":
+        init = cfg.task.init_from
+        if init is None and (output.parent / "ldm" / MODEL_DIR / "unet" / "config.json").is_file():
+            init = str(output.parent / "ldm" / MODEL_DIR / "unet")
+        if init is not None:
+            kind = load_module_weights(init, "unet", unet)
+            logger.info("stage C starts from %s (%s weights)", init, kind)
+        else:
+            logger.warning("stage C starts from random weights: no stage B model found (task.init_from)")
+    arcface = None
+    if stage == "refldm" and cfg.task.identity_weight > 0:
+        from refface.train.refldm.identity import load_arcface
+
+        if not cfg.task.arcface:
+            raise FileNotFoundError(
+                "the identity loss needs ArcFace weights: set task.arcface to insightface's 'w600k_r50.onnx' "
+                "(or an iresnet .pth), or task.identity_weight: 0"
+            )
+        arcface = load_arcface(cfg.task.arcface, cfg.task.arcface_arch, tuple(cfg.task.arcface_widths))
+    return LDMTask(cfg, unet, vq, arcface)
+
+
+def export_model(task, stage_dir: str | Path) -> Path:
+    """Write the final (EMA) weights as ``save_pretrained`` folders under ``<stage_dir>/model``."""
+    from refface.manifests.atomic import write_json
+    from refface.train.loop import find_checkpoint
+
+    stage_dir = Path(stage_dir)
+    ckpt = find_checkpoint(stage_dir, "latest")
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint under {stage_dir} to export")
+    out = stage_dir / MODEL_DIR
+    if isinstance(task, VQGANTask):
+        load_module_weights(ckpt, "vqgan", task.vq)
+        task.vq.save_pretrained(out / "vqgan")
+    else:
+        load_module_weights(ckpt, "unet", task.unet)
+        task.unet.save_pretrained(out / "unet")
+        task.vq.save_pretrained(out / "vqgan")
+    write_json(out / "refldm.json", {"checkpoint": str(ckpt), "config": task.cfg.to_dict()})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# entry point
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train ReF-LDM: stage vqgan (A), ldm (B) or refldm (C).")
+    p.add_argument("--config", required=True, help="YAML config (configs/refldm.yaml)")
+    p.add_argument("--dataset", required=True, help="dataset root or shard folder read by make_refldm_dataloader")
+    p.add_argument("--stage", choices=STAGES, default="refldm", help="which stage to train")
+    p.add_argument("--output", required=True, help="run folder; each stage writes <output>/<stage>/")
+    p.add_argument("--max-steps", type=int, default=None, help="override loop.max_steps")
+    p.add_argument("--resume", default=None, help="'latest' (default from config), a checkpoint folder, or 'none'")
+    return p.parse_args(argv)
+
+
+def make_dataloader(dataset: str, cfg: RefLDMConfig, seed: int):
+    """The training loader from ``refface.train.data`` (clear error when that module is absent)."""
+    try:
+        from refface.train.data import make_refldm_dataloader
+    except ImportError as e:
+        raise ImportError(
+            "refface.train.data.make_refldm_dataloader is not available; the ReF-LDM input pipeline is "
+            f"needed to read {dataset} ({e})"
+        ) from e
+    d = cfg.data
+    return make_refldm_dataloader(
+        dataset,
+        resolution=d.resolution,
+        batch_size=d.batch_size,
+        num_refs=d.num_refs,
+        num_workers=d.num_workers,
+        seed=seed,
+        **d.extra,
+    )
+
+
+def main(args: argparse.Namespace) -> list[dict[str, float]]:
+    """Train one stage as configured; export its model folder when the run is complete."""
+    from refface.console import print_summary
+    from refface.manifests.atomic import write_text
+    from refface.train.loop import LoopConfig, train
+
+    cfg, loop_raw = load_config(args.config)
+    cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, stage=args.stage))
+    stage_dir = Path(args.output) / args.stage
+    loop_raw = {**loop_raw, "output_dir": str(stage_dir)}
+    if args.max_steps is not None:
+        loop_raw["max_steps"] = args.max_steps
+    if args.resume is not None:
+        loop_raw["resume"] = None if args.resume == "none" else args.resume
+    loop_cfg = LoopConfig.from_dict(loop_raw)
+    task = build_task(cfg, stage_dir, loop_cfg.gradient_accumulation_steps)
+    loader = make_dataloader(args.dataset, cfg, loop_cfg.seed)
+    logs = train(task, loader, loop_cfg)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        model_dir = export_model(task, stage_dir)
+        last = logs[-1] if logs else {}
+        print_summary(
+            f"ReF-LDM stage {args.stage}",
+            {"steps run": len(logs), "final loss": last.get("loss", float("nan")), "model": str(model_dir)},
+        )
+        log_file = stage_dir / "train_log.jsonl"
+        previous = log_file.read_text() if log_file.exists() else ""
+        write_text(log_file, previous + "".join(json.dumps(r) + "\n" for r in logs))
+    return logs
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,131 @@
+"""Stage A: the f=8, 8-channel VQGAN autoencoder (diffusers VQModel), its discriminator and losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class VQGANConfig:
+    """Autoencoder: 512x512x3 -> 64x64x8 (f = 2 ** (levels - 1) = 8); the latent is used unquantized."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 128, 256, 512])
+    layers_per_block: int = 2
+    latent_channels: int = 8
+    num_vq_embeddings: int = 8192
+    norm_num_groups: int = 32
+    # The LDM works on the pre-quantization latent; the decoder quantizes it (straight-through).
+    quantize_on_decode: bool = True
+    # A saved diffusers VQModel folder (stage A output or an existing autoencoder); None = build new.
+    pretrained: str | None = None
+    # Stage A losses (LDM's VQGAN recipe; fixed adversarial weight instead of the adaptive one).
+    l1_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    codebook_weight: float = 1.0
+    disc_weight: float = 0.75
+    disc_start: int = 50001
+    disc_channels: int = 64
+    disc_layers: int = 3
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+def build_vqgan(cfg: VQGANConfig):
+    """A new VQModel, or the saved one named by ``cfg.pretrained`` (clear error when missing)."""
+    from diffusers import VQModel
+
+    if cfg.pretrained:
+        path = Path(cfg.pretrained)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"autoencoder not found: {path} has no config.json. Point vqgan.pretrained at a folder "
+                "written by VQModel.save_pretrained (the stage A output 'vqgan/' folder)."
+            )
+        return VQModel.from_pretrained(path)
+    n = len(cfg.block_out_channels)
+    return VQModel(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        num_vq_embeddings=cfg.num_vq_embeddings,
+        vq_embed_dim=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+    )
+
+
+def encode(vq, images: torch.Tensor) -> torch.Tensor:
+    """Images ``(B, 3, H, W)`` in [-1, 1] -> unquantized latents ``(B, C, H/f, W/f)`` (scale 1.0)."""
+    return vq.encode(images).latents
+
+
+def decode(vq, latents: torch.Tensor, quantize: bool = True) -> torch.Tensor:
+    """Latents -> images in [-1, 1] (not clamped, so gradients stay informative)."""
+    return vq.decode(latents, force_not_quantize=not quantize).sample
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN discriminator (pix2pix NLayer) with GroupNorm, so it has no running statistics."""
+
+    def __init__(self, channels: int = 64, layers: int = 3):
+        super().__init__()
+        seq: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        width = channels
+        for i in range(1, layers + 1):
+            nxt = channels * min(2**i, 8)
+            stride = 2 if i < layers else 1
+            seq += [nn.Conv2d(width, nxt, 4, stride, 1, bias=False), nn.GroupNorm(min(32, nxt), nxt)]
+            seq.append(nn.LeakyReLU(0.2))
+            width = nxt
+        seq.append(nn.Conv2d(width, 1, 4, 1, 1))
+        self.main = nn.Sequential(*seq)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)
+
+
+def vqgan_losses(
+    vq,
+    disc: nn.Module,
+    perceptual: nn.Module | None,
+    gt: torch.Tensor,
+    step: int,
+    cfg: VQGANConfig,
+) -> dict[str, torch.Tensor]:
+    """Generator and discriminator losses of one batch, summed into ``loss`` for a single optimizer.
+
+    Each network is called once through its (possibly DDP-wrapped) forward. The generator's adversarial
+    term sees the discriminator through detached parameters, and the discriminator's hinge loss sees
+    detached reconstructions, so one backward pass gives each network only its own gradients. Before
+    ``cfg.disc_start`` both adversarial terms are weighted 0 (computed anyway, so every parameter takes
+    part in every step, as DDP expects).
+    """
+    out = vq(gt)
+    rec, commit = out.sample, out.commit_loss
+    parts: dict[str, torch.Tensor] = {}
+    parts["l1"] = (rec - gt).abs().mean()
+    parts["codebook"] = commit.mean()
+    loss = cfg.l1_weight * parts["l1"] + cfg.codebook_weight * parts["codebook"]
+    if perceptual is not None and cfg.perceptual_weight > 0:
+        parts["perceptual"] = perceptual(rec, gt).mean()
+        loss = loss + cfg.perceptual_weight * parts["perceptual"]
+    factor = 1.0 if step >= cfg.disc_start else 0.0
+    bare = getattr(disc, "module", disc)
+    frozen = {k: v.detach() for k, v in bare.named_parameters()}
+    parts["g_adv"] = -torch.func.functional_call(bare, frozen, (rec,)).mean()
+    logits = disc(torch.cat([gt, rec.detach()]))
+    real, fake = logits.chunk(2)
+    parts["d_hinge"] = 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+    loss = loss + factor * (cfg.disc_weight * parts["g_adv"] + parts["d_hinge"])
+    parts["loss"] = loss
+    return parts

@@ -1,0 +1,238 @@
+"""Tests for the training input pipeline: augmentation, rank/worker splitting, batch contracts, bad shards."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from refface.builders.shards import ShardError, ShardsConfig, write_shards  # noqa: E402
+from refface.manifests.io import read_image  # noqa: E402
+from refface.manifests.shard_index import index_path, read_shard_index  # noqa: E402
+from refface.train.data import (  # noqa: E402
+    RefAugment,
+    augment_reference,
+    color_jitter,
+    fill_references,
+    make_mgfr_dataloader,
+    make_refldm_dataloader,
+    make_shard_dataset,
+    random_perspective,
+    resize_square,
+    resolve_shards,
+    to_tensor,
+)
+
+
+def _degrader_available() -> bool:
+    try:
+        from refface.builders.shards import load_degrader
+
+        load_degrader()
+    except ImportError:
+        return False
+    return True
+
+
+needs_degrader = pytest.mark.skipif(
+    not _degrader_available(),
+    reason="on-the-fly LQ needs refface.degradations.degrader.Degrader, not present in this tree yet",
+)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    from test_shards import make_tiny_root
+
+    base = tmp_path_factory.mktemp("data")
+    root = make_tiny_root(base / "root")
+    # One sample per shard: 10 train shards, so 3 ranks x 2 workers all get some.
+    write_shards(root, base / "shards", ShardsConfig(split="train", shard_count=1))
+    write_shards(root, base / "shards", ShardsConfig(split="val"))
+    return {"root": root, "shards": base / "shards"}
+
+
+def _keys(ds) -> list[str]:
+    return list(ds)
+
+
+def test_fill_references():
+    rng = np.random.default_rng(0)
+    assert fill_references(0, 5, rng) == []
+    assert fill_references(2, 5, None) == [0, 1, 0, 1, 0]
+    picks = fill_references(2, 5, rng)
+    assert sorted(picks) == [0, 0, 0, 1, 1]
+    distinct = fill_references(9, 5, rng)
+    assert len(set(distinct)) == 5 and all(0 <= i < 9 for i in distinct)
+
+
+def test_reference_augmentation_is_seeded_and_bounded():
+    rng = np.random.default_rng(1)
+    img = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    a = augment_reference(img, np.random.default_rng(5))
+    b = augment_reference(img, np.random.default_rng(5))
+    c = augment_reference(img, np.random.default_rng(6))
+    assert a.dtype == np.uint8 and a.shape == img.shape
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    # Zero-strength jitter and zero distortion leave the image as it is.
+    still = RefAugment(brightness=0, contrast=0, saturation=0, hue=0)
+    assert np.array_equal(color_jitter(img, rng, still), img)
+    assert np.array_equal(random_perspective(img, rng, 0.0), img)
+    # Small geometric changes: most of the image keeps its colour statistics.
+    assert abs(float(a.mean()) - float(img.mean())) < 40
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 4])
+def test_every_sample_once_per_epoch_over_ranks_and_workers(data, shuffle_buffer: int):
+    urls, count = resolve_shards(data["shards"], "train")
+    assert count == 10
+    seen: Counter = Counter()
+    world, workers = 3, 2
+    for rank in range(world):
+        for worker in range(workers):
+            env = {"RANK": str(rank), "WORLD_SIZE": str(world), "WORKER": str(worker), "NUM_WORKERS": str(workers)}
+            with mock.patch.dict(os.environ, env):
+                ds = make_shard_dataset(
+                    urls, lambda raw: raw["key"], resampled=False, shuffle_buffer=shuffle_buffer
+                )
+                seen.update(_keys(ds))
+    index = read_shard_index(index_path(data["shards"], "train"))
+    expected = {s.first_key for s in index.shards}
+    assert set(seen) == expected and all(v == 1 for v in seen.values())
+
+
+def test_dataloader_workers_see_each_sample_once(data):
+    urls, _ = resolve_shards(data["shards"], "train")
+    ds = make_shard_dataset(urls, _key_of, resampled=False, shuffle_buffer=0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    keys = list(loader)
+    assert len(keys) == 10 and len(set(keys)) == 10
+
+
+def _key_of(raw):
+    return raw["key"]
+
+
+def test_resampled_epoch_length_and_determinism(data):
+    urls, _ = resolve_shards(data["shards"], "train")
+
+    def run(epoch: int) -> list[str]:
+        return _keys(make_shard_dataset(urls, _key_of, seed=3, epoch=epoch, samples_per_worker=12))
+
+    first = run(0)
+    assert len(first) == 12 and set(first) <= {f"id{i}_img{j}" for i in range(3) for j in range(4)}
+    assert run(0) == first
+    assert run(1) != first
+
+
+def _check_refldm_batch(batch, b: int, k: int, res: int):
+    assert set(batch) == {"gt", "lq", "refs", "ref_mask", "key"}
+    assert batch["gt"].shape == (b, 3, res, res) and batch["gt"].dtype == torch.float32
+    assert batch["lq"].shape == (b, 3, res, res)
+    assert batch["refs"].shape == (b, k, 3, res, res)
+    assert batch["ref_mask"].shape == (b, k) and batch["ref_mask"].dtype == torch.bool
+    assert isinstance(batch["key"], list) and len(batch["key"]) == b
+    for name in ("gt", "lq", "refs"):
+        assert batch[name].min() >= -1 and batch[name].max() <= 1
+
+
+def test_refldm_eval_batches_from_shards_and_root_agree(data):
+    from_shards = make_refldm_dataloader(data["shards"], 3, 0, resolution=32, split="val", train=False)
+    from_root = make_refldm_dataloader(data["root"], 3, 0, resolution=32, split="val", train=False)
+    a, b = next(iter(from_shards)), next(iter(from_root))
+    _check_refldm_batch(a, 3, 5, 32)
+    order = [b["key"].index(k) for k in a["key"]]
+    for name in ("gt", "lq", "refs", "ref_mask"):
+        assert torch.equal(a[name], b[name][order])
+    # Val targets have 2 references each: 5 slots cycle through them, all valid.
+    assert a["ref_mask"].all()
+    assert torch.equal(a["refs"][:, 0], a["refs"][:, 2])
+    key = a["key"][0]
+    source = read_image(data["root"] / "images" / (key.replace("_", "/", 1) + ".png"))
+    expected = to_tensor(resize_square(source, 32))
+    assert torch.equal(a["gt"][0], expected)
+
+
+def test_mgfr_eval_batch_contract(data):
+    loader = make_mgfr_dataloader(data["shards"], 3, 0, resolution=32, split="val", train=False)
+    batch = next(iter(loader))
+    assert set(batch) == {"gt", "lq", "ref", "id_embedding", "prompt", "negative_quality", "key"}
+    assert batch["ref"].shape == (3, 3, 32, 32) and batch["id_embedding"].shape == (3, 8)
+    assert batch["id_embedding"].dtype == torch.float32
+    assert batch["negative_quality"].dtype == torch.bool and not batch["negative_quality"].any()
+    assert isinstance(batch["prompt"], list) and all(isinstance(p, str) and p for p in batch["prompt"])
+
+
+def test_truncated_shard_named_or_skipped(data, tmp_path: Path):
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(data["shards"], shards)
+    bad = shards / "train-000004.tar"
+    bad.write_bytes(bad.read_bytes()[:700])
+    with pytest.raises(ShardError, match="train-000004.tar"):
+        resolve_shards(shards, "train")
+    urls, count = resolve_shards(shards, "train", skip_bad_shards=True)
+    assert count == 9 and str(bad) not in urls
+
+
+def test_corrupt_shard_content_named_or_skipped(data, tmp_path: Path):
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(data["shards"], shards)
+    bad = shards / "train-000004.tar"
+    raw = bytearray(bad.read_bytes())
+    raw[0:100] = b"\x07" * 100  # same size, broken tar header: only reading finds it
+    bad.write_bytes(bytes(raw))
+    urls, _ = resolve_shards(shards, "train")
+    with pytest.raises(ShardError, match="train-000004.tar"):
+        _keys(make_shard_dataset(urls, _key_of, resampled=False, shuffle_buffer=0))
+    keys = _keys(make_shard_dataset(urls, _key_of, resampled=False, shuffle_buffer=0, skip_bad_shards=True))
+    assert len(keys) == 9 and len(set(keys)) == 9
+
+
+@needs_degrader
+def test_refldm_training_batches_are_seeded(data):
+    def batch(epoch: int):
+        loader = make_refldm_dataloader(data["shards"], 4, 0, resolution=32, seed=7, epoch=epoch, shuffle_buffer=0)
+        return next(iter(loader))
+
+    a = batch(0)
+    _check_refldm_batch(a, 4, 5, 32)
+    assert a["ref_mask"].all()
+    b = batch(0)
+    for name in ("gt", "lq", "refs"):
+        assert torch.equal(a[name], b[name])
+    assert a["key"] == b["key"]
+    assert not torch.equal(a["lq"], a["gt"])
+
+
+@needs_degrader
+def test_refldm_training_from_root(data):
+    loader = make_refldm_dataloader(data["root"], 2, 0, resolution=32, seed=1)
+    _check_refldm_batch(next(iter(loader)), 2, 5, 32)
+
+
+@needs_degrader
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_mgfr_negative_quality_fraction(data, fraction: float):
+    from refface.mining.attributes import NEGATIVE_QUALITY_PROMPT
+
+    loader = make_mgfr_dataloader(
+        data["shards"], 5, 0, resolution=32, negative_quality_fraction=fraction, seed=2, shuffle_buffer=0
+    )
+    batch = next(iter(loader))
+    assert batch["gt"].shape == (5, 3, 32, 32) and batch["id_embedding"].shape == (5, 8)
+    assert bool(batch["negative_quality"].all()) is (fraction == 1.0)
+    assert bool(batch["negative_quality"].any()) is (fraction == 1.0)
+    if fraction == 1.0:
+        assert all(p == NEGATIVE_QUALITY_PROMPT for p in batch["prompt"])
+    else:
+        assert NEGATIVE_QUALITY_PROMPT not in batch["prompt"]

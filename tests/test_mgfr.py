@@ -1,0 +1,300 @@
+"""MGFR on a tiny random Stable Diffusion: branch shapes, frozen parts, gradients, overfitting, exact
+resume, stage 1 -> 2 continuity and the real entry point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from common.tiny_sd import IMAGE_SIZE, save_tiny_sd  # noqa: E402
+
+ID_DIM = 512
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mgfr_tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_fresh_accelerate():
+    # The tiny model is overhead-bound: one thread is several times faster than two on a busy box.
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory) -> Path:
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="module")
+def sd(sd_dir):
+    from refface.train.mgfr.model import load_frozen_sd
+
+    return load_frozen_sd(sd_dir)
+
+
+def make_batch(n: int = 2, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    s = IMAGE_SIZE
+    # Smooth images (low-frequency noise upsampled) look more like faces to a VAE than white noise.
+    gt = torch.nn.functional.interpolate(torch.rand(n, 3, 8, 8, generator=g) * 2 - 1, size=(s, s), mode="bilinear")
+    lq = torch.nn.functional.interpolate(gt[:, :, ::4, ::4], size=(s, s), mode="bilinear")
+    ref = gt.flip(-1)
+    emb = torch.nn.functional.normalize(torch.randn(n, ID_DIM, generator=g), dim=1)
+    return {
+        "gt": gt,
+        "lq": lq,
+        "ref": ref,
+        "id_embedding": emb,
+        "prompt": [f"a person number {i} with short hair" for i in range(n)],
+        "negative_quality": torch.tensor([i % 2 == 1 for i in range(n)]),
+        "key": [f"k{i}" for i in range(n)],
+    }
+
+
+def collate(items: list[dict]) -> dict:
+    out = {}
+    for k in items[0]:
+        vals = [it[k] for it in items]
+        out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+    return out
+
+
+def make_loader(n: int = 4, batch_size: int = 2, seed: int = 0):
+    b = make_batch(n, seed)
+    items = [{k: v[i] for k, v in b.items()} for i in range(n)]
+    return torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=True, collate_fn=collate)
+
+
+def mgfr_cfg(stage: int, **kw):
+    from refface.train.mgfr.train import MGFRConfig
+
+    base = dict(stage=stage, resolution=IMAGE_SIZE, batch_size=2, num_workers=0, id_dim=ID_DIM, num_id_tokens=2)
+    base.update(rlf_channels=32, prompt_dropout=0.0, validation_steps=2, validation_samples=2)
+    base.update(kw)
+    return MGFRConfig(**base)
+
+
+def loop_cfg(out, **kw):
+    from refface.train.loop import LoopConfig
+
+    base = dict(output_dir=str(out), max_steps=4, learning_rate=1e-4, ema_decay=0.99, checkpoint_every=2)
+    base.update(validate_every=0, log_every=1, report_to="none")
+    base.update(kw)
+    return LoopConfig(**base)
+
+
+def fresh_sd(sd_dir):
+    from refface.train.mgfr.model import load_frozen_sd
+
+    return load_frozen_sd(sd_dir)
+
+
+def test_shapes_through_every_branch(sd):
+    from refface.train.mgfr.model import MGFRAdapters, encode_images, encode_prompts, predict
+
+    a = MGFRAdapters.from_unet(sd.unet, use_rca=True, id_dim=ID_DIM, num_id_tokens=2, rlf_channels=32)
+    b = make_batch(2)
+    z = encode_images(sd, b["gt"])
+    z_lq, z_ref = encode_images(sd, b["lq"]), encode_images(sd, b["ref"])
+    assert z.shape == (2, 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
+    text = encode_prompts(sd, b["prompt"], "cpu")
+    assert text.shape == (2, sd.tokenizer.model_max_length, 32)
+    assert a.rlf(z_ref, z_lq).shape == z.shape
+    assert a.id_tokens(b["id_embedding"]).shape == (2, 2, 32)
+    t = torch.tensor([10, 900])
+    down, mid = a(z, t, text, z_lq, z_ref, b["id_embedding"])
+    # One residual per UNet skip feature, shaped like the UNet's own skip features.
+    skips = []
+    h = sd.unet.conv_in(z)
+    skips.append(h)
+    temb = sd.unet.time_embedding(sd.unet.time_proj(t))
+    for blk in sd.unet.down_blocks:
+        kw = {"encoder_hidden_states": text} if getattr(blk, "has_cross_attention", False) else {}
+        h, res = blk(hidden_states=h, temb=temb, **kw)
+        skips += list(res)
+    assert [d.shape for d in down] == [s.shape for s in skips]
+    assert mid.shape == h.shape
+    # Zero-initialised outputs: the adapters start as a no-op on the UNet.
+    assert all(float(d.detach().abs().max()) == 0.0 for d in down) and float(mid.detach().abs().max()) == 0.0
+    out = predict(sd, a, z, t, text, z_lq, z_ref, b["id_embedding"])
+    assert out.shape == z.shape
+    plain = sd.unet(z, t, encoder_hidden_states=text).sample
+    assert torch.equal(out, plain)
+    # Every branch is live once its zero convs move: LCA, RCA, and each link direction.
+    with torch.no_grad():
+        a.lca.mid_zero_conv.weight.fill_(0.01)
+    out_lca = predict(sd, a, z, t, text, z_lq, z_ref, b["id_embedding"])
+    assert not torch.equal(out_lca, plain)
+    with torch.no_grad():
+        a.rca.mid_zero_conv.weight.fill_(0.01)
+    out_rca = predict(sd, a, z, t, text, z_lq, z_ref, b["id_embedding"])
+    assert not torch.equal(out_rca, out_lca)
+    with torch.no_grad():
+        a.r2l[0].weight.fill_(0.01)
+    assert not torch.equal(predict(sd, a, z, t, text, z_lq, z_ref, b["id_embedding"]), out_rca)
+    # Identity changes RCA's output, hence the prediction.
+    other = predict(sd, a, z, t, text, z_lq, z_ref, b["id_embedding"].flip(0))
+    assert not torch.equal(other, predict(sd, a, z, t, text, z_lq, z_ref, b["id_embedding"]))
+
+
+def test_frozen_unchanged_and_only_adapters_get_gradients(sd_dir, tmp_path):
+    from refface.train.loop import train
+    from refface.train.mgfr.train import MGFRTask, build_adapters
+
+    sd = fresh_sd(sd_dir)
+    cfg = mgfr_cfg(2)
+    task = MGFRTask(sd, build_adapters(sd, cfg), cfg)
+    frozen_before = {
+        name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in task.frozen_modules().items()
+    }
+    adapters_before = {k: v.clone() for k, v in task.adapters.state_dict().items()}
+
+    # One manual backward: gradients reach the adapters only.
+    task.bind({"adapters": task.adapters}, torch.float32, torch.device("cpu"))
+    for m in task.frozen_modules().values():
+        m.requires_grad_(False)
+    loss, _ = task.compute_loss(make_batch(2), torch.Generator().manual_seed(0))
+    loss.backward()
+    for m in task.frozen_modules().values():
+        assert all(p.grad is None for p in m.parameters())
+    grads = {n: p.grad for n, p in task.adapters.named_parameters()}
+    assert all(g is not None for g in grads.values())
+    assert float(grads["lca.mid_zero_conv.weight"].abs().sum()) > 0
+    assert float(grads["rca.mid_zero_conv.weight"].abs().sum()) > 0
+    task.adapters.zero_grad(set_to_none=True)
+
+    logs = train(task, make_loader(), loop_cfg(tmp_path, max_steps=3, checkpoint_every=3))
+    assert len(logs) == 3 and all(np.isfinite(r["loss"]) for r in logs)
+    for name, m in task.frozen_modules().items():
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, frozen_before[name][k]), f"{name}.{k} changed"
+    changed = [k for k, v in task.adapters.state_dict().items() if not torch.equal(v, adapters_before[k])]
+    assert any(k.startswith("lca.") for k in changed) and any(k.startswith("rca.") for k in changed)
+
+
+def test_overfitting_one_batch_lowers_the_loss(sd_dir, tmp_path):
+    from refface.train.loop import train
+    from refface.train.mgfr.train import MGFRTask, build_adapters
+
+    sd = fresh_sd(sd_dir)
+    cfg = mgfr_cfg(1)
+    task = MGFRTask(sd, build_adapters(sd, cfg), cfg)
+    logs = train(
+        task,
+        make_loader(n=2, batch_size=2),
+        loop_cfg(tmp_path, max_steps=60, learning_rate=2e-3, checkpoint_every=60, ema_decay=None),
+    )
+    losses = np.array([r["loss"] for r in logs])
+    print(np.round(losses, 3).tolist())
+    first, last = losses[:10].mean(), losses[-10:].mean()
+    assert last < 0.6 * first, (first, last)
+
+
+def test_resume_reproduces_the_uninterrupted_losses(sd_dir, tmp_path):
+    from refface.train.loop import train
+    from refface.train.mgfr.train import MGFRTask, build_adapters
+
+    def run(out, max_steps):
+        sd = fresh_sd(sd_dir)
+        cfg = mgfr_cfg(2)
+        task = MGFRTask(sd, build_adapters(sd, cfg), cfg)
+        return train(task, make_loader(n=6), loop_cfg(out, max_steps=max_steps, checkpoint_every=2))
+
+    full = run(tmp_path / "full", 5)
+    first = run(tmp_path / "split", 2)
+    second = run(tmp_path / "split", 5)
+    assert [r["step"] for r in second] == [3, 4, 5]
+    assert [r["loss"] for r in first + second] == [r["loss"] for r in full]
+
+
+def test_entry_point_stage1_then_stage2_starts_at_stage1(sd_dir, tmp_path):
+    from refface.train.loop import load_trainable_weights
+    from refface.train.mgfr.model import MGFRAdapters, encode_images, encode_prompts, predict
+    from refface.train.mgfr.train import main, parse_args
+
+    out = tmp_path / "run"
+    argv = ["--config", str(TINY_CONFIG), "--sd", str(sd_dir), "--output", str(out), "--max-steps", "3"]
+    logs1 = main(parse_args([*argv, "--stage", "1"]), dataloader=make_loader())
+    assert [r["step"] for r in logs1] == [1, 2, 3]
+    s1 = out / "stage1"
+    assert (s1 / "config.json").is_file()
+    ckpts = sorted(p.name for p in (s1 / "checkpoints").iterdir())
+    assert ckpts == ["step_000002", "step_000003"]
+    for c in ckpts:
+        assert (s1 / "checkpoints" / c / "trainable" / "adapters.safetensors").is_file()
+        assert (s1 / "checkpoints" / c / "ema" / "adapters.safetensors").is_file()
+    assert list((s1 / "validation").glob("step_000003.png"))  # validate_every 4, and always at the end
+    assert list((s1 / "logs").rglob("events.out.tfevents.*"))
+    assert json.loads((s1 / "config.json").read_text())["task"]["mgfr"]["stage"] == 1
+
+    # Stage 2's first output equals stage 1's (EMA weights, which stage 2 starts from).
+    sd = fresh_sd(sd_dir)
+    stage1 = MGFRAdapters.from_unet(sd.unet, use_rca=False, id_dim=ID_DIM, num_id_tokens=2, rlf_channels=32)
+    load_trainable_weights(s1 / "checkpoints" / "step_000003", {"adapters": stage1}, use_ema=True)
+    from refface.train.mgfr.train import build_adapters
+
+    stage2 = build_adapters(sd, mgfr_cfg(2), init_from=s1)
+    b = make_batch(2, seed=3)
+    z = encode_images(sd, b["gt"])
+    z_lq, z_ref = encode_images(sd, b["lq"]), encode_images(sd, b["ref"])
+    text = encode_prompts(sd, b["prompt"], "cpu")
+    t = torch.tensor([3, 700])
+    with torch.no_grad():
+        o1 = predict(sd, stage1, z, t, text, z_lq)
+        o2 = predict(sd, stage2, z, t, text, z_lq, z_ref, b["id_embedding"])
+        plain = sd.unet(z, t, encoder_hidden_states=text).sample
+    assert not torch.equal(o1, plain)  # stage 1 did learn something
+    assert torch.equal(o1, o2)
+
+    logs2 = main(parse_args([*argv, "--stage", "2", "--max-steps", "2"]), dataloader=make_loader())
+    assert [r["step"] for r in logs2] == [1, 2]
+    assert (out / "stage2" / "checkpoints" / "step_000002" / "state.json").is_file()
+    # A rerun of a finished stage does no work.
+    assert main(parse_args([*argv, "--stage", "2", "--max-steps", "2"]), dataloader=make_loader()) == []
+
+
+def test_missing_sd_folder_and_subfolder_are_named(tmp_path, sd_dir):
+    from refface.train.mgfr.model import check_sd_folder
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_sd_folder(tmp_path / "nowhere")
+    (tmp_path / "partial" / "unet").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="vae/"):
+        check_sd_folder(tmp_path / "partial")
+    assert check_sd_folder(sd_dir) == sd_dir
+
+
+def test_stage2_without_stage1_checkpoint_says_so(sd_dir, tmp_path):
+    from refface.train.mgfr.train import main, parse_args
+
+    argv = ["--config", str(TINY_CONFIG), "--sd", str(sd_dir), "--output", str(tmp_path), "--stage", "2"]
+    with pytest.raises(FileNotFoundError, match="train stage 1 first"):
+        main(parse_args(argv), dataloader=make_loader())
+
+
+def test_config_errors_are_actionable(tmp_path):
+    from refface.train.mgfr.train import MGFRConfig, load_yaml_config
+
+    with pytest.raises(ValueError, match="stage must be 1 or 2"):
+        MGFRConfig(stage=3)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loop: {max_steps: 1}\nmodel: {}\n")
+    with pytest.raises(ValueError, match="unknown top-level keys"):
+        load_yaml_config(bad, 1)
+    loop, mgfr = load_yaml_config(TINY_CONFIG, 2)
+    assert mgfr["stage"] == 2 and loop["max_steps"] == 4

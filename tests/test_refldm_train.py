@@ -1,0 +1,146 @@
+"""ReF-LDM trainer on the shared loop: overfitting, exact resume and the three-stage entry point."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("accelerate")
+
+from refface.train.loop import LoopConfig, list_checkpoints, train  # noqa: E402
+from refface.train.refldm import train as refldm_train  # noqa: E402
+from refface.train.refldm.identity import iresnet  # noqa: E402
+from refface.train.refldm.model import RefLDMUNet  # noqa: E402
+from refface.train.refldm.train import LDMTask, load_config  # noqa: E402
+from refface.train.refldm.vqgan import build_vqgan  # noqa: E402
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "refldm_tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    # accelerate keeps process-wide singletons; each run here builds its own Accelerator.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def tiny_items(n: int = 4, size: int = 32, k: int = 2) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for i in range(n):
+        gt = torch.rand(3, size, size, generator=g) * 2 - 1
+        lq = (gt + 0.3 * torch.randn(3, size, size, generator=g)).clamp(-1, 1)
+        refs = (gt.expand(k, 3, size, size) + 0.1 * torch.randn(k, 3, size, size, generator=g)).clamp(-1, 1)
+        mask = torch.tensor([True] * (k - 1) + [i % 2 == 0])
+        items.append({"gt": gt, "lq": lq, "refs": refs, "ref_mask": mask, "key": f"img{i:03d}"})
+    return items
+
+
+def tiny_loader(n: int = 4, batch_size: int = 2):
+    return torch.utils.data.DataLoader(tiny_items(n), batch_size=batch_size, shuffle=True)
+
+
+def tiny_task(stage: str = "refldm", identity: bool = True) -> LDMTask:
+    cfg, _ = load_config(TINY)
+    cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, stage=stage))
+    torch.manual_seed(0)
+    vq = build_vqgan(cfg.vqgan)
+    unet = RefLDMUNet.from_unet_config(cfg.unet)
+    arcface = iresnet("r18", widths=(4, 8, 8, 8)) if identity else None
+    return LDMTask(cfg, unet, vq, arcface)
+
+
+def loop_config(out: Path, steps: int, **kw) -> LoopConfig:
+    _, loop_raw = load_config(TINY)
+    return LoopConfig.from_dict({**loop_raw, "output_dir": str(out), "max_steps": steps, **kw})
+
+
+def test_config_rejects_unknown_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("unet:\n  base_channel: 3\n")
+    with pytest.raises(ValueError, match="base_channel"):
+        load_config(bad)
+
+
+def test_overfitting_one_batch_lowers_the_loss(tmp_path):
+    task = tiny_task(identity=True)
+    batch = torch.utils.data.default_collate(tiny_items(2))
+    # The same batch every step, and no condition dropout, so only the noise draw varies.
+    task.cfg = dataclasses.replace(task.cfg, task=dataclasses.replace(task.cfg.task, lq_dropout=0.0, ref_dropout=0.0))
+    loader = torch.utils.data.DataLoader([batch] * 60, batch_size=None)
+    logs = train(task, loader, loop_config(tmp_path, 60, learning_rate=2e-3, ema_decay=None, checkpoint_every=1000))
+    first = sum(r["loss"] for r in logs[:10]) / 10
+    last = sum(r["loss"] for r in logs[-10:]) / 10
+    assert last < 0.6 * first, (first, last)
+    assert all("identity" in r and r["identity"] >= 0 for r in logs)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    full = train(tiny_task(), tiny_loader(), loop_config(tmp_path / "a", 4))
+    part1 = train(tiny_task(), tiny_loader(), loop_config(tmp_path / "b", 2))
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    part2 = train(tiny_task(), tiny_loader(), loop_config(tmp_path / "b", 4))
+    assert [r["step"] for r in part1 + part2] == [1, 2, 3, 4]
+    assert [r["loss"] for r in part1 + part2] == [r["loss"] for r in full]
+    assert [r["identity"] for r in part1 + part2] == [r["identity"] for r in full]
+    from safetensors.torch import load_file
+
+    a = load_file(str(list_checkpoints(tmp_path / "a")[-1] / "trainable" / "unet.safetensors"))
+    b = load_file(str(list_checkpoints(tmp_path / "b")[-1] / "trainable" / "unet.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_entry_point_runs_the_three_stages(tmp_path, monkeypatch):
+    arcface_file = tmp_path / "arcface_tiny.pth"
+    torch.manual_seed(0)
+    torch.save(iresnet("r18", widths=(4, 8, 8, 8)).state_dict(), arcface_file)
+    cfg_text = TINY.read_text().replace("  arcface_arch: r18", f"  arcface: {arcface_file}\n  arcface_arch: r18")
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(cfg_text.replace("validate_every: 0", "validate_every: 2"))
+    seen = {}
+
+    def fake_loader(dataset, cfg, seed):
+        seen["dataset"] = dataset
+        return tiny_loader()
+
+    monkeypatch.setattr(refldm_train, "make_dataloader", fake_loader)
+    out = tmp_path / "run"
+    for stage in ("vqgan", "ldm", "refldm"):
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        args = refldm_train.parse_args(
+            ["--config", str(cfg_file), "--dataset", "ROOT", "--stage", stage, "--output", str(out)]
+        )
+        logs = refldm_train.main(args)
+        assert len(logs) == 4 and all(r["loss"] == r["loss"] for r in logs)
+        assert (out / stage / "model" / "refldm.json").is_file()
+        assert len(list_checkpoints(out / stage)) == 2
+        assert (out / stage / "validation" / "step_000004.png").is_file()
+    assert seen["dataset"] == "ROOT"
+    assert (out / "refldm" / "model" / "unet" / "config.json").is_file()
+    meta = json.loads((out / "refldm" / "model" / "refldm.json").read_text())
+    assert meta["config"]["task"]["stage"] == "refldm"
+    assert meta["config"]["vqgan"]["pretrained"].endswith("vqgan/model/vqgan")
+    # Running stage C again does no work: the run is complete and resumes at its last step.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    again = refldm_train.main(
+        refldm_train.parse_args(["--config", str(cfg_file), "--dataset", "ROOT", "--stage", "refldm", "--output", str(out)])
+    )
+    assert again == []
