@@ -25,7 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+# Per-core figures: every thread pool (BLAS, OpenMP, OpenCV, torch) limited to one thread, as in
+# one DataLoader worker per core; set before numpy is imported.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("REFFACE_PROGRESS", "0")
@@ -79,6 +84,8 @@ def copy_baseline(files: list[Path], target: Path) -> tuple[float, int]:
 
 
 def time_shard_write(root: Path, out: Path, codec: str) -> tuple[float, int]:
+    import webdataset  # noqa: F401 - its import (it pulls torch) is a one-off cost, not write speed
+
     from refface.builders.shards import ShardsConfig, write_shards
 
     start = time.perf_counter()
@@ -97,12 +104,11 @@ def time_loader(shards: Path, samples: int, degrade: bool, augment: bool) -> flo
     loader = data.make_refldm_dataloader(
         shards, batch_size=1, num_workers=0, resolution=512, num_refs=5, seed=0, samples_per_epoch=samples
     )
-    sampler = loader.dataset  # the WebDataset pipeline; the sampler is inside its last stage
+    # Variants switch stages off by replacing them in the freshly reloaded module.
     if not degrade:
         data._Degrade.__call__ = lambda self, img, key: img  # decode + augment only
     if not augment:
         data.augment_reference = lambda img, rng, aug=None: img
-    del sampler
     it = iter(loader)
     next(it)  # warm-up: imports, first shard open
     start = time.perf_counter()
@@ -113,7 +119,9 @@ def time_loader(shards: Path, samples: int, degrade: bool, augment: bool) -> flo
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=60, help="images in the bench root (all are targets)")
     parser.add_argument("--per-id", type=int, default=6, help="images per identity (refs = the others)")
     parser.add_argument("--samples", type=int, default=48, help="samples timed per loader figure")
@@ -121,13 +129,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS / "loader.json")
     args = parser.parse_args(argv)
+    import cv2
+    import torch
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
 
     import importlib
 
-    from refface.builders.shards import load_degrader
+    from refface.builders.shards import make_degrader
 
     try:
-        load_degrader()
+        make_degrader("refldm-train", 0, 512)
         have_degrader = True
     except ImportError as e:
         print(f"note: {e}; the full-pipeline figure is left out")

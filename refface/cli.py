@@ -23,6 +23,9 @@ COMMAND_MODULES = [
     "refface.mining.cli",
     "refface.mining.cluster_cli",
     "refface.mining.audit_cli",
+    "refface.train.eval_cli",
+    "refface.train.cli",
+    "refface.degradations.cli",
     "refface.demo",
 ]
 

@@ -14,7 +14,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -151,15 +150,22 @@ def map_chunks(
     read_part: Callable[[Path], Any] | None = None,
     initializer: Callable[..., None] | None = None,
     initargs: tuple = (),
+    executor: str | Any = "local",
 ) -> list[Any]:
-    """Map a pure, picklable ``fn`` over chunks of ``items`` on a local process pool.
+    """Map a pure, picklable ``fn`` over chunks of ``items`` on a local process pool (or Ray).
 
     With ``part_path``/``write_part``/``read_part`` each chunk's result is written atomically to
     its own part file as soon as it is done, and chunks whose part file exists are read back
     instead of recomputed, so a killed run resumes where it stopped and ends with the same bytes.
     Results come back in chunk order whatever the worker count.
+
+    ``executor`` names where chunks run (a key of :data:`refface.executors.EXECUTORS`: ``local``
+    process pool, ``ray`` for Ray Data) or is an executor instance; the outputs do not depend on it.
     """
     from refface.console import make_progress
+    from refface.executors import make_executor
+
+    runner = make_executor(executor)
 
     chunks = chunked(items, chunk_size)
     results: list[Any] = [None] * len(chunks)
@@ -178,35 +184,8 @@ def map_chunks(
     with make_progress() as progress:
         task = progress.add_task(description, total=len(items))
         progress.advance(task, sum(len(chunks[i]) for i in range(len(chunks)) if i not in set(todo)))
-        if workers <= 1 or len(todo) <= 1:
-            if initializer:
-                initializer(*initargs)
-            for i in todo:
-                finish(i, fn(chunks[i]))
-                progress.advance(task, len(chunks[i]))
-        else:
-            import multiprocessing as mp
-
-            ctx = mp.get_context("spawn")
-            with ProcessPoolExecutor(
-                workers, mp_context=ctx, initializer=initializer, initargs=initargs
-            ) as pool:
-                # Limit memory: at most 2 chunks in flight per worker.
-                pending = {}
-                queue = list(todo)
-                while queue or pending:
-                    while queue and len(pending) < 2 * workers:
-                        i = queue.pop(0)
-                        pending[pool.submit(fn, chunks[i])] = i
-                    done = next(iter(_as_completed(pending)))
-                    i = pending.pop(done)
-                    finish(i, done.result())
-                    progress.advance(task, len(chunks[i]))
+        jobs = [(i, chunks[i]) for i in todo]
+        for i, value in runner.run(fn, jobs, workers=workers, initializer=initializer, initargs=initargs):
+            finish(i, value)
+            progress.advance(task, len(chunks[i]))
     return results
-
-
-def _as_completed(futures):
-    from concurrent.futures import FIRST_COMPLETED, wait
-
-    done, _ = wait(list(futures), return_when=FIRST_COMPLETED)
-    return done

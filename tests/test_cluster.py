@@ -77,11 +77,15 @@ def test_single_bad_edge_between_cliques():
     from scipy import sparse
     from scipy.sparse.csgraph import connected_components
 
-    n_comp, _ = connected_components(sparse.coo_matrix((np.ones(r.size), (r, c)), shape=(20, 20)), directed=False)
+    n_comp, _ = connected_components(
+        sparse.coo_matrix((np.ones(r.size), (r, c)), shape=(20, 20)), directed=False
+    )
     assert n_comp == 1
     labels = cl.relabel(cl.average_linkage_graph(20, r, c, d, threshold=0.1, missing=0.2))
-    assert set(labels[:10].tolist()) != set(labels[10:].tolist())
-    assert len(set(labels[:10].tolist())) == 1 and len(set(labels[10:].tolist())) == 1
+    a, b = np.delete(labels[:10], 3), np.delete(labels[10:], 5)
+    assert len(set(a.tolist())) == 1 and len(set(b.tolist())) == 1 and a[0] != b[0]
+    # At worst the two endpoints of the false edge pair up on their own; they never pull the cliques together.
+    assert labels[3] in (a[0], labels[15]) and labels[15] in (b[0], labels[3])
 
 
 def test_sparse_average_linkage_equals_scipy_on_a_complete_graph():
@@ -92,8 +96,8 @@ def test_sparse_average_linkage_equals_scipy_on_a_complete_graph():
     ref = fcluster(linkage(pdist(x.astype(np.float64), "cosine"), "average"), 0.3, "distance")
     config = cl.ClusterConfig(k=len(x) - 1, graph_factor=100.0)
     mine = cl.cluster(x, method="average", threshold=0.3, config=config)
-    assert score_labels(ref, mine).pairwise_f == pytest.approx(1.0)
-    assert score_labels(mine, ref).bcubed_f == pytest.approx(1.0)
+    assert 5 < mine.max() < 40  # a non-trivial partition
+    np.testing.assert_array_equal(mine, cl.relabel(ref))  # canonical labels: the same partition
 
 
 def test_relabel_is_canonical():
@@ -102,7 +106,9 @@ def test_relabel_is_canonical():
 
 
 def test_thresholds_defaults_and_validation():
-    dlib_like = Embeddings(np.eye(3), ["a", "b", "c"], "dlib_face_recognition_resnet_model_v1", "fp", "cosine", 0.0932)
+    dlib_like = Embeddings(
+        np.eye(3), ["a", "b", "c"], "dlib_face_recognition_resnet_model_v1", "fp", "cosine", 0.0932
+    )
     assert cl.default_threshold(dlib_like, "average") == cl.AVERAGE_THRESHOLDS[dlib_like.model]
     assert cl.default_threshold(dlib_like, "components") == pytest.approx(0.0932)
     assert cl.default_threshold(np.eye(3), "average") == cl.ARCFACE_THRESHOLD
@@ -115,6 +121,11 @@ def test_thresholds_defaults_and_validation():
         cl.cluster(np.eye(3), threshold=1.5)
     with pytest.raises(ValueError, match="vectors"):
         cl.cluster(np.ones(3))
+    with pytest.raises(ValueError, match="NaN"):
+        cl.cluster(np.array([[1.0, 0.0], [np.nan, 1.0]]))
+    # raw (unnormalized) vectors are compared by angle, as unit vectors
+    raw = np.array([[3.0, 0.0], [0.0, 0.5], [2.0, 0.01]])
+    np.testing.assert_array_equal(cl.cluster(raw, method="components", threshold=0.1), [0, -1, 0])
     assert cl.cluster(np.empty((0, 8))).size == 0
     np.testing.assert_array_equal(cl.cluster(np.eye(4)[:1]), [-1])
 
@@ -137,7 +148,10 @@ def test_cluster_root_writes_identities_and_skips_when_done(tmp_path):
     df = pd.read_parquet(root / "identities.parquet")
     assert list(df.columns) == ["path", "identity", "cluster_size"]
     assert (df.loc[df.identity == -1, "cluster_size"] == 1).all()
-    assert (df.loc[df.identity >= 0].groupby("identity").size() == df.loc[df.identity >= 0].groupby("identity")["cluster_size"].first()).all()
+    assert (
+        df.loc[df.identity >= 0].groupby("identity").size()
+        == df.loc[df.identity >= 0].groupby("identity")["cluster_size"].first()
+    ).all()
     assert manifest["counts"] == {
         "faces": 37,
         "clusters": 8,
@@ -152,6 +166,15 @@ def test_cluster_root_writes_identities_and_skips_when_done(tmp_path):
     assert not ran and (root / "identities.parquet").stat().st_mtime_ns == before
     _, ran = cl.cluster_root(root, cl.ClusterConfig(method="components"))
     assert ran
+    # New embeddings (fewer faces) make the stage run again.
+    emb = load_embeddings(root)
+    save_embeddings(
+        root, Embeddings(emb.vectors[:10], emb.paths[:10], emb.model, emb.fingerprint, "cosine", 0.1)
+    )
+    manifest, ran = cl.cluster_root(root, cl.ClusterConfig(method="components"))
+    assert (
+        ran and manifest["counts"]["faces"] == 10 and len(pd.read_parquet(root / "identities.parquet")) == 10
+    )
 
 
 def test_cli_cluster_and_eval_clusters(tmp_path):
@@ -165,11 +188,15 @@ def test_cli_cluster_and_eval_clusters(tmp_path):
     res = runner.invoke(app, ["cluster", str(root), "--method", "average"])
     assert "up to date" in res.output
     out = tmp_path / "scores.json"
-    res = runner.invoke(app, ["eval-clusters", str(root), "--labels", str(tmp_path / "labels.csv"), "--out", str(out)])
+    res = runner.invoke(
+        app, ["eval-clusters", str(root), "--labels", str(tmp_path / "labels.csv"), "--out", str(out)]
+    )
     assert res.exit_code == 0, res.output
     assert "pair F" in res.output and "B3 F" in res.output
     scores = json.loads(out.read_text())["identities.parquet"]
-    assert scores["pairwise_f"] == pytest.approx(1.0) and scores["n_items"] == 36 and scores["n_unlabeled"] == 1
+    assert (
+        scores["pairwise_f"] == pytest.approx(1.0) and scores["n_items"] == 36 and scores["n_unlabeled"] == 1
+    )
     res = runner.invoke(
         app,
         ["eval-clusters", str(root), "--labels", str(tmp_path / "labels.csv"), "--method", "components",
@@ -202,7 +229,8 @@ def test_default_clustering_on_shared_photos_reaches_f95(faces_root, faces_label
     assert emb.model == "dlib_face_recognition_resnet_model_v1"
     pred = cl.cluster(emb)
     scores = evaluate_assignments(
-        dict(zip(emb.paths, pred.tolist(), strict=True)), dict(zip(faces_labels.path, faces_labels.identity, strict=True))
+        dict(zip(emb.paths, pred.tolist(), strict=True)),
+        dict(zip(faces_labels.path, faces_labels.identity, strict=True)),
     )
     assert scores.n_items == int((faces_labels.identity != "").sum())
     assert scores.pairwise_f >= 0.95, scores

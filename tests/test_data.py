@@ -32,9 +32,9 @@ from refface.train.data import (  # noqa: E402
 
 def _degrader_available() -> bool:
     try:
-        from refface.builders.shards import load_degrader
+        from refface.builders.shards import make_degrader
 
-        load_degrader()
+        make_degrader("refldm-train", 0, 64)
     except ImportError:
         return False
     return True
@@ -42,7 +42,7 @@ def _degrader_available() -> bool:
 
 needs_degrader = pytest.mark.skipif(
     not _degrader_available(),
-    reason="on-the-fly LQ needs refface.degradations.degrader.Degrader, not present in this tree yet",
+    reason="on-the-fly LQ needs refface.degradations (Degrader, get_preset), not present in this tree yet",
 )
 
 
@@ -96,7 +96,12 @@ def test_every_sample_once_per_epoch_over_ranks_and_workers(data, shuffle_buffer
     world, workers = 3, 2
     for rank in range(world):
         for worker in range(workers):
-            env = {"RANK": str(rank), "WORLD_SIZE": str(world), "WORKER": str(worker), "NUM_WORKERS": str(workers)}
+            env = {
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "WORKER": str(worker),
+                "NUM_WORKERS": str(workers),
+            }
             with mock.patch.dict(os.environ, env):
                 ds = make_shard_dataset(
                     urls, lambda raw: raw["key"], resampled=False, shuffle_buffer=shuffle_buffer
@@ -201,7 +206,9 @@ def test_corrupt_shard_content_named_or_skipped(data, tmp_path: Path):
 @needs_degrader
 def test_refldm_training_batches_are_seeded(data):
     def batch(epoch: int):
-        loader = make_refldm_dataloader(data["shards"], 4, 0, resolution=32, seed=7, epoch=epoch, shuffle_buffer=0)
+        loader = make_refldm_dataloader(
+            data["shards"], 4, 0, resolution=32, seed=7, epoch=epoch, shuffle_buffer=0
+        )
         return next(iter(loader))
 
     a = batch(0)
@@ -236,3 +243,35 @@ def test_mgfr_negative_quality_fraction(data, fraction: float):
         assert all(p == NEGATIVE_QUALITY_PROMPT for p in batch["prompt"])
     else:
         assert NEGATIVE_QUALITY_PROMPT not in batch["prompt"]
+
+
+@needs_degrader
+def test_sample_content_depends_on_key_not_on_workers(data):
+    def by_key(workers: int) -> dict:
+        loader = make_refldm_dataloader(
+            data["shards"], 1, workers, resolution=32, seed=4, resampled=False, shuffle_buffer=0
+        )
+        return {b["key"][0]: b for b in loader}
+
+    one, two = by_key(0), by_key(2)
+    assert set(one) == set(two) and len(one) == 10
+    for key, batch in one.items():
+        for name in ("gt", "lq", "refs"):
+            assert torch.equal(batch[name], two[key][name])
+
+
+def test_mgfr_missing_embeddings_are_zeros_of_the_data_dim(tmp_path: Path):
+    import pandas as pd
+    from test_shards import make_tiny_root
+
+    root = make_tiny_root(tmp_path / "root")
+    table = pd.read_parquet(root / "embeddings.parquet")
+    emb = np.load(root / "embeddings.npy")
+    keep = ~table["path"].str.startswith("id3/")  # the val identity loses every embedding
+    np.save(root / "embeddings.npy", emb[keep.to_numpy()])
+    kept = table[keep].reset_index(drop=True)
+    kept["row"] = range(len(kept))
+    kept.to_parquet(root / "embeddings.parquet")
+    batch = next(iter(make_mgfr_dataloader(root, 3, 0, resolution=32, split="val", train=False)))
+    assert batch["id_embedding"].shape == (3, 8)
+    assert not batch["id_embedding"].any()

@@ -176,7 +176,10 @@ def _tiny_scrfd(path, outputs):
         nodes,
         "tiny_scrfd",
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, 640, 640])],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(o.shape)) for n, o in zip(names, outputs, strict=True)],
+        [
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, list(o.shape))
+            for n, o in zip(names, outputs, strict=True)
+        ],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -196,3 +199,11 @@ def test_scrfd_detector_letterboxes_and_scales_back(tmp_path):
     np.testing.assert_allclose(faces[0].landmarks[2], [96, 80 + 4], rtol=1e-6)
     found = detect(det, img, policy="largest")
     assert found.chosen == 0 and found.n_faces == 2
+
+
+def test_dlib_mmod_cnn_detector(faces_dir):
+    img = read_image(faces_dir / "lfw/Alvaro_Uribe/Alvaro_Uribe_0001.jpg")
+    found = detect(make_detector("dlib", model="mmod"), img)
+    _assert_insightface_order(found.face)
+    with pytest.raises(ValueError, match="hog' or 'mmod"):
+        make_detector("dlib", model="cnn")

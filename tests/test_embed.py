@@ -125,7 +125,9 @@ def test_dlib_template_alignment_is_close_to_dlibs_own(faces_dir):
 def _emb(fp="a" * 64, n=3, dim=4, seed=0):
     v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
-    return Embeddings(v, [f"p{i}.jpg" for i in range(n)], "m", fp, "cosine", 0.4, list(range(n)), np.ones(n, np.float32))
+    return Embeddings(
+        v, [f"p{i}.jpg" for i in range(n)], "m", fp, "cosine", 0.4, list(range(n)), np.ones(n, np.float32)
+    )
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -84,6 +84,10 @@ def test_evaluate_assignments_excludes_unlabeled_and_counts_missing_as_singleton
 
 def test_contingency_is_sparse_and_rejects_mismatched_lengths():
     n_ij, ti, pj = m.contingency(np.array([0, 0, 1, 1, 1]), np.array([3, 3, 3, 4, 4]))
-    assert sorted(zip(ti.tolist(), pj.tolist(), n_ij.tolist(), strict=True)) == [(0, 3, 2), (1, 3, 1), (1, 4, 2)]
+    assert sorted(zip(ti.tolist(), pj.tolist(), n_ij.tolist(), strict=True)) == [
+        (0, 3, 2),
+        (1, 3, 1),
+        (1, 4, 2),
+    ]
     with pytest.raises(ValueError, match="length"):
         m.contingency(np.zeros(3, int), np.zeros(4, int))

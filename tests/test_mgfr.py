@@ -16,7 +16,7 @@ pytest.importorskip("accelerate")
 
 from common.tiny_sd import IMAGE_SIZE, save_tiny_sd  # noqa: E402
 
-ID_DIM = 512
+ID_DIM = 128  # dlib's size (configs/mgfr_tiny.yaml): references can be embedded offline
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mgfr_tiny.yaml"
 
 
@@ -51,7 +51,9 @@ def make_batch(n: int = 2, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     s = IMAGE_SIZE
     # Smooth images (low-frequency noise upsampled) look more like faces to a VAE than white noise.
-    gt = torch.nn.functional.interpolate(torch.rand(n, 3, 8, 8, generator=g) * 2 - 1, size=(s, s), mode="bilinear")
+    gt = torch.nn.functional.interpolate(
+        torch.rand(n, 3, 8, 8, generator=g) * 2 - 1, size=(s, s), mode="bilinear"
+    )
     lq = torch.nn.functional.interpolate(gt[:, :, ::4, ::4], size=(s, s), mode="bilinear")
     ref = gt.flip(-1)
     emb = torch.nn.functional.normalize(torch.randn(n, ID_DIM, generator=g), dim=1)
@@ -83,7 +85,9 @@ def make_loader(n: int = 4, batch_size: int = 2, seed: int = 0):
 def mgfr_cfg(stage: int, **kw):
     from refface.train.mgfr.train import MGFRConfig
 
-    base = dict(stage=stage, resolution=IMAGE_SIZE, batch_size=2, num_workers=0, id_dim=ID_DIM, num_id_tokens=2)
+    base = dict(
+        stage=stage, resolution=IMAGE_SIZE, batch_size=2, num_workers=0, id_dim=ID_DIM, num_id_tokens=2
+    )
     base.update(rlf_channels=32, prompt_dropout=0.0, validation_steps=2, validation_samples=2)
     base.update(kw)
     return MGFRConfig(**base)
@@ -200,7 +204,6 @@ def test_overfitting_one_batch_lowers_the_loss(sd_dir, tmp_path):
         loop_cfg(tmp_path, max_steps=60, learning_rate=2e-3, checkpoint_every=60, ema_decay=None),
     )
     losses = np.array([r["loss"] for r in logs])
-    print(np.round(losses, 3).tolist())
     first, last = losses[:10].mean(), losses[-10:].mean()
     assert last < 0.6 * first, (first, last)
 
@@ -222,15 +225,35 @@ def test_resume_reproduces_the_uninterrupted_losses(sd_dir, tmp_path):
     assert [r["loss"] for r in first + second] == [r["loss"] for r in full]
 
 
-def test_entry_point_stage1_then_stage2_starts_at_stage1(sd_dir, tmp_path):
-    from refface.train.loop import load_trainable_weights
-    from refface.train.mgfr.model import MGFRAdapters, encode_images, encode_prompts, predict
+@pytest.fixture(scope="module")
+def trained_run(sd_dir, tmp_path_factory):
+    """Stage 1 (3 steps) then stage 2 (2 steps) through the real entry point on the tiny config."""
+    from accelerate.state import AcceleratorState, GradientState
+
     from refface.train.mgfr.train import main, parse_args
 
-    out = tmp_path / "run"
-    argv = ["--config", str(TINY_CONFIG), "--sd", str(sd_dir), "--output", str(out), "--max-steps", "3"]
-    logs1 = main(parse_args([*argv, "--stage", "1"]), dataloader=make_loader())
-    assert [r["step"] for r in logs1] == [1, 2, 3]
+    out = tmp_path_factory.mktemp("mgfr_run")
+    argv = ["--config", str(TINY_CONFIG), "--sd", str(sd_dir), "--output", str(out)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        logs1 = main(parse_args([*argv, "--stage", "1", "--max-steps", "3"]), dataloader=make_loader())
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        logs2 = main(parse_args([*argv, "--stage", "2", "--max-steps", "2"]), dataloader=make_loader())
+    finally:
+        torch.set_num_threads(threads)
+    return {"out": out, "argv": argv, "logs1": logs1, "logs2": logs2}
+
+
+def test_entry_point_writes_checkpoints_logs_and_grids(trained_run):
+    from refface.train.mgfr.train import main, parse_args
+
+    out = trained_run["out"]
+    assert [r["step"] for r in trained_run["logs1"]] == [1, 2, 3]
+    assert [r["step"] for r in trained_run["logs2"]] == [1, 2]
     s1 = out / "stage1"
     assert (s1 / "config.json").is_file()
     ckpts = sorted(p.name for p in (s1 / "checkpoints").iterdir())
@@ -241,13 +264,25 @@ def test_entry_point_stage1_then_stage2_starts_at_stage1(sd_dir, tmp_path):
     assert list((s1 / "validation").glob("step_000003.png"))  # validate_every 4, and always at the end
     assert list((s1 / "logs").rglob("events.out.tfevents.*"))
     assert json.loads((s1 / "config.json").read_text())["task"]["mgfr"]["stage"] == 1
+    s2 = out / "stage2"
+    assert (s2 / "checkpoints" / "step_000002" / "state.json").is_file()
+    state = json.loads((s2 / "checkpoints" / "step_000002" / "state.json").read_text())
+    assert state["task"]["adapters"]["use_rca"] is True
+    # A rerun of a finished stage does no work.
+    argv = [*trained_run["argv"], "--stage", "2", "--max-steps", "2"]
+    assert main(parse_args(argv), dataloader=make_loader()) == []
 
-    # Stage 2's first output equals stage 1's (EMA weights, which stage 2 starts from).
-    sd = fresh_sd(sd_dir)
-    stage1 = MGFRAdapters.from_unet(sd.unet, use_rca=False, id_dim=ID_DIM, num_id_tokens=2, rlf_channels=32)
-    load_trainable_weights(s1 / "checkpoints" / "step_000003", {"adapters": stage1}, use_ema=True)
+
+def test_stage2_first_output_equals_stage1(sd_dir, trained_run):
+    from refface.train.loop import load_trainable_weights
+    from refface.train.mgfr.model import MGFRAdapters, encode_images, encode_prompts, predict
     from refface.train.mgfr.train import build_adapters
 
+    s1 = trained_run["out"] / "stage1"
+    sd = fresh_sd(sd_dir)
+    stage1 = MGFRAdapters.from_unet(sd.unet, use_rca=False, id_dim=ID_DIM, num_id_tokens=2, rlf_channels=32)
+    # Stage 2 starts from stage 1's EMA weights (init_use_ema).
+    load_trainable_weights(s1 / "checkpoints" / "step_000003", {"adapters": stage1}, use_ema=True)
     stage2 = build_adapters(sd, mgfr_cfg(2), init_from=s1)
     b = make_batch(2, seed=3)
     z = encode_images(sd, b["gt"])
@@ -261,11 +296,55 @@ def test_entry_point_stage1_then_stage2_starts_at_stage1(sd_dir, tmp_path):
     assert not torch.equal(o1, plain)  # stage 1 did learn something
     assert torch.equal(o1, o2)
 
-    logs2 = main(parse_args([*argv, "--stage", "2", "--max-steps", "2"]), dataloader=make_loader())
-    assert [r["step"] for r in logs2] == [1, 2]
-    assert (out / "stage2" / "checkpoints" / "step_000002" / "state.json").is_file()
-    # A rerun of a finished stage does no work.
-    assert main(parse_args([*argv, "--stage", "2", "--max-steps", "2"]), dataloader=make_loader()) == []
+
+def _write_faces(folder: Path, n: int, seed: int) -> None:
+    from refface.manifests.io import write_png
+
+    b = make_batch(n, seed)
+    for i in range(n):
+        arr = ((b["gt"][i] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        write_png(folder / f"face_{i}.png", np.ascontiguousarray(np.repeat(np.repeat(arr, 2, 0), 2, 1)))
+
+
+def test_restore_command_stage1_and_rerun_skips(sd_dir, trained_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from refface.cli import app
+
+    _write_faces(tmp_path / "lq", 2, seed=4)
+    (tmp_path / "lq" / "broken.png").write_bytes(b"not an image")
+    args = ["restore", "--model", "mgfr", "--input", str(tmp_path / "lq"), "--output", str(tmp_path / "out")]
+    args += ["--checkpoint", str(trained_run["out"] / "stage1"), "--sd", str(sd_dir), "--steps", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    outs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert outs == ["face_0.png", "face_1.png"]
+    from refface.manifests.io import read_image
+
+    assert read_image(tmp_path / "out" / "face_0.png").shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert "broken.png" in (tmp_path / "out" / "errors.csv").read_text()
+    first = (tmp_path / "out" / "face_0.png").read_bytes()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "skipped" in again.output
+    assert (tmp_path / "out" / "face_0.png").read_bytes() == first
+    # Options of other models are refused, required ones are named.
+    bad = CliRunner().invoke(app, [*args[:-4], "--checkpoint", str(trained_run["out"] / "stage1")])
+    assert bad.exit_code != 0 and "--sd" in bad.output
+
+
+def test_restore_stage2_embeds_references_deterministically(sd_dir, trained_run, tmp_path):
+    pytest.importorskip("dlib")
+    from refface.train.mgfr.restore import restore_folder
+
+    _write_faces(tmp_path / "lq", 2, seed=5)
+    _write_faces(tmp_path / "refs", 1, seed=6)  # face_1 has no reference -> errors table
+    kw = dict(checkpoint=trained_run["out"] / "stage2", sd=sd_dir, steps=2, embedder="dlib", device="cpu")
+    counts = restore_folder(tmp_path / "lq", tmp_path / "a", references=tmp_path / "refs", **kw)
+    assert counts == {"restored": 1, "skipped": 0, "errors": 1}
+    restore_folder(tmp_path / "lq", tmp_path / "b", references=tmp_path / "refs", **kw)
+    assert (tmp_path / "a" / "face_0.png").read_bytes() == (tmp_path / "b" / "face_0.png").read_bytes()
+    with pytest.raises(ValueError, match="references"):
+        restore_folder(tmp_path / "lq", tmp_path / "c", **kw)
 
 
 def test_missing_sd_folder_and_subfolder_are_named(tmp_path, sd_dir):
@@ -298,3 +377,48 @@ def test_config_errors_are_actionable(tmp_path):
         load_yaml_config(bad, 1)
     loop, mgfr = load_yaml_config(TINY_CONFIG, 2)
     assert mgfr["stage"] == 2 and loop["max_steps"] == 4
+
+
+def test_gradient_checkpointing_same_gradients_and_bf16_accumulation_runs(sd_dir, tmp_path):
+    from refface.train.loop import train
+    from refface.train.mgfr.train import MGFRTask, build_adapters
+
+    def grads(checkpointing: bool):
+        sd = fresh_sd(sd_dir)
+        cfg = mgfr_cfg(2)
+        task = MGFRTask(sd, build_adapters(sd, cfg), cfg)
+        # Move the zero convs so gradients flow through both branches and the links.
+        with torch.no_grad():
+            for name, p in task.adapters.named_parameters():
+                if "zero_conv" in name or name.startswith(("r2l", "l2r")):
+                    p.normal_(0, 0.01, generator=torch.Generator().manual_seed(len(name)))
+        if checkpointing:
+            task.adapters.enable_gradient_checkpointing()
+            sd.unet.enable_gradient_checkpointing()
+        task.adapters.train()
+        task.bind({"adapters": task.adapters}, torch.float32, torch.device("cpu"))
+        loss, _ = task.compute_loss(make_batch(2), torch.Generator().manual_seed(0))
+        loss.backward()
+        return {n: p.grad.clone() for n, p in task.adapters.named_parameters()}
+
+    plain, ckpt = grads(False), grads(True)
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-4, atol=1e-6)
+
+    sd = fresh_sd(sd_dir)
+    cfg = mgfr_cfg(2)
+    task = MGFRTask(sd, build_adapters(sd, cfg), cfg)
+    logs = train(
+        task,
+        make_loader(),
+        loop_cfg(
+            tmp_path,
+            max_steps=2,
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+            gradient_accumulation_steps=2,
+        ),
+    )
+    assert [r["step"] for r in logs] == [1, 2] and all(np.isfinite(r["loss"]) for r in logs)
+    assert sd.unet.dtype == torch.bfloat16 and task.adapters.dtype == torch.float32
+    assert task.adapters.lca.down_blocks[0].gradient_checkpointing

@@ -12,7 +12,9 @@ def unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def clustered(n_clusters: int, per: int, dim: int, noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def clustered(
+    n_clusters: int, per: int, dim: int, noise: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     centres = unit(rng.normal(size=(n_clusters, dim)))
     labels = np.repeat(np.arange(n_clusters), per)
@@ -119,7 +121,8 @@ def test_recall_at_k_counts_overlap():
 
 def test_choose_index_auto_and_validation():
     assert nb.choose_index(10) == "flat"
-    assert nb.choose_index(nb.EXACT_MAX + 1) == "ivf"
+    assert nb.choose_index(nb.EXACT_MAX - 1) == "flat"
+    assert nb.choose_index(nb.EXACT_MAX) == "ivf"
     assert nb.choose_index(10, "ivf") == "ivf"
     with pytest.raises(ValueError, match="unknown index"):
         nb.choose_index(10, "hnsw")

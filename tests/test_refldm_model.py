@@ -52,11 +52,19 @@ def test_attention_sees_target_and_reference_tokens():
     k = 3
     unet.cachekv.record_tokens = {}
     with torch.no_grad():
-        unet(latents(2, 4, 8, 8), latents(2, 4, 8, 8), torch.tensor([5, 5]), ref_latents=latents(2, k, 4, 8, 8))
+        unet(
+            latents(2, 4, 8, 8), latents(2, 4, 8, 8), torch.tensor([5, 5]), ref_latents=latents(2, k, 4, 8, 8)
+        )
     seen = unet.cachekv.record_tokens
     # Every self-attention layer (down, mid, up) has a CacheKV processor and saw (1 + K) x its own tokens.
     assert set(seen) == set(unet.cachekv_layers) and len(seen) >= 3
-    own = {"unet.down_blocks.0": 64, "unet.down_blocks.1": 16, "unet.mid_block": 16, "unet.up_blocks.0": 16, "unet.up_blocks.1": 64}
+    own = {
+        "unet.down_blocks.0": 64,
+        "unet.down_blocks.1": 16,
+        "unet.mid_block": 16,
+        "unet.up_blocks.0": 16,
+        "unet.up_blocks.1": 64,
+    }
     for name, tokens in seen.items():
         expected = next(v for p, v in own.items() if name.startswith(p))
         assert tokens == (1 + k) * expected, name
@@ -95,7 +103,9 @@ def test_identity_loss_scales_with_sqrt_alpha_bar_and_reaches_unet():
     torch.manual_seed(0)
     arcface = iresnet("r18", widths=(4, 8, 8, 8)).eval().requires_grad_(False)
     unet = tiny_unet().train()
-    decoder = torch.nn.Sequential(torch.nn.Upsample(scale_factor=4), torch.nn.Conv2d(4, 3, 3, padding=1), torch.nn.Tanh())
+    decoder = torch.nn.Sequential(
+        torch.nn.Upsample(scale_factor=4), torch.nn.Conv2d(4, 3, 3, padding=1), torch.nn.Tanh()
+    )
     x0 = latents(2, 4, 8, 8, seed=9)
     target = decoder(latents(2, 4, 8, 8, seed=10)).detach()
     from refface.train.refldm.model import NoiseConfig, make_train_scheduler

@@ -76,9 +76,13 @@ def test_overfitting_one_batch_lowers_the_loss(tmp_path):
     task = tiny_task(identity=True)
     batch = torch.utils.data.default_collate(tiny_items(2))
     # The same batch every step, and no condition dropout, so only the noise draw varies.
-    task.cfg = dataclasses.replace(task.cfg, task=dataclasses.replace(task.cfg.task, lq_dropout=0.0, ref_dropout=0.0))
+    task.cfg = dataclasses.replace(
+        task.cfg, task=dataclasses.replace(task.cfg.task, lq_dropout=0.0, ref_dropout=0.0)
+    )
     loader = torch.utils.data.DataLoader([batch] * 60, batch_size=None)
-    logs = train(task, loader, loop_config(tmp_path, 60, learning_rate=2e-3, ema_decay=None, checkpoint_every=1000))
+    logs = train(
+        task, loader, loop_config(tmp_path, 60, learning_rate=2e-3, ema_decay=None, checkpoint_every=1000)
+    )
     first = sum(r["loss"] for r in logs[:10]) / 10
     last = sum(r["loss"] for r in logs[-10:]) / 10
     assert last < 0.6 * first, (first, last)
@@ -108,7 +112,9 @@ def test_entry_point_runs_the_three_stages(tmp_path, monkeypatch):
     arcface_file = tmp_path / "arcface_tiny.pth"
     torch.manual_seed(0)
     torch.save(iresnet("r18", widths=(4, 8, 8, 8)).state_dict(), arcface_file)
-    cfg_text = TINY.read_text().replace("  arcface_arch: r18", f"  arcface: {arcface_file}\n  arcface_arch: r18")
+    cfg_text = TINY.read_text().replace(
+        "  arcface_arch: r18", f"  arcface: {arcface_file}\n  arcface_arch: r18"
+    )
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(cfg_text.replace("validate_every: 0", "validate_every: 2"))
     seen = {}
@@ -141,6 +147,8 @@ def test_entry_point_runs_the_three_stages(tmp_path, monkeypatch):
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     again = refldm_train.main(
-        refldm_train.parse_args(["--config", str(cfg_file), "--dataset", "ROOT", "--stage", "refldm", "--output", str(out)])
+        refldm_train.parse_args(
+            ["--config", str(cfg_file), "--dataset", "ROOT", "--stage", "refldm", "--output", str(out)]
+        )
     )
     assert again == []

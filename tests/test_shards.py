@@ -131,7 +131,9 @@ def test_round_trip_bit_exact(tiny_root: Path, tmp_path: Path):
         refs = eval(ref_text)  # the CSV's Python-list cell
         assert meta["refs"] == refs[:5]
         for j, ref in enumerate(meta["refs"]):
-            assert np.array_equal(decode_member("ref0.png", sample[f"ref{j}.png"]), read_image(tiny_root / "images" / ref))
+            assert np.array_equal(
+                decode_member("ref0.png", sample[f"ref{j}.png"]), read_image(tiny_root / "images" / ref)
+            )
         np.testing.assert_array_equal(decode_member("id.npy", sample["id.npy"]), emb[emb_paths.index(gt)])
         refemb = decode_member("refemb.npy", sample["refemb.npy"])
         assert refemb.shape == (len(refs), EMB_DIM)
@@ -265,3 +267,22 @@ def test_cli_write_and_verify(tiny_root: Path, tmp_path: Path):
     assert res.exit_code == 0 and "train-000002.tar" in res.output
     res = runner.invoke(app, ["shards", str(tiny_root), "--out", str(out), "--codec", "gif"])
     assert res.exit_code == 2 and "codec" in res.output
+
+
+def test_val_without_lq_files_degrades_with_preset(tmp_path: Path):
+    pytest.importorskip("refface.degradations")
+    root = make_tiny_root(tmp_path / "root")
+    refs = pd.read_csv(root / "val_references.csv")
+    refs["lq_image"] = refs["gt_image"]  # no LQ built yet: the CSV names the target itself
+    refs.to_csv(root / "val_references.csv", index=False)
+    out = tmp_path / "v"
+    write_shards(root, out, ShardsConfig(split="val", lq_preset="refldm-moderate", seed=3))
+    samples = _read_all(out, "val")
+    for sample in samples.values():
+        lq = decode_member("lq.png", sample["lq.png"])
+        params = decode_member("degrade.json", sample["degrade.json"])
+        assert lq.shape == (48, 48, 3) and params["preset"] == "refldm-moderate" and params["seed"] == 3
+        assert "scale" in params["params"]
+    again = tmp_path / "v2"
+    write_shards(root, again, ShardsConfig(split="val", lq_preset="refldm-moderate", seed=3))
+    assert (out / "val-000000.tar").read_bytes() == (again / "val-000000.tar").read_bytes()

@@ -113,7 +113,9 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, accum):
     full = train(ToyTask(), _loader(), _cfg(tmp_path / "full", gradient_accumulation_steps=accum))
     assert [r["step"] for r in full] == list(range(1, 11))
 
-    first = train(ToyTask(), _loader(), _cfg(tmp_path / "split", max_steps=4, gradient_accumulation_steps=accum))
+    first = train(
+        ToyTask(), _loader(), _cfg(tmp_path / "split", max_steps=4, gradient_accumulation_steps=accum)
+    )
     # A different initialisation proves the weights come from the checkpoint, not the constructor.
     second = train(ToyTask(seed=5), _loader(), _cfg(tmp_path / "split", gradient_accumulation_steps=accum))
     assert [r["step"] for r in first] == [1, 2, 3, 4]
@@ -153,7 +155,10 @@ def test_outputs_frozen_weights_and_checkpoint_layout(tmp_path):
     assert state["step"] == 10 and state["loop"]["max_steps"] == 10 and state["task"] == {"name": "toy"}
     assert (last / "trainable" / "head.safetensors").is_file()
     assert (last / "ema" / "ema.json").is_file()
-    assert sorted(p.name for p in (tmp_path / "validation").glob("*.png")) == ["step_000005.png", "step_000010.png"]
+    assert sorted(p.name for p in (tmp_path / "validation").glob("*.png")) == [
+        "step_000005.png",
+        "step_000010.png",
+    ]
     assert json.loads((tmp_path / "config.json").read_text())["loop"]["learning_rate"] == 1e-2
 
     # The live trainable weights in the checkpoint are the module's final weights; EMA differs from them.
@@ -181,8 +186,53 @@ def test_loss_decreases_and_resume_none_restarts(tmp_path):
 
 def test_tensorboard_logs_and_bf16_frozen_cast(tmp_path):
     task = ToyTask()
-    logs = train(task, _loader(), _cfg(tmp_path, max_steps=3, report_to="tensorboard", mixed_precision="bf16"))
+    logs = train(
+        task, _loader(), _cfg(tmp_path, max_steps=3, report_to="tensorboard", mixed_precision="bf16")
+    )
     assert len(logs) == 3 and all(np.isfinite(r["loss"]) for r in logs)
     assert task.frozen.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in task.head.parameters())
     assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+
+
+DDP_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from test_train_loop import ToyTask, _loader, _cfg
+from refface.train.loop import train
+from accelerate import PartialState
+logs = train(ToyTask(), _loader(), _cfg(sys.argv[1], max_steps=int(sys.argv[2]), checkpoint_every=2))
+state = PartialState()
+if state.is_main_process:
+    json.dump({{"world": state.num_processes, "losses": [r["loss"] for r in logs]}}, open(sys.argv[3], "w"))
+"""
+
+
+@pytest.mark.slow
+def test_two_process_ddp_resume_is_exact(tmp_path):
+    # Two CPU processes under torchrun (gloo): sharded data, every rank's RNG saved, exact resume.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ddp_toy.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
+
+    def run(out, steps):
+        res = tmp_path / f"{out}_{steps}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+        proc = subprocess.run(
+            [*cmd, str(script), str(tmp_path / out), str(steps), str(res)], capture_output=True
+        )
+        assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+        return json.loads(res.read_text())
+
+    full = run("full", 6)
+    assert full["world"] == 2
+    first, second = run("split", 2), run("split", 6)
+    assert first["losses"] + second["losses"] == full["losses"]
+    assert (
+        tmp_path / "split" / "checkpoints" / "step_000006" / "accelerate" / "random_states_1.pkl"
+    ).is_file()

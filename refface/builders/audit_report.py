@@ -76,6 +76,7 @@ def histogram_png(
     identity_sim: float,
     near_sim: float,
     title: str,
+    cluster_sim: float | None = None,
 ) -> bytes:
     """Histogram of nearest-neighbour similarities, same-set vs cross-set, with the bars marked."""
     import matplotlib
@@ -102,6 +103,10 @@ def histogram_png(
         ax.hist(cross, bins=bins, alpha=0.45, density=True, label=f"cross set: {cross_label} ({len(cross)})")
     ax.axvline(identity_sim, color="#b00020", linestyle="--", label=f"identity bar ({identity_sim:.3f})")
     ax.axvline(near_sim, color="#e07000", linestyle=":", label=f"near-duplicate bar ({near_sim:.3f})")
+    if cluster_sim is not None:
+        ax.axvline(
+            cluster_sim, color="#555555", linestyle="-.", label=f"identity clustering cut ({cluster_sim:.3f})"
+        )
     ax.set_xlabel("similarity to the nearest face (inner product of unit embeddings)")
     ax.set_ylabel("density")
     ax.set_title(title, fontsize=10)
@@ -214,6 +219,13 @@ def render_html(result: dict, sets: Sequence[Any]) -> str:
                 ["embedder", model.get("model")],
                 ["weights fingerprint", str(model.get("fingerprint"))[:16]],
                 ["metric", th.metric],
+                [
+                    "identity rule",
+                    f"{th.cluster_method} clustering of both sets together (the builder's rule), "
+                    f"cosine cut {th.cluster_threshold:.4g}"
+                    if th.rule == "cluster"
+                    else "cross pairs closer than the identity bar",
+                ],
                 [f"identity bar (distance < {th.identity:.4g})", f"similarity > {identity_sim:.4f}"],
                 [f"near-duplicate bar (distance < {th.near_duplicate:.4g})", f"similarity > {near_sim:.4f}"],
                 ["perceptual hash bar", f"≤ {th.phash_distance} of 64 bits (image or mirror)"],
@@ -267,8 +279,8 @@ def render_html(result: dict, sets: Sequence[Any]) -> str:
     )
     refs = summary["references"]
     parts.append("<h2>Reference lists</h2>")
-    if refs["checked"]:
-        ref_rows = []
+    ref_rows = []
+    if any(refs["checked"].values()):
         for files in refs["checked"].values():
             for csv, info in files.items():
                 ref_rows.append(
@@ -292,8 +304,15 @@ def render_html(result: dict, sets: Sequence[Any]) -> str:
         }
         finite = pr.nearest_cross[np.isfinite(pr.nearest_cross)]
         if any(len(v) for v in same.values()) or len(finite):
+            cluster_sim = 1.0 - th.cluster_threshold if th.rule == "cluster" else None
             png = histogram_png(
-                same, finite, cross_label, identity_sim, near_sim, f"nearest-face similarity, {key}"
+                same,
+                finite,
+                cross_label,
+                identity_sim,
+                near_sim,
+                f"nearest-face similarity, {key}",
+                cluster_sim,
             )
             parts.append(
                 f'<p><img class="hist" alt="similarity histogram {html.escape(key)}" src="{png_data_uri(png)}"></p>'

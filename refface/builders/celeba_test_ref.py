@@ -81,6 +81,30 @@ def lq_lookup(lq_root: Path | None) -> dict[str, str]:
     return out
 
 
+def consistent_candidates(target: np.ndarray, cand: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices of candidates that agree with the group, not only with the target.
+
+    Without clusters a single false match within the threshold would be picked first by farthest-point
+    sampling, so candidates are pruned like average linkage: while the candidate with the largest mean
+    distance to the rest of {target} + candidates is above the threshold, it is dropped.
+    """
+    from refface.mining.references import distance_matrix
+
+    group = np.vstack([target[None, :], cand])
+    dist = distance_matrix(group, group, "cosine")
+    alive = np.ones(len(group), dtype=bool)
+    while alive.sum() > 2:
+        idx = np.flatnonzero(alive)
+        sub = dist[np.ix_(idx, idx)]
+        mean = sub.sum(1) / (len(idx) - 1)
+        mean[0] = -np.inf  # the target always stays
+        worst = int(np.argmax(mean))
+        if mean[worst] <= threshold:
+            break
+        alive[idx[worst]] = False
+    return np.flatnonzero(alive[1:])
+
+
 def select_pool_references(
     t_vectors: np.ndarray,
     t_sha: list[str],
@@ -89,8 +113,9 @@ def select_pool_references(
     threshold: float,
     config: ReferenceConfig,
 ) -> list[list[int]]:
-    """Pool rows referencing each target: same person (< threshold), not the target's own bytes, not a
-    near-duplicate; at least ``min_refs`` or none; at most ``max_refs`` in farthest-point order."""
+    """Pool rows referencing each target: same person (< threshold, and consistent with the other candidates),
+    not the target's own bytes, not a near-duplicate; at least ``min_refs`` or none; at most ``max_refs`` in
+    farthest-point order."""
     near = config.near_duplicate(threshold)
     p_sha_arr = np.asarray(p_sha)
     out: list[list[int]] = []
@@ -101,6 +126,7 @@ def select_pool_references(
             d = dist[j]
             keep = (d < threshold) & (d >= near) & (p_sha_arr != t_sha[start + j])
             cand = np.flatnonzero(keep)
+            cand = cand[consistent_candidates(block[j], p_vectors[cand], threshold)] if len(cand) else cand
             if len(cand) < config.min_refs:
                 out.append([])
                 continue
@@ -123,6 +149,7 @@ def build_celeba_test_ref(
     from refface.builders.ffhq_ref import (
         identity_threshold_of,
         load_embedding_rows,
+        remove_stale_temps,
         run_mining,
         stage_timings,
         write_build_json,
@@ -137,6 +164,7 @@ def build_celeba_test_ref(
     config = config or CelebATestRefConfig()
     targets_dir, pool_dir, root = Path(targets_dir), Path(pool_dir), Path(out_root)
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(root)
     lq_root = Path(config.lq) if config.lq else None
     t_paths = list_images(targets_dir)
     if not t_paths:

@@ -54,7 +54,8 @@ def ffhq_ref(
     face_policy: str = typer.Option("largest_central", help="Face kept when several are found."),
     crop_size: int = typer.Option(512, help="Aligned crop side used for embedding."),
     cluster_method: str = typer.Option(
-        "components", help="Identity clustering: components (ReF-LDM's rule) or average (chain-resistant)."
+        "average",
+        help="Identity clustering: average (chain-resistant, default) or components (ReF-LDM's rule).",
     ),
     identity_threshold: float | None = typer.Option(None, help=THRESHOLD_HELP),
     min_refs: int = typer.Option(2, help="A val/test target needs at least this many references."),

@@ -42,7 +42,8 @@ class FFHQRefConfig:
         crop_size: aligned crop side used by the mining core.
         max_pixels: larger images become error rows (decompression-bomb limit).
         workers / chunk_size: mining parallelism (change speed only, never outputs).
-        cluster_method: identity clustering from the mining core (``components`` = ReF-LDM's rule).
+        cluster_method: identity clustering from the mining core: ``average`` (default, resists the
+            chaining that joins whole populations on large sets) or ``components`` (ReF-LDM's exact rule).
         identity_threshold: same-identity cosine distance; None = the embedder's (ArcFace 0.4, dlib 0.093).
         min_refs / max_refs / near_duplicate_distance / within_threshold / train_exclude_near_duplicates:
             reference rules, see :class:`refface.mining.references.ReferenceConfig`.
@@ -64,7 +65,7 @@ class FFHQRefConfig:
     max_pixels: int = 64_000_000
     workers: int = 2
     chunk_size: int = 32
-    cluster_method: str = "components"
+    cluster_method: str = "average"
     identity_threshold: float | None = None
     min_refs: int = 2
     max_refs: int = 9
@@ -384,6 +385,16 @@ def write_build_json(
     return info
 
 
+def remove_stale_temps(root: Path) -> int:
+    """Delete temp files a killed run left behind (``.<name>.<random>.tmp`` from atomic writes)."""
+    removed = 0
+    for path in root.rglob(".*.tmp"):
+        if path.is_file():
+            path.unlink()
+            removed += 1
+    return removed
+
+
 def build_summary(root: Path) -> dict:
     """Counts a user (or ``refface demo``) wants after a build."""
     table = pd.read_parquet(root / SPLITS_FILE)
@@ -423,6 +434,7 @@ def build_ffhq_ref(
     image_root = Path(images_dir)
     root = Path(out_root)
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(root)
     all_paths = list_images(image_root)
     if not all_paths:
         raise ValueError(f"no images found under {image_root}")

@@ -325,6 +325,7 @@ def build_reface_hq(
         build_summary,
         card_stage,
         references_stage,
+        remove_stale_temps,
         run_mining,
         splits_stage,
         write_build_json,
@@ -334,6 +335,7 @@ def build_reface_hq(
     config = config or RefaceHQConfig()
     folders, root = Path(folders_dir), Path(out_root)
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(root)
     if not list_images(folders):
         raise ValueError(f"no images found under {folders}")
     timings = {"mine": run_mining(folders, root / MINED_DIR, config)["seconds"]}

@@ -230,8 +230,8 @@ def encode_image(rgb: np.ndarray, codec: str, quality: int, png_compress_level: 
     return buf.getvalue()
 
 
-def _stored_image(data: bytes, path: str, ctx: EncodeContext) -> tuple[bytes, np.ndarray]:
-    """Bytes to store for a source image and its decoded pixels.
+def _stored_image(data: bytes, path: str, ctx: EncodeContext) -> tuple[bytes, tuple[int, int]]:
+    """Bytes to store for a source image and its (width, height).
 
     A plain 8-bit RGB PNG source under the PNG codec is stored verbatim (bit-exact and no re-encode);
     anything else is decoded (EXIF applied, any mode to RGB) and encoded with the codec.
@@ -240,12 +240,21 @@ def _stored_image(data: bytes, path: str, ctx: EncodeContext) -> tuple[bytes, np
 
     from refface.manifests.io import decode_image
 
-    rgb = decode_image(data)
     if ctx.codec == "png" and path.lower().endswith(".png"):
-        with Image.open(io.BytesIO(data)) as img:
-            if img.mode == "RGB" and img.format == "PNG" and "exif" not in img.info:
-                return data, rgb
-    return encode_image(rgb, ctx.codec, ctx.quality, ctx.png_compress_level), rgb
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                plain = img.format == "PNG" and img.mode == "RGB" and "exif" not in img.info
+                size = img.size
+                if plain:
+                    # Checks every chunk's CRC without inflating the pixels: catches damaged files
+                    # at a fraction of a decode's cost.
+                    img.verify()
+            if plain:
+                return data, size
+        except Exception:  # any failure here: let the full decode below give the reason
+            pass
+    rgb = decode_image(data)
+    return encode_image(rgb, ctx.codec, ctx.quality, ctx.png_compress_level), (rgb.shape[1], rgb.shape[0])
 
 
 def _read_source(image_root: str, rel: str) -> bytes:
@@ -297,7 +306,7 @@ def encode_sample(
     errors: list[tuple[str, str]] = []
     try:
         data = _read_source(ctx.image_root, job.gt)
-        hq_bytes, hq = _stored_image(data, job.gt, ctx)
+        hq_bytes, (width, height) = _stored_image(data, job.gt, ctx)
     except ImageError as e:
         return None, [(job.gt, str(e))]
     members: dict[str, bytes] = {"__key__": job.key.encode(), f"hq.{ext}": hq_bytes}
@@ -324,13 +333,13 @@ def encode_sample(
         "split": job.split,
         "path": job.gt,
         "sha256": hashlib.sha256(data).hexdigest(),
-        "height": int(hq.shape[0]),
-        "width": int(hq.shape[1]),
+        "height": int(height),
+        "width": int(width),
         "refs": ref_paths,
         "ref_sha256": ref_sha,
     }
     if job.lq is not None:
-        lq_rgb, params = _fixed_lq(job, ctx, hq, errors)
+        lq_rgb, params = _fixed_lq(job, ctx, hq_bytes, errors)
         if lq_rgb is not None:
             members[f"lq.{ext}"] = encode_image(lq_rgb, ctx.codec, ctx.quality, ctx.png_compress_level)
             members["degrade.json"] = _json_bytes(params)
@@ -340,7 +349,7 @@ def encode_sample(
 
 
 def _fixed_lq(
-    job: SampleJob, ctx: EncodeContext, hq: np.ndarray, errors: list
+    job: SampleJob, ctx: EncodeContext, hq_bytes: bytes, errors: list
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """The fixed LQ of a val/test sample: the built LQ file when it exists, else degraded here."""
     from refface.manifests.errors import ImageError
@@ -360,17 +369,24 @@ def _fixed_lq(
         return lq, params
     if ctx.lq_preset is None:
         return None, {}
-    lq, params = load_degrader()(ctx.lq_preset, ctx.seed).degrade(hq, job.key)
+    from refface.manifests.io import decode_image
+
+    hq = decode_image(hq_bytes)
+    lq, params = make_degrader(ctx.lq_preset, ctx.seed, out_size=None).degrade(hq, job.key)
     return lq, {"source": None, "preset": ctx.lq_preset, "seed": ctx.seed, "params": params}
 
 
-def load_degrader():
-    """The CPU ``Degrader`` class; ImportError with a clear reason when the package lacks it."""
+def make_degrader(preset: str, seed: int, out_size: int | None):
+    """The CPU degrader for ``preset`` producing ``out_size`` squares (None: the input's size).
+
+    Raises:
+        ImportError: the degradations package is missing; the message says what is needed.
+    """
     try:
-        from refface.degradations.degrader import Degrader
+        from refface.degradations import Degrader, get_preset
     except ImportError as e:
-        raise ImportError(f"on-the-fly LQ needs refface.degradations.degrader.Degrader: {e}") from e
-    return Degrader
+        raise ImportError(f"LQ images need refface.degradations (Degrader, get_preset): {e}") from e
+    return Degrader(get_preset(preset, out_size=out_size), seed)
 
 
 def _encode_star(args: tuple[SampleJob, EncodeContext]):
@@ -447,6 +463,31 @@ def _member_bytes(members: dict[str, bytes]) -> int:
     return sum(512 + (len(v) + 511) // 512 * 512 for k, v in members.items() if k != "__key__")
 
 
+class _HashingFile:
+    """A write-only file that hashes and counts what passes through (no second read of the shard)."""
+
+    def __init__(self, path: Path):
+        import hashlib
+
+        self.file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.flush()
+            os.fsync(self.file.fileno())  # a shard counts as done only once it is on disk
+            self.file.close()
+
+
 class _ShardRotation:
     """Writes samples into numbered shards, rotating by count and bytes; a shard is renamed into
     place and gets its done-record only when complete, so a killed run resumes at a shard boundary."""
@@ -470,7 +511,7 @@ class _ShardRotation:
 
         name = shard_name(self.split, self.number)
         self.tmp = self.folder / f".{name}.tmp"
-        self.stream = open(self.tmp, "wb")  # noqa: SIM115 - closed in _close
+        self.stream = _HashingFile(self.tmp)
         self.writer = wds.TarWriter(
             self.stream, encoder=False, mtime=TAR_MTIME, user=TAR_USER, group=TAR_USER, mode=TAR_MODE
         )
@@ -492,7 +533,7 @@ class _ShardRotation:
         self.last_key = key
 
     def close(self) -> None:
-        from refface.manifests.atomic import sha256_file, write_json
+        from refface.manifests.atomic import write_json
 
         if self.writer is None:
             return
@@ -504,8 +545,8 @@ class _ShardRotation:
         entry = ShardEntry(
             name=name,
             samples=self.count,
-            bytes=final.stat().st_size,
-            sha256=sha256_file(final),
+            bytes=self.stream.size,
+            sha256=self.stream.sha256.hexdigest(),
             first_key=self.first_key,
             last_key=self.last_key,
         )

@@ -48,17 +48,24 @@ def label_agreement(refs: Mapping[str, pd.DataFrame], labels: pd.DataFrame) -> d
 
     Args:
         refs: ``{split: frame}`` with ``gt_image`` and parsed ``ref_image`` lists.
-        labels: ``path, identity`` (empty identity = unknown).
+        labels: ``path, identity`` (empty identity = unknown) and optionally ``source``: labels from
+            different sources were assigned independently, so one person may carry two labels.
 
     Returns:
         ``pairs_labeled`` (target and reference both labeled), ``precision`` (share of those pairs with the
-        same label), ``targets_labeled_singleton_with_refs`` (targets whose label occurs once in ``labels``
-        yet got references; should be 0) and ``targets_with_refs``.
+        same label), ``pairs_same_source`` / ``precision_same_source`` (the same over pairs whose labels come
+        from one source, where different labels do mean different people),
+        ``targets_labeled_singleton_with_refs`` (targets whose label occurs once in ``labels`` yet got
+        references; should be 0) and ``targets_with_refs``.
     """
     known = labels[labels["identity"].astype(str) != ""]
     label_of = dict(zip(known["path"], known["identity"], strict=True))
+    if "source" in known.columns:
+        source_of = dict(zip(known["path"], known["source"], strict=True))
+    else:
+        source_of = {p: str(p).split("/")[0] for p in known["path"]}
     counts = known["identity"].value_counts()
-    same = total = singles = targets = 0
+    same = total = same_src = total_src = singles = targets = 0
     for df in refs.values():
         for gt, ref_list in zip(df["gt_image"], df["ref_image"], strict=True):
             targets += 1
@@ -67,12 +74,18 @@ def label_agreement(refs: Mapping[str, pd.DataFrame], labels: pd.DataFrame) -> d
                 singles += 1
             for r in ref_list:
                 if lab is not None and r in label_of:
+                    hit = int(label_of[r] == lab)
                     total += 1
-                    same += int(label_of[r] == lab)
+                    same += hit
+                    if source_of[r] == source_of[gt]:
+                        total_src += 1
+                        same_src += hit
     return {
         "targets_with_refs": targets,
         "pairs_labeled": total,
         "precision": same / total if total else float("nan"),
+        "pairs_same_source": total_src,
+        "precision_same_source": same_src / total_src if total_src else float("nan"),
         "targets_labeled_singleton_with_refs": singles,
     }
 

@@ -91,10 +91,14 @@ def _check_range(name: str, rng, low: float | None = None) -> None:
 def validate(cfg: PresetConfig) -> None:
     """Raise ``ValueError`` with an actionable message when the preset cannot be sampled."""
     if cfg.kernel_size % 2 != 1 or cfg.kernel_size < 1:
-        raise ValueError(f"preset {cfg.name}: kernel_size must be a positive odd number, got {cfg.kernel_size}")
+        raise ValueError(
+            f"preset {cfg.name}: kernel_size must be a positive odd number, got {cfg.kernel_size}"
+        )
     unknown = [k for k in cfg.kernel_list if k not in KERNEL_TYPES]
     if unknown:
-        raise ValueError(f"preset {cfg.name}: unknown kernel types {unknown}; choose from {list(KERNEL_TYPES)}")
+        raise ValueError(
+            f"preset {cfg.name}: unknown kernel types {unknown}; choose from {list(KERNEL_TYPES)}"
+        )
     if len(cfg.kernel_list) != len(cfg.kernel_prob) or sum(cfg.kernel_prob) <= 0:
         raise ValueError(f"preset {cfg.name}: kernel_prob needs one positive weight per kernel_list entry")
     _check_range(f"preset {cfg.name}: blur_sigma", cfg.blur_sigma, 0.0)

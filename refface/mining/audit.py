@@ -33,6 +33,7 @@ LEAKS_COLUMNS = [
 ]
 SOURCE_KINDS = ("root", "split_list", "references", "folder", "memory")
 METRICS = ("cosine", "euclidean")
+IDENTITY_RULES = ("cluster", "pair")
 # Perceptual hashes are 64 bits; 10 differing bits is the usual "same picture" bar for DCT hashes.
 DEFAULT_PHASH_DISTANCE = 10
 
@@ -42,13 +43,20 @@ class AuditConfig:
     """How the audit decides what a leak is (flags of ``refface audit`` map onto these one to one).
 
     Attributes:
+        identity_rule: ``cluster`` (default): two faces are the same person when the builder's
+            identity clustering (``refface.mining.cluster``, its default method and cut) of the two
+            sets together puts them in one cluster, so a split made from those clusters audits
+            clean; ``pair``: any cross pair closer than the identity threshold (ReF-LDM's raw rule;
+            with weak embedders such as dlib it flags look-alikes, about 1% of unrelated pairs).
         identity_threshold: same-identity distance bar in the embedder's metric (the builder's rule:
             ``distance < threshold``); None = the value recorded with the embeddings.
-        near_dup_threshold: embedding distance below which two faces are near-duplicates; None = a
-            quarter of the identity threshold (0.1 for ArcFace at 0.4, ReF-LDM's bar).
+        near_dup_threshold: a near-duplicate's faces must also be closer than this embedding distance;
+            None = a quarter of the identity threshold (0.1 for ArcFace at 0.4, ReF-LDM's bar).
         phash_distance: perceptual-hash Hamming distance (of 64 bits, image or its mirror) at or below
-            which two images are near-duplicates, when their faces agree (same identity) or either has
-            no face to compare.
+            which two images are near-duplicates, when their faces are also within the near-duplicate
+            bar (or either image has no face to compare). Both are required: aligned faces of
+            different people can hash alike, and with dlib different photos of one person can sit
+            inside the embedding bar.
         max_leak_rate: the audit fails (non-zero exit) when any pair of sets leaks more than this
             fraction of images, or any reference list crosses splits.
         detector: face detector used when a plain folder has to be mined.
@@ -63,6 +71,7 @@ class AuditConfig:
         seed: seed of the histogram sample.
     """
 
+    identity_rule: str = "cluster"
     identity_threshold: float | None = None
     near_dup_threshold: float | None = None
     phash_distance: int = DEFAULT_PHASH_DISTANCE
@@ -87,6 +96,10 @@ class AuditConfig:
             raise ValueError(f"phash_distance counts differing bits of 64, got {self.phash_distance}")
         if not 0 <= self.max_leak_rate <= 1:
             raise ValueError(f"max_leak_rate is a fraction in [0, 1], got {self.max_leak_rate}")
+        if self.identity_rule not in IDENTITY_RULES:
+            raise ValueError(
+                f"identity_rule must be one of {', '.join(IDENTITY_RULES)}, got {self.identity_rule!r}"
+            )
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
 
@@ -96,7 +109,9 @@ class AuditSet:
     """One image set as the audit sees it.
 
     ``keys`` name the images (paths relative to their image root), ``paths`` locate them on disk
-    (None when unknown), ``vectors`` hold one row per face with ``owner`` the image index of each row.
+    (None when unknown), ``vectors`` hold one row per face with ``owner`` the image index of each row;
+    ``identity`` holds the dataset root's own identity label per face row when its
+    ``identities.parquet`` is current (-1 = singleton).
     """
 
     name: str
@@ -110,6 +125,7 @@ class AuditSet:
     root: str | None = None
     errors: list[tuple[str, str]] = field(default_factory=list)
     hashes: pd.DataFrame | None = None
+    identity: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in SOURCE_KINDS:
@@ -119,7 +135,9 @@ class AuditSet:
         vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
         self.owner = np.asarray(self.owner, dtype=np.int64)
         if vectors.ndim != 2 or len(vectors) != len(self.owner):
-            raise ValueError(f"set {self.name}: vectors {vectors.shape} do not match {len(self.owner)} owner rows")
+            raise ValueError(
+                f"set {self.name}: vectors {vectors.shape} do not match {len(self.owner)} owner rows"
+            )
         self.vectors = vectors
 
     @property
@@ -154,6 +172,9 @@ class Thresholds:
     identity: float
     near_duplicate: float
     phash_distance: int
+    rule: str = "pair"
+    cluster_method: str = ""
+    cluster_threshold: float = 0.0
 
     @property
     def identity_dot(self) -> float:
@@ -182,7 +203,22 @@ def resolve_thresholds(model: dict, config: AuditConfig) -> Thresholds:
         near = NEAR_DUPLICATE_RATIO * float(identity)
     if near > identity:
         raise ValueError(f"near-duplicate bar {near} is looser than the identity bar {identity}; lower it")
-    return Thresholds(metric, float(identity), float(near), int(config.phash_distance))
+    rule = config.identity_rule
+    method, cut = "", 0.0
+    if rule == "cluster":
+        from types import SimpleNamespace
+
+        from refface.mining.cluster import DEFAULT_METHOD, cosine_threshold, default_threshold
+
+        method = DEFAULT_METHOD
+        if config.identity_threshold is not None:
+            cut = cosine_threshold(float(identity), metric)
+        else:
+            # The builder's cut for this model (average linkage has its own measured cut per model).
+            cut = default_threshold(SimpleNamespace(**{**model, "identity_threshold": identity}), method)
+    return Thresholds(
+        metric, float(identity), float(near), int(config.phash_distance), rule, method, float(cut)
+    )
 
 
 # ----------------------------------------------------------------------------- sources
@@ -267,7 +303,26 @@ def _load_root(root: Path) -> dict:
         "row_paths": [str(p) for p in emb.paths],
         "model": model,
         "image_dir": image_dir,
+        "identity": root_identities(root, [str(p) for p in emb.paths]),
     }
+
+
+def root_identities(root: Path, row_paths: list[str]) -> np.ndarray | None:
+    """The builder's identity label of every embedding row, from ``identities.parquet``.
+
+    None when the table is missing, older than the embeddings or does not cover every row: then
+    the audit clusters the sets itself with the same method.
+    """
+    table = root / "identities.parquet"
+    emb = root / "embeddings.npy"
+    if not table.exists() or (emb.exists() and table.stat().st_mtime_ns < emb.stat().st_mtime_ns):
+        return None
+    df = pd.read_parquet(table, columns=["path", "identity"])
+    labels = dict(zip(df["path"].astype(str), df["identity"].astype(np.int64), strict=True))
+    if len(labels) != len(df) or any(p not in labels for p in row_paths):
+        log.info("%s: identities.parquet does not cover the embeddings; clustering instead", root)
+        return None
+    return np.array([labels[p] for p in row_paths], dtype=np.int64)
 
 
 def _subset_from_root(
@@ -310,6 +365,7 @@ def _subset_from_root(
         model=data["model"],
         root=str(root),
         errors=errors,
+        identity=data["identity"][rows] if data["identity"] is not None else None,
     )
 
 
@@ -528,6 +584,51 @@ def hash_pairs(a: AuditSet, b: AuditSet, max_distance: int) -> tuple[pd.DataFram
     return exact.astype(np.int64), close.reset_index(drop=True)
 
 
+def same_cluster_pairs(
+    va: np.ndarray, vb: np.ndarray, th: Thresholds, index: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cross-set face pairs that the builder's identity clustering of both sets together joins.
+
+    Returns:
+        (rows of ``va``, rows of ``vb``, inner products), one entry per cross pair in a shared cluster.
+    """
+    from refface.mining.cluster import ClusterConfig, cluster
+
+    if len(va) == 0 or len(vb) == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+    labels = cluster(
+        np.concatenate([va, vb]),
+        method=th.cluster_method,
+        threshold=th.cluster_threshold,
+        config=ClusterConfig(index=index),
+    )
+    return shared_label_pairs(va, vb, labels[: len(va)], labels[len(va) :])
+
+
+def shared_label_pairs(
+    va: np.ndarray, vb: np.ndarray, la: np.ndarray, lb: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every cross-set face pair whose identity labels agree (labels < 0 are singletons)."""
+    empty = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
+    la, lb = np.asarray(la, dtype=np.int64), np.asarray(lb, dtype=np.int64)
+    shared = np.intersect1d(la[la >= 0], lb[lb >= 0])
+    if shared.size == 0:
+        return empty
+    rows, cols, sims = [], [], []
+    order_a, order_b = np.argsort(la, kind="stable"), np.argsort(lb, kind="stable")
+    start_a = np.searchsorted(la[order_a], shared)
+    stop_a = np.searchsorted(la[order_a], shared, side="right")
+    start_b = np.searchsorted(lb[order_b], shared)
+    stop_b = np.searchsorted(lb[order_b], shared, side="right")
+    for s_a, e_a, s_b, e_b in zip(start_a, stop_a, start_b, stop_b, strict=True):
+        fa, fb = order_a[s_a:e_a], order_b[s_b:e_b]
+        block = va[fa] @ vb[fb].T
+        rows.append(np.repeat(fa, len(fb)))
+        cols.append(np.tile(fb, len(fa)))
+        sims.append(block.ravel())
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(sims).astype(np.float32)
+
+
 @dataclass
 class PairResult:
     """Everything found between two sets; ``leaks`` is image-level, one row per leaked pair."""
@@ -546,11 +647,29 @@ def audit_pair(a: AuditSet, b: AuditSet, th: Thresholds, config: AuditConfig) ->
     # FAISS indexes the larger set and queries the smaller one.
     swap = len(a.vectors) > len(b.vectors)
     q, base = (b, a) if swap else (a, b)
-    rows, cols, sims, nearest = embedding_pairs(q.vectors, base.vectors, th.identity_dot, config.index)
+    # Under the cluster rule this search feeds the histogram; its bar keeps the pair list short.
+    bar = th.identity_dot if th.rule == "pair" else th.near_duplicate_dot
+    rows, cols, sims, nearest = embedding_pairs(q.vectors, base.vectors, bar, config.index)
     if swap:
         rows, cols = cols, rows
     emb = _image_level(a, b, rows, cols, sims)
     timings["embedding_search_s"] = round(time.perf_counter() - start, 4)
+    clustered = pd.DataFrame({"ia": [], "ib": [], "similarity": []})
+    identity_source = ""
+    if th.rule == "cluster":
+        start = time.perf_counter()
+        if a.root is not None and a.root == b.root and a.identity is not None and b.identity is not None:
+            # Both sets come from one dataset root whose identities the builder already clustered.
+            fa, fb, fs = shared_label_pairs(a.vectors, b.vectors, a.identity, b.identity)
+            identity_source = f"{a.root}/identities.parquet"
+        else:
+            fa, fb, fs = same_cluster_pairs(a.vectors, b.vectors, th, config.index)
+            identity_source = f"{th.cluster_method} clustering of both sets"
+        clustered = _image_level(a, b, fa, fb, fs)
+        emb = pd.concat([emb, clustered], ignore_index=True)
+        if len(emb):
+            emb = emb.groupby(["ia", "ib"], as_index=False)["similarity"].max()
+        timings["identity_clustering_s"] = round(time.perf_counter() - start, 4)
 
     start = time.perf_counter()
     exact, close = hash_pairs(a, b, th.phash_distance)
@@ -579,12 +698,23 @@ def audit_pair(a: AuditSet, b: AuditSet, th: Thresholds, config: AuditConfig) ->
     sim = cand["similarity"].to_numpy(np.float64)
     has_face = ~np.isnan(sim)
     hash_close = cand["phash_distance"].notna().to_numpy()
-    same_id = has_face & (sim > th.identity_dot)
-    near = (hash_close & (same_id | ~has_face)) | (has_face & (sim > th.near_duplicate_dot))
+    pair_rule = has_face & (sim > th.identity_dot)
+    if th.rule == "cluster":
+        in_cluster = set(
+            zip(clustered["ia"].astype(int).tolist(), clustered["ib"].astype(int).tolist(), strict=True)
+        )
+        same_id = np.array(
+            [(x, y) in in_cluster for x, y in zip(cand["ia"], cand["ib"], strict=True)], dtype=bool
+        )
+    else:
+        same_id = pair_rule
+    # Near-duplicate = the picture hashes alike AND the faces agree within the near-duplicate bar
+    # (or there is no face to compare); either test alone misfires (see AuditConfig).
+    near = hash_close & (~has_face | (sim > th.near_duplicate_dot))
     kind = np.where(
         is_exact, "exact", np.where(near, "near_duplicate", np.where(same_id, "same_identity", ""))
     )
-    rejected = int((hash_close & ~is_exact & has_face & ~same_id).sum())
+    rejected = int((hash_close & ~is_exact & ~near).sum())
     cand["kind"] = kind
     leaks = cand[cand["kind"] != ""].copy()
     leaks["distance"] = dot_to_distance(leaks["similarity"].to_numpy(np.float64), th.metric)
@@ -598,6 +728,7 @@ def audit_pair(a: AuditSet, b: AuditSet, th: Thresholds, config: AuditConfig) ->
         .reset_index(drop=True)
     )
     stats = _pair_stats(a, b, leaks, th, rejected)
+    stats["identities_from"] = identity_source if th.rule == "cluster" else "pairs under the identity bar"
     stats["timings"] = timings
     return PairResult(a.name, b.name, leaks, nearest, stats)
 
@@ -614,6 +745,20 @@ def count_components(edges_a: np.ndarray, edges_b: np.ndarray) -> int:
     n = len(ua) + len(ub)
     g = coo_matrix((np.ones(len(ia)), (ia, ib + len(ua))), shape=(n, n))
     return int(connected_components(g, directed=False)[0])
+
+
+def thresholds_dict(th: Thresholds) -> dict:
+    out = {
+        "identity_rule": th.rule,
+        "metric": th.metric,
+        "identity_distance": th.identity,
+        "near_duplicate_distance": th.near_duplicate,
+        "phash_distance": th.phash_distance,
+    }
+    if th.rule == "cluster":
+        out["cluster_method"] = th.cluster_method
+        out["cluster_cosine_distance"] = th.cluster_threshold
+    return out
 
 
 def _pair_stats(a: AuditSet, b: AuditSet, leaks: pd.DataFrame, th: Thresholds, rejected: int) -> dict:
@@ -635,13 +780,8 @@ def _pair_stats(a: AuditSet, b: AuditSet, leaks: pd.DataFrame, th: Thresholds, r
         else 0,
         "leaked_pairs": int(len(leaks)),
         "pairs_by_kind": by_kind,
-        "phash_matches_rejected_by_faces": rejected,
-        "thresholds": {
-            "metric": th.metric,
-            "identity_distance": th.identity,
-            "near_duplicate_distance": th.near_duplicate,
-            "phash_distance": th.phash_distance,
-        },
+        "phash_matches_not_near_duplicates": rejected,
+        "thresholds": thresholds_dict(th),
     }
 
 
@@ -723,7 +863,7 @@ def attach_hashes(s: AuditSet, cache_dir: Path | None, workers: int) -> None:
     rows = [dict.fromkeys(HASH_COLUMNS) for _ in range(s.n_images)]
     present = [i for i, p in enumerate(s.paths) if p is not None]
     if present:
-        cache = cache_dir / "hashes" / f"{s.name}.parquet" if cache_dir is not None else None
+        cache = cache_dir / "hashes.parquet" if cache_dir is not None else None
         found = hash_images([s.paths[i] for i in present], cache, workers, description=f"hashing {s.name}")
         for i, rec in zip(present, found.to_dict("records"), strict=True):
             rows[i] = rec
@@ -828,16 +968,10 @@ def build_summary(
         },
         "exact_duplicates_by": "sha256 of decoded RGB pixels (file bytes for files that do not decode)",
         "near_duplicates_by": (
-            "64-bit DCT perceptual hash of the image and of its mirror within phash_distance bits, confirmed "
-            "by the faces (same identity, or no face to compare); or embedding distance below the near-duplicate bar"
+            "64-bit DCT perceptual hash of the image or of its mirror within phash_distance bits AND face "
+            "embeddings closer than the near-duplicate bar (hash alone when an image has no face)"
         ),
-        "thresholds": {
-            "metric": th.metric,
-            "identity_distance": th.identity,
-            "near_duplicate_distance": th.near_duplicate,
-            "phash_distance": th.phash_distance,
-            "max_leak_rate": config.max_leak_rate,
-        },
+        "thresholds": {**thresholds_dict(th), "max_leak_rate": config.max_leak_rate},
         "sets": {
             s.name: {
                 "source": s.source,

@@ -26,6 +26,12 @@ def audit(
     max_leak_rate: float = typer.Option(
         0.0, help="Fail (exit 1) when any pair of sets leaks more than this fraction of images."
     ),
+    identity_rule: str = typer.Option(
+        "cluster",
+        help="cluster: faces are the same person when the builder's identity clustering of both sets joins "
+        "them (a split made from those clusters audits clean); pair: any cross pair closer than the identity "
+        "threshold (raw rule; flags look-alikes with weak embedders such as dlib).",
+    ),
     identity_threshold: float | None = typer.Option(
         None,
         help="Same-identity distance bar in the embedder's metric (pairs with distance below it leak); "
@@ -64,6 +70,7 @@ def audit(
     try:
         named = parse_set_specs(sets)
         config = AuditConfig(
+            identity_rule=identity_rule,
             identity_threshold=identity_threshold,
             near_dup_threshold=near_dup_threshold,
             phash_distance=phash_distance,
@@ -118,7 +125,11 @@ def audit(
         "refface audit",
         {
             "embedder": f"{summary['model']['model']} ({str(summary['model']['fingerprint'])[:12]})",
-            "identity bar": f"{th['metric']} distance < {th['identity_distance']:.4g}",
+            "identity rule": (
+                f"{th['cluster_method']} clustering, cosine cut {th['cluster_cosine_distance']:.4g}"
+                if th["identity_rule"] == "cluster"
+                else f"pairs with {th['metric']} distance < {th['identity_distance']:.4g}"
+            ),
             "near-duplicate bar": f"distance < {th['near_duplicate_distance']:.4g} or phash <= {th['phash_distance']}",
             "cross-split references": summary["references"]["cross_split_references"],
             "errors": sum(s["errors"] for s in summary["sets"].values()),

@@ -11,9 +11,26 @@ def register(app: typer.Typer) -> None:
     app.command("embed")(embed)
 
 
+def read_images_table(path: Path) -> list[str]:
+    """The ``path`` column of an images table (.parquet or .csv)."""
+    import pandas as pd
+
+    if path.suffix.lower() == ".parquet":
+        table = pd.read_parquet(path)
+    elif path.suffix.lower() == ".csv":
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    else:
+        raise ValueError(f"{path}: an images table must be .parquet or .csv; or pass a folder of photos")
+    if "path" not in table.columns:
+        raise ValueError(f"{path} has no 'path' column (columns: {', '.join(map(str, table.columns))})")
+    return [p for p in table["path"].astype(str) if p]
+
+
 def embed(
     images: Path = typer.Argument(
-        ..., help="Folder of photos (searched recursively; JPEG/PNG/WebP/BMP/TIFF)."
+        ...,
+        help="Folder of photos (searched recursively; JPEG/PNG/WebP/BMP/TIFF), or an images table "
+        "(.parquet/.csv with a 'path' column, paths relative to --image-root).",
     ),
     out: Path = typer.Option(
         ..., "--out", "-o", help="Dataset root that receives the tables and embeddings."
@@ -44,13 +61,23 @@ def embed(
     crop_size: int = typer.Option(512, help="Side of the aligned crops in pixels."),
     workers: int = typer.Option(2, help="Worker processes (results do not depend on it)."),
     chunk_size: int = typer.Option(32, help="Images per unit of work / resumable part file."),
+    executor: str = typer.Option(
+        "local",
+        help="Where chunks run: local (process pool) or ray (Ray Data; a local Ray, or the cluster "
+        "named by RAY_ADDRESS). Outputs are identical either way.",
+    ),
     force: bool = typer.Option(False, "--force", help="Recompute even when the outputs are up to date."),
+    image_root: Path | None = typer.Option(
+        None, help="With an images table: the folder its paths are relative to (default: the table's folder)."
+    ),
 ) -> None:
     """Detect, align and embed every face photo under IMAGES into the dataset root OUT.
 
-    Writes images.parquet, faces.parquet, embeddings.npy/.parquet/.json and errors.parquet/.csv
-    (one row per unreadable, corrupt, oversized or faceless image). A killed run resumes where
-    it stopped; a rerun with the same inputs and settings does nothing.
+    Writes images.parquet, faces.parquet, embeddings.npy/.parquet/.json and errors.parquet/.csv.
+
+    Every unreadable, corrupt, oversized or faceless image becomes one row of the errors table.
+
+    A killed run resumes where it stopped; a rerun with the same inputs and settings does nothing.
     """
     from refface.console import console, print_summary
     from refface.mining.pipeline import MiningConfig, mine_folder
@@ -66,10 +93,16 @@ def embed(
         save_crops=save_crops,
         workers=workers,
         chunk_size=chunk_size,
+        executor=executor,
     )
     try:
-        result = mine_folder(images, out, config, force=force)
-    except (ValueError, FileNotFoundError) as e:
+        relpaths = None
+        folder = images
+        if images.is_file():
+            relpaths = read_images_table(images)
+            folder = image_root or images.parent
+        result = mine_folder(folder, out, config, force=force, relpaths=relpaths)
+    except (ValueError, FileNotFoundError, ImportError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
     rows: list[tuple[str, object]] = [

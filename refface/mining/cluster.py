@@ -243,6 +243,13 @@ def _vectors_and_threshold(
     vectors = np.ascontiguousarray(np.asarray(vectors), dtype=np.float32)
     if vectors.ndim != 2:
         raise ValueError(f"expected (N, D) vectors, got shape {vectors.shape}")
+    norms = np.linalg.norm(vectors, axis=1)
+    if not np.isfinite(norms).all() or (norms == 0).any():
+        bad = int((~np.isfinite(norms) | (norms == 0)).sum())
+        raise ValueError(f"{bad} embedding rows are zero, NaN or infinite; re-embed those faces")
+    if np.abs(norms - 1).max(initial=0) > 1e-3:
+        # Distances are cosine distances: unit-normalize raw vectors rather than mis-threshold them.
+        vectors = vectors / norms[:, None]
     if threshold is None:
         threshold = default_threshold(emb_or_vectors, method)
     return vectors, float(threshold)
@@ -297,7 +304,7 @@ def cluster_root(
     """
     from refface.manifests.atomic import write_parquet
     from refface.mining.embed import load_embeddings
-    from refface.stages import run_stage
+    from refface.stages import folder_fingerprint, run_stage
 
     root = Path(root)
     emb = load_embeddings(root)
@@ -306,7 +313,8 @@ def cluster_root(
     resolved = replace(config, threshold=tau).validate()
     inputs = {
         "embeddings_fingerprint": getattr(emb, "fingerprint", None),
-        "embeddings_file": _file_stamp(root / "embeddings.npy"),
+        # size + mtime, not a content hash: a 10M x 512 embeddings file would take minutes to hash.
+        "embeddings_files": folder_fingerprint(root, ["embeddings.npy", "embeddings.parquet"]),
         "stage_version": STAGE_VERSION,
     }
 
@@ -327,9 +335,3 @@ def cluster_root(
         }
 
     return run_stage(root, STAGE, resolved, inputs, work, force=force)
-
-
-def _file_stamp(path: Path) -> str:
-    from refface.manifests.atomic import sha256_file
-
-    return sha256_file(path) if path.exists() else "missing"

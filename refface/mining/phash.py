@@ -100,13 +100,12 @@ def hash_images(
             stats[p] = f"{st.st_size}:{st.st_mtime_ns}"
         except OSError:
             stats[p] = "missing"
-    cached: dict[str, dict] = {}
+    # Records of files outside this call stay in the cache, so one cache serves many sets.
+    kept: dict[str, dict] = {}
     cache_path = Path(cache) if cache else None
     if cache_path is not None and cache_path.exists():
-        old = pd.read_parquet(cache_path)
-        for rec in old.to_dict("records"):
-            if stats.get(rec["path"]) == rec.get("stat"):
-                cached[rec["path"]] = rec
+        kept = {rec["path"]: rec for rec in pd.read_parquet(cache_path).to_dict("records")}
+    cached = {p: rec for p, rec in kept.items() if p in stats and stats[p] == rec.get("stat")}
     todo = [p for p in dict.fromkeys(paths) if p not in cached]
     if todo:
         parts_dir = cache_path.with_suffix(".parts") if cache_path is not None else None
@@ -134,10 +133,10 @@ def hash_images(
         results = map_chunks(hash_chunk, todo, chunk_size, workers=workers, description=description, **kwargs)
         for rows in results:
             for rec in rows:
-                cached[rec["path"]] = rec
+                cached[rec["path"]] = {**rec, "stat": stats[rec["path"]]}
         if cache_path is not None:
-            frame = hash_frame([{**cached[p], "stat": stats[p]} for p in sorted(cached) if p in stats])
-            write_parquet(cache_path, frame)
+            kept.update(cached)
+            write_parquet(cache_path, hash_frame([kept[p] for p in sorted(kept)]))
             for old_part in parts_dir.glob("*"):  # type: ignore[union-attr]
                 old_part.unlink()
             parts_dir.rmdir()  # type: ignore[union-attr]

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from refface.executors import uses_gpu
 from refface.manifests.errors import ImageError
 from refface.manifests.io import DEFAULT_MAX_PIXELS
 
@@ -41,6 +42,8 @@ class MiningConfig:
         max_pixels: decompression-bomb limit; bigger images become error rows.
         workers: worker processes (results do not depend on it).
         chunk_size: images per unit of work and per resumable part file.
+        executor: where chunks run, a key of ``refface.executors.EXECUTORS`` (``local`` process
+            pool or ``ray``); results do not depend on it.
     """
 
     detector: str = "dlib"
@@ -54,6 +57,7 @@ class MiningConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = 2
     chunk_size: int = 32
+    executor: str = "local"
 
     def validate(self) -> None:
         """Raise ValueError with an actionable message on a bad setting."""
@@ -76,11 +80,16 @@ class MiningConfig:
             raise ValueError("workers and chunk size must be at least 1")
         if self.max_pixels < 1:
             raise ValueError("max_pixels must be positive")
+        from refface.executors import EXECUTORS
+
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor {self.executor!r} unknown; choose one of {', '.join(EXECUTORS)}")
 
     def stage_config(self) -> dict:
-        """The settings that decide the outputs (worker count does not)."""
+        """The settings that decide the outputs (worker count and executor do not)."""
         cfg = asdict(self)
         cfg.pop("workers")
+        cfg.pop("executor")
         return cfg
 
 
@@ -139,6 +148,8 @@ def _short(reason: str) -> str:
     return reason.split(":", 1)[0].strip()
 
 
+# ONNX detectors/embedders run on CUDA when onnxruntime has it: Ray workers then share a GPU.
+@uses_gpu(0.5)
 def _mine_chunk(items: list[tuple[int, str]]) -> dict:
     """Unit of work: decode, detect, align and embed a chunk of (image_id, relpath) items."""
     from refface.manifests.atomic import sha256_bytes
@@ -199,8 +210,32 @@ def _mine_chunk(items: list[tuple[int, str]]) -> dict:
             }
         )
         crops.append(crop)
-    vectors, norms = embedder.embed_crops(crops)
+    vectors, norms = _embed_or_isolate(embedder, crops, faces, errors)
     return {"images": images, "faces": faces, "errors": errors, "vectors": vectors, "norms": norms}
+
+
+def _embed_or_isolate(embedder, crops: list, faces: list, errors: list) -> tuple[np.ndarray, np.ndarray]:
+    """Embed a chunk's crops in one batch; if the batch fails, retry one by one and drop the bad ones."""
+    try:
+        return embedder.embed_crops(crops)
+    except Exception:  # noqa: BLE001 - find the offending crop instead of losing the chunk
+        log.debug("batch embedding failed, retrying crop by crop", exc_info=True)
+    kept_v, kept_n, kept_faces = [], [], []
+    for crop, face in zip(crops, faces, strict=True):
+        try:
+            v, n = embedder.embed_crops([crop])
+        except Exception as e:  # noqa: BLE001
+            errors.append(
+                {"path": face["path"], "stage": "embed", "reason": _clean_reason(f"{type(e).__name__}: {e}")}
+            )
+            continue
+        kept_v.append(v)
+        kept_n.append(n)
+        kept_faces.append(face)
+    faces[:] = kept_faces
+    if not kept_v:
+        return embedder.embed_crops([])
+    return np.concatenate(kept_v), np.concatenate(kept_n)
 
 
 def _write_part(path: Path, value: dict) -> None:
@@ -242,6 +277,7 @@ def mine_folder(
     dataset_root: str | os.PathLike,
     config: MiningConfig | None = None,
     force: bool = False,
+    relpaths: list[str] | None = None,
 ) -> MiningResult:
     """Turn a folder of photos into a dataset root (images, faces, embeddings, errors tables).
 
@@ -256,6 +292,8 @@ def mine_folder(
         dataset_root: output folder (created).
         config: settings; defaults to dlib detection + dlib embeddings.
         force: recompute even when the stage is up to date.
+        relpaths: only these images (POSIX paths relative to ``image_root``, e.g. from an images
+            table) instead of every image in the folder; they are sorted and de-duplicated.
 
     Returns:
         A :class:`MiningResult` with counts and timing.
@@ -272,7 +310,17 @@ def mine_folder(
     cfg.validate()
     image_root = Path(image_root).resolve()
     root = Path(dataset_root)
-    relpaths = list_images(image_root)
+    if relpaths is None:
+        relpaths = list_images(image_root)
+    else:
+        if not image_root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {image_root}")
+        relpaths = sorted({Path(p).as_posix() for p in relpaths})
+        outside = [p for p in relpaths if Path(p).is_absolute() or ".." in Path(p).parts]
+        if outside:
+            raise ValueError(
+                f"image paths must be relative to {image_root} and inside it, got e.g. {outside[0]}"
+            )
     models = model_identity(cfg)
     inputs = {
         "image_root": str(image_root),
@@ -299,6 +347,7 @@ def mine_folder(
             read_part=_read_part,
             initializer=_init_worker,
             initargs=(asdict(cfg), str(image_root), str(root)),
+            executor=cfg.executor,
         )
         images = [r for p in parts for r in p["images"]]
         faces = [r for p in parts for r in p["faces"]]

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -249,7 +250,8 @@ def train(
 
     Returns:
         One dict per optimizer step run in this call: ``step``, ``loss`` (mean over micro-batches and
-        processes), ``lr``, ``grad_norm`` and the task's extra logs.
+        processes), ``lr``, ``grad_norm``, ``step_time_s`` (wall time of the step on this process, data
+        loading of later micro-batches included) and the task's extra logs.
     """
     import torch
     from accelerate.utils import set_seed
@@ -334,6 +336,8 @@ def train(
         )
         for batch in epoch_iter:
             state.batch_in_epoch += 1
+            if micro == 0:
+                step_start = time.perf_counter()
             if validation_batch is None:
                 # Taken from the stream rather than by iterating the loader again, which would move
                 # the data position and break exact resume.
@@ -365,6 +369,7 @@ def train(
                 "step": state.step + 1,
                 "loss": float(accelerator.reduce(mean_loss, "mean")),
                 "lr": float(scheduler.get_last_lr()[0]),
+                "step_time_s": time.perf_counter() - step_start,
             }
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
@@ -403,10 +408,17 @@ def make_accelerator(config: LoopConfig):
     """The Accelerator the loop builds by default: precision and accumulation from ``config``,
     TensorBoard under ``<output_dir>/logs``, seedable samplers so the data order is a function of
     ``(seed, epoch)``."""
+    import os
+
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
+    # Without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine without CUDA and every
+    # process would train alone; with CUDA present the flag must stay off.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
+        cpu=multi_cpu,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
         log_with="tensorboard" if config.report_to == "tensorboard" else None,
@@ -484,6 +496,8 @@ def _save_checkpoint(out: Path, state: LoopState, config, task, accelerator, mod
     accelerator.wait_for_everyone()
     # Every process writes its own RNG state; the main process writes models and optimizer.
     accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True)
+    # Every rank's RNG file must be in place before the folder is renamed into its final name.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainable").mkdir()
         for name, module in modules.items():

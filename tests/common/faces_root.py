@@ -64,7 +64,9 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def build_faces_root(faces_dir: Path, tmp_root: Path | None = None, save_crops: bool = False, workers: int = 2) -> Path:
+def build_faces_root(
+    faces_dir: Path, tmp_root: Path | None = None, save_crops: bool = False, workers: int = 2
+) -> Path:
     """Mine ``faces_dir`` with dlib detection + dlib embeddings into a cached dataset root.
 
     Args:

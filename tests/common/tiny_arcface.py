@@ -53,7 +53,9 @@ def build_tiny_arcface(
         ]
         x = "mul_out"
     nodes += [
-        helper.make_node("Conv", [x, "conv_w", "conv_b"], ["conv"], name="Conv_2", kernel_shape=[16, 16], strides=[16, 16]),
+        helper.make_node(
+            "Conv", [x, "conv_w", "conv_b"], ["conv"], name="Conv_2", kernel_shape=[16, 16], strides=[16, 16]
+        ),
         helper.make_node("Flatten", ["conv"], ["flat"], name="Flatten_3", axis=1),
         helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["fc1"], name="Gemm_4"),
     ]

@@ -351,8 +351,21 @@ def predict(
     rca_scale: float = 1.0,
 ) -> torch.Tensor:
     """The frozen UNet's prediction (epsilon or v) with the adapters' residuals added."""
+    # The adapters stay fp32 while the frozen parts may be fp16/bf16: feed each its own dtype
+    # (under autocast the matmuls still run in the compute dtype).
+    adtype = next(adapters.parameters()).dtype
+
+    def cast(x):
+        return None if x is None else x.to(adtype)
+
     down, mid = adapters(
-        noisy_latents, timesteps, text_embeds, lq_latents, ref_latents, id_embedding, rca_scale=rca_scale
+        cast(noisy_latents),
+        timesteps,
+        cast(text_embeds),
+        cast(lq_latents),
+        cast(ref_latents),
+        cast(id_embedding),
+        rca_scale=rca_scale,
     )
     dtype = sd.unet.dtype
     return sd.unet(
@@ -403,7 +416,7 @@ def sample(
     lq: torch.Tensor,
     prompts: list[str],
     guidance: GuidanceConfig,
-    generator: torch.Generator,
+    generator: torch.Generator | list[torch.Generator],
     ref: torch.Tensor | None = None,
     id_embedding: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -425,7 +438,15 @@ def sample(
         texts += [guidance.negative_attribute_prompt] * b
         passes += 1
     ctx = encode_prompts(sd, texts, device)
-    latents = torch.randn(z_lq.shape, generator=generator, device=generator.device).to(device)
+    if isinstance(generator, list | tuple):
+        # One generator per image: an image's starting noise does not depend on its batch.
+        if len(generator) != b:
+            raise ValueError(f"got {len(generator)} generators for {b} images")
+        latents = torch.cat(
+            [torch.randn((1, *z_lq.shape[1:]), generator=g, device=g.device).to(device) for g in generator]
+        )
+    else:
+        latents = torch.randn(z_lq.shape, generator=generator, device=generator.device).to(device)
 
     def rep(x):
         return None if x is None else torch.cat([x] * passes)

@@ -198,7 +198,7 @@ class MGFRTask:
 # building
 
 
-def build_adapters(sd, config: MGFRConfig, init_from: str | Path | None = None):
+def build_adapters(sd, config: MGFRConfig, init_from: str | Path | None = None, seed: int = 0):
     """The trainable adapters for ``config.stage``; stage 2 copies LCA from a stage-1 checkpoint.
 
     Args:
@@ -206,17 +206,23 @@ def build_adapters(sd, config: MGFRConfig, init_from: str | Path | None = None):
         config: MGFR settings.
         init_from: stage 2 only: a stage-1 checkpoint folder or stage-1 output folder (its latest
             checkpoint). ``None`` in stage 2 keeps LCA at its ControlNet initialisation (logged).
+        seed: seeds the random initialisation of the new layers (RLF, identity projection), so two
+            runs with one seed start from identical weights.
     """
+    import torch
+
     from refface.train.mgfr.model import MGFRAdapters
 
-    adapters = MGFRAdapters.from_unet(
-        sd.unet,
-        use_rca=config.stage == 2,
-        id_dim=config.id_dim,
-        num_id_tokens=config.num_id_tokens,
-        rlf_channels=config.rlf_channels,
-        latent_channels=int(sd.vae.config.latent_channels),
-    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        adapters = MGFRAdapters.from_unet(
+            sd.unet,
+            use_rca=config.stage == 2,
+            id_dim=config.id_dim,
+            num_id_tokens=config.num_id_tokens,
+            rlf_channels=config.rlf_channels,
+            latent_channels=int(sd.vae.config.latent_channels),
+        )
     if config.stage == 2:
         if init_from is None:
             logger.warning("stage 2 without a stage-1 checkpoint: LCA starts from the UNet encoder copy")
@@ -349,7 +355,7 @@ def main(args: argparse.Namespace, dataloader=None) -> list[dict[str, float]]:
     if cfg.stage == 2:
         init_from = Path(args.init_from) if args.init_from else Path(args.output) / "stage1"
         init_from = resolve_checkpoint(init_from)
-    adapters = build_adapters(sd, cfg, init_from)
+    adapters = build_adapters(sd, cfg, init_from, seed=loop_cfg.seed)
     if dataloader is None:
         dataloader = make_dataloader(args.dataset, cfg, loop_cfg.seed)
     task = MGFRTask(sd, adapters, cfg)

@@ -45,7 +45,6 @@ class RefCache:
             mask = torch.cat([c.full_mask() for c in caches])
         return RefCache(kv=kv, mask=mask, num_refs=caches[0].num_refs)
 
-
     def full_mask(self) -> torch.Tensor:
         """The ``(B, K)`` presence mask, all True when no reference is missing."""
         if self.mask is not None:
@@ -170,7 +169,9 @@ class CacheKVProcessor:
             if state.cache.mask is not None:
                 own = torch.ones(batch, tokens, dtype=torch.bool, device=key.device)
                 # (B, K) -> (B, K*T): every token of a reference shares its presence flag.
-                refs = state.cache.mask.to(key.device).repeat_interleave(ref_k.shape[2] // state.cache.num_refs, dim=1)
+                refs = state.cache.mask.to(key.device).repeat_interleave(
+                    ref_k.shape[2] // state.cache.num_refs, dim=1
+                )
                 mask = torch.cat([own, refs], dim=1)[:, None, None, :]  # (B, 1, 1, T + K*T)
         if state.record_tokens is not None:
             state.record_tokens[self.name] = key.shape[2]

@@ -44,7 +44,9 @@ class IResNet(nn.Module):
     Input: RGB ``(B, 3, 112, 112)`` in [-1, 1]; output: ``(B, embedding_size)`` unnormalized.
     """
 
-    def __init__(self, layers: list[int], widths: tuple[int, ...] = (64, 128, 256, 512), embedding_size: int = 512):
+    def __init__(
+        self, layers: list[int], widths: tuple[int, ...] = (64, 128, 256, 512), embedding_size: int = 512
+    ):
         super().__init__()
         self.inplanes = widths[0]
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)

@@ -20,6 +20,7 @@ def ddim_sample(
     eta: float = 0.0,
     guidance_scale: float = 1.5,
     generator: torch.Generator | None = None,
+    init_noise: torch.Tensor | None = None,
     rebuild_cache_every_step: bool = False,
 ) -> torch.Tensor:
     """Sample restored latents ``(B, C, h, w)``.
@@ -34,6 +35,7 @@ def ddim_sample(
         eta: DDIM η (0: deterministic given the initial noise).
         guidance_scale: CFG scale toward the references; 1 disables the null branch.
         generator: seeds the initial noise (and η > 0 noise).
+        init_noise: the initial noise itself ``(B, C, h, w)`` (e.g. drawn per image from its own seed).
         rebuild_cache_every_step: recompute the reference K/V at every step instead of once; gives the
             same result and exists to check exactly that.
     """
@@ -54,9 +56,11 @@ def ddim_sample(
 
     cache = None if rebuild_cache_every_step else make_cache()
     dtype = next(unet.parameters()).dtype
-    latents = torch.randn(
-        lq_latents.shape, generator=generator, device=lq_latents.device, dtype=torch.float32
-    ).to(lq_latents.device)
+    if init_noise is not None:
+        latents = init_noise.to(lq_latents.device, torch.float32)
+    else:
+        gen_device = generator.device if generator is not None else lq_latents.device
+        latents = torch.randn(lq_latents.shape, generator=generator, device=gen_device).to(lq_latents.device)
     lq = lq_latents.to(dtype)
     lq_in = torch.cat([lq, lq]) if use_cfg else lq
     for t in scheduler.timesteps:

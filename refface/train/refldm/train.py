@@ -267,8 +267,12 @@ class LDMTask:
             0, self.cfg.noise.num_train_timesteps, (b,), generator=generator, device=generator.device
         ).to(dev)
         # Condition dropout, drawn per sample from the loop's generator so a resume replays it exactly.
-        keep_lq = torch.rand(b, generator=generator, device=generator.device).to(dev) >= self.cfg.task.lq_dropout
-        keep_ref = torch.rand(b, generator=generator, device=generator.device).to(dev) >= self.cfg.task.ref_dropout
+        keep_lq = (
+            torch.rand(b, generator=generator, device=generator.device).to(dev) >= self.cfg.task.lq_dropout
+        )
+        keep_ref = (
+            torch.rand(b, generator=generator, device=generator.device).to(dev) >= self.cfg.task.ref_dropout
+        )
         zlq = zlq * keep_lq.view(b, 1, 1, 1)
         if zref is not None:
             zref = zref * keep_ref.view(b, 1, 1, 1, 1)
@@ -353,7 +357,9 @@ class VQGANTask:
         # checkpoints and resumes without the loop passing its step.
         step = int(disc.seen_batches) // self.accum
         gt = batch["gt"].to(self.device)
-        parts = vqgan_losses(self.modules["vqgan"], self.modules["disc"], self.perceptual, gt, step, self.cfg.vqgan)
+        parts = vqgan_losses(
+            self.modules["vqgan"], self.modules["disc"], self.perceptual, gt, step, self.cfg.vqgan
+        )
         with torch.no_grad():
             disc.seen_batches += 1
         return parts["loss"], {k: float(v.detach()) for k, v in parts.items() if k != "loss"}
@@ -460,11 +466,15 @@ def export_model(task, stage_dir: str | Path) -> Path:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train ReF-LDM: stage vqgan (A), ldm (B) or refldm (C).")
     p.add_argument("--config", required=True, help="YAML config (configs/refldm.yaml)")
-    p.add_argument("--dataset", required=True, help="dataset root or shard folder read by make_refldm_dataloader")
+    p.add_argument(
+        "--dataset", required=True, help="dataset root or shard folder read by make_refldm_dataloader"
+    )
     p.add_argument("--stage", choices=STAGES, default="refldm", help="which stage to train")
     p.add_argument("--output", required=True, help="run folder; each stage writes <output>/<stage>/")
     p.add_argument("--max-steps", type=int, default=None, help="override loop.max_steps")
-    p.add_argument("--resume", default=None, help="'latest' (default from config), a checkpoint folder, or 'none'")
+    p.add_argument(
+        "--resume", default=None, help="'latest' (default from config), a checkpoint folder, or 'none'"
+    )
     return p.parse_args(argv)
 
 

@@ -1,0 +1,106 @@
+"""``refface train ...`` and ``refface restore``: the training and inference commands of both models."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import typer
+
+train_app = typer.Typer(
+    name="train",
+    help="Train a restoration model (MGFR or ReF-LDM) with the shared accelerate loop.",
+    no_args_is_help=True,
+)
+
+# --model -> "module:function" with the signature restore_folder(input_dir, output_dir, *, checkpoint, ...).
+# Options given on the command line are passed only when the function accepts them.
+RESTORERS = {
+    "mgfr": "refface.train.mgfr.restore:restore_folder",
+    "refldm": "refface.train.refldm.restore:restore_folder",
+}
+
+
+def register(app: typer.Typer) -> None:
+    from refface.train.mgfr.cli import train_mgfr
+
+    train_app.command("mgfr")(train_mgfr)
+
+    from refface.train.refldm.cli import train_refldm
+
+    train_app.command("refldm")(train_refldm)
+
+    app.add_typer(train_app, name="train")
+    app.command("restore")(restore)
+
+
+def restore(
+    model: str = typer.Option(..., help=f"Which model restores: {', '.join(RESTORERS)}."),
+    input_dir: Path = typer.Option(..., "--input", help="Folder of aligned LQ face images."),
+    output_dir: Path = typer.Option(..., "--output", help="Where restored PNGs go (same relative names)."),
+    checkpoint: Path = typer.Option(..., help="Checkpoint folder, or a run folder (its latest checkpoint)."),
+    references: Path | None = typer.Option(None, help="Folder of references named like the inputs."),
+    sd: Path | None = typer.Option(None, help="MGFR: the local diffusers SD folder used in training."),
+    prompt: str | None = typer.Option(None, help="MGFR: attribute prompt for every image."),
+    steps: int | None = typer.Option(None, help="Sampling steps (model default when omitted)."),
+    w_quality: float | None = typer.Option(None, help="MGFR: negative-quality guidance weight."),
+    w_attribute: float | None = typer.Option(None, help="MGFR: negative-attribute guidance weight."),
+    negative_attribute_prompt: str | None = typer.Option(None, help="MGFR: attributes to steer away from."),
+    embedder: str | None = typer.Option(None, help="MGFR: identity embedder for references (arcface, dlib)."),
+    embedder_model: Path | None = typer.Option(None, help="MGFR: embedder weights (ArcFace ONNX path)."),
+    batch_size: int | None = typer.Option(None, help="Images per sampling batch."),
+    seed: int = typer.Option(0, help="Base seed; each image's noise comes from (seed, its path)."),
+    device: str | None = typer.Option(None, help="torch device (default: cuda when available, else cpu)."),
+) -> None:
+    """Restore a folder of aligned LQ faces with a trained MGFR or ReF-LDM checkpoint.
+
+    Reruns skip images already restored; unreadable inputs are listed in <output>/errors.csv.
+    """
+    from refface.console import print_summary
+
+    if model not in RESTORERS:
+        raise typer.BadParameter(
+            f"unknown model {model!r}; choose one of {', '.join(RESTORERS)}", param_hint="--model"
+        )
+    module_name, func_name = RESTORERS[model].split(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), func_name)
+    except ImportError as exc:
+        raise typer.BadParameter(
+            f"the {model} restorer is not available: {exc}", param_hint="--model"
+        ) from exc
+    options = {
+        "references": references,
+        "sd": sd,
+        "prompt": prompt,
+        "steps": steps,
+        "w_quality": w_quality,
+        "w_attribute": w_attribute,
+        "negative_attribute_prompt": negative_attribute_prompt,
+        "embedder": embedder,
+        "embedder_model": embedder_model,
+        "batch_size": batch_size,
+        "seed": seed,
+        "device": device,
+    }
+    accepted = inspect.signature(fn).parameters
+    given = {k: v for k, v in options.items() if v is not None}
+    unsupported = sorted(k for k in given if k not in accepted and k != "seed")
+    if unsupported:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unsupported)
+        raise typer.BadParameter(f"{flags} do(es) not apply to --model {model}")
+    kwargs = {k: v for k, v in given.items() if k in accepted}
+    missing = [
+        n
+        for n, p in accepted.items()
+        if p.kind is p.KEYWORD_ONLY and p.default is p.empty and n != "checkpoint" and n not in kwargs
+    ]
+    if missing:
+        flags = ", ".join("--" + k.replace("_", "-") for k in missing)
+        raise typer.BadParameter(f"--model {model} needs {flags}")
+    try:
+        counts = fn(input_dir, output_dir, checkpoint=checkpoint, **kwargs)
+    except (FileNotFoundError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    print_summary(f"refface restore --model {model}", {"output": str(output_dir), **(counts or {})})

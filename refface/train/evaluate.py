@@ -1,0 +1,486 @@
+"""Restoration metrics (IDS, LPIPS, fLPIPS, NIQE, FID, PSNR, SSIM) over a restored folder vs. its GT folder."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# ReF-LDM Table 7 column order; arrows say which way is better.
+TABLE_COLUMNS = [("ids", "IDS↑"), ("lpips", "LPIPS↓"), ("flpips", "fLPIPS↓"), ("niqe", "NIQE↓")]
+TABLE_COLUMNS += [("fid", "FID↓"), ("psnr", "PSNR↑"), ("ssim", "SSIM↑")]
+# fLPIPS region of an FFHQ-aligned face (x0, y0, x1, y1 as fractions): brows to chin, cheek to cheek,
+# so hair and background do not count.
+FACE_BOX = (0.1875, 0.25, 0.8125, 0.9375)
+DEFAULT_WEIGHT_FILES = {
+    "arcface": "w600k_r50.onnx",
+    "lpips_backbone": "vgg16-397923af.pth",
+    "lpips_head": "lpips_vgg_v0.1.pth",
+    "inception": "inception-2015-12-05.pt",
+    "niqe_params": "niqe_pris_params.npz",
+}
+WEIGHT_SOURCES = {
+    "arcface": "insightface buffalo_l 'w600k_r50.onnx' (or an arcface_torch iresnet50 .pth)",
+    "lpips_backbone": "torchvision's ImageNet VGG16 'vgg16-397923af.pth'",
+    "lpips_head": "the lpips package's 'weights/v0.1/vgg.pth'",
+    "inception": "the TorchScript FID Inception 'inception-2015-12-05.pt' (clean-fid / StyleGAN metrics)",
+    "niqe_params": "BasicSR's 'basicsr/metrics/niqe_pris_params.npz' (or pyiqa's NIQE .mat)",
+}
+
+
+@dataclass
+class EvalWeights:
+    """Local weight files of the learned metrics; a missing file makes its metric 'unavailable'.
+
+    Build with :meth:`from_dir` to take the default file names inside one folder.
+    """
+
+    arcface: str | None = None
+    lpips_backbone: str | None = None
+    lpips_head: str | None = None
+    inception: str | None = None
+    niqe_params: str | None = None
+
+    @classmethod
+    def from_dir(cls, folder: str | os.PathLike | None, **overrides: str | None) -> EvalWeights:
+        base = Path(folder) if folder else None
+        values = {k: (str(base / v) if base else None) for k, v in DEFAULT_WEIGHT_FILES.items()}
+        values.update({k: v for k, v in overrides.items() if v})
+        return cls(**values)
+
+
+@dataclass
+class EvalModels:
+    """The metric networks in use; None means the metric is unavailable (``reasons`` says why)."""
+
+    arcface: Any = None
+    lpips: Any = None
+    feature_net: Any = None
+    niqe_params: dict[str, np.ndarray] | None = None
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    """Mean metrics (``nan`` = unavailable), per-image rows, reasons for unavailable metrics, errors."""
+
+    name: str
+    metrics: dict[str, float]
+    per_image: list[dict[str, Any]]
+    unavailable: dict[str, str]
+    errors: Any
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------
+# pixel metrics
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images (inf when identical)."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM of two uint8 RGB images: 11x11 Gaussian (σ 1.5) per channel, averaged (BasicSR's form)."""
+    import cv2
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    kernel = cv2.getGaussianKernel(11, 1.5)
+    window = np.outer(kernel, kernel.transpose())
+    values = []
+    for ch in range(a.shape[2]):
+        x, y = a[..., ch].astype(np.float64), b[..., ch].astype(np.float64)
+        mx = cv2.filter2D(x, -1, window)[5:-5, 5:-5]
+        my = cv2.filter2D(y, -1, window)[5:-5, 5:-5]
+        sxx = cv2.filter2D(x * x, -1, window)[5:-5, 5:-5] - mx**2
+        syy = cv2.filter2D(y * y, -1, window)[5:-5, 5:-5] - my**2
+        sxy = cv2.filter2D(x * y, -1, window)[5:-5, 5:-5] - mx * my
+        num = (2 * mx * my + c1) * (2 * sxy + c2)
+        den = (mx**2 + my**2 + c1) * (sxx + syy + c2)
+        values.append(float(np.mean(num / den)))
+    return float(np.mean(values))
+
+
+# ----------------------------------------------------------------------------------------------------
+# NIQE (Mittal et al.), following BasicSR's implementation
+
+
+def _aggd(block: np.ndarray) -> tuple[float, float, float]:
+    from scipy.special import gamma
+
+    block = block.flatten()
+    gam = np.arange(0.2, 10.001, 0.001)
+    r_gam = np.square(gamma(2 / gam)) / (gamma(1 / gam) * gamma(3 / gam))
+    left = np.sqrt(np.mean(block[block < 0] ** 2)) if np.any(block < 0) else 1e-8
+    right = np.sqrt(np.mean(block[block > 0] ** 2)) if np.any(block > 0) else 1e-8
+    gammahat = left / right
+    rhat = np.mean(np.abs(block)) ** 2 / max(np.mean(block**2), 1e-12)
+    rhatnorm = rhat * (gammahat**3 + 1) * (gammahat + 1) / ((gammahat**2 + 1) ** 2)
+    alpha = gam[np.argmin((r_gam - rhatnorm) ** 2)]
+    scale = np.sqrt(gamma(1 / alpha) / gamma(3 / alpha))
+    return float(alpha), float(left * scale), float(right * scale)
+
+
+def _niqe_block_features(block: np.ndarray) -> list[float]:
+    from scipy.special import gamma
+
+    alpha, bl, br = _aggd(block)
+    feat = [alpha, (bl + br) / 2]
+    for shift in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        alpha, bl, br = _aggd(block * np.roll(block, shift, axis=(0, 1)))
+        mean = (br - bl) * (gamma(2 / alpha) / gamma(1 / alpha))
+        feat += [alpha, mean, bl, br]
+    return feat
+
+
+def _gaussian_window(size: int = 7, sigma: float = 7 / 6) -> np.ndarray:
+    ax = np.arange(size) - (size - 1) / 2
+    g = np.exp(-(ax[:, None] ** 2 + ax[None, :] ** 2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def _y_channel(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma in [16, 235], as MATLAB's rgb2ycbcr (what NIQE's pristine model was fit on)."""
+    x = rgb.astype(np.float64) / 255.0
+    return 16.0 + 65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]
+
+
+def niqe_features(rgb: np.ndarray, block: int = 96, window: np.ndarray | None = None) -> np.ndarray:
+    """NIQE patch features ``(patches, 36)`` of one uint8 RGB image at two scales."""
+    import cv2
+    from scipy.ndimage import convolve
+
+    window = _gaussian_window() if window is None else window
+    img = _y_channel(rgb).round()
+    nh, nw = img.shape[0] // block, img.shape[1] // block
+    if nh == 0 or nw == 0:
+        raise ValueError(
+            f"NIQE needs images of at least {block}x{block} pixels, got {img.shape[1]}x{img.shape[0]}"
+        )
+    img = img[: nh * block, : nw * block]
+    per_scale = []
+    for scale in (1, 2):
+        mu = convolve(img, window, mode="nearest")
+        sigma = np.sqrt(np.abs(convolve(img * img, window, mode="nearest") - mu * mu))
+        norm = (img - mu) / (sigma + 1)
+        size = block // scale
+        feats = [
+            _niqe_block_features(norm[i * size : (i + 1) * size, j * size : (j + 1) * size])
+            for j in range(nw)
+            for i in range(nh)
+        ]
+        per_scale.append(np.array(feats))
+        if scale == 1:
+            # Half scale: OpenCV's area resize stands in for MATLAB's antialiased bicubic imresize.
+            img = cv2.resize(
+                img / 255.0, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA
+            )
+            img = img * 255.0
+    return np.concatenate(per_scale, axis=1)
+
+
+def niqe(rgb: np.ndarray, params: dict[str, np.ndarray]) -> float:
+    """NIQE of one uint8 RGB image given the pristine model (``mu``, ``cov``, optional ``window``)."""
+    feats = niqe_features(rgb, window=params.get("window"))
+    mu = np.nanmean(feats, axis=0)
+    clean = feats[~np.isnan(feats).any(axis=1)]
+    cov = np.cov(clean, rowvar=False) if len(clean) > 1 else np.zeros((feats.shape[1],) * 2)
+    diff = params["mu"] - mu
+    inv = np.linalg.pinv((params["cov"] + cov) / 2)
+    return float(np.sqrt(max(diff @ inv @ diff, 0.0)))
+
+
+def fit_niqe_params(images: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """A pristine NIQE model (mean and covariance of patch features) fit on clean uint8 RGB images."""
+    feats = np.concatenate([niqe_features(im) for im in images])
+    feats = feats[~np.isnan(feats).any(axis=1)]
+    return {"mu": feats.mean(axis=0), "cov": np.cov(feats, rowvar=False), "window": _gaussian_window()}
+
+
+def load_niqe_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read BasicSR's ``niqe_pris_params.npz`` or pyiqa's ``.mat`` pristine model."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"NIQE pristine model not found: {path}; place {WEIGHT_SOURCES['niqe_params']} there"
+        )
+    if path.suffix == ".mat":
+        from scipy.io import loadmat
+
+        m = loadmat(str(path))
+        return {
+            "mu": np.ravel(m["mu_prisparam"]),
+            "cov": np.asarray(m["cov_prisparam"]),
+            "window": _gaussian_window(),
+        }
+    z = np.load(path)
+    window = z["gaussian_window"] if "gaussian_window" in z else _gaussian_window()
+    return {"mu": np.ravel(z["mu_pris_param"]), "cov": np.asarray(z["cov_pris_param"]), "window": window}
+
+
+# ----------------------------------------------------------------------------------------------------
+# FID
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fit to two feature sets ``(N, D)`` (the FID statistic)."""
+    from scipy import linalg
+
+    if len(feats_a) < 2 or len(feats_b) < 2:
+        raise ValueError("FID needs at least 2 images in each set")
+    mu1, mu2 = feats_a.mean(0), feats_b.mean(0)
+    s1, s2 = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        # Near-singular products (few images): regularize as pytorch-fid does.
+        offset = np.eye(s1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    covmean = covmean.real
+    diff = mu1 - mu2
+    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean), 0.0))
+
+
+class TorchScriptInception:
+    """The FID Inception as a TorchScript file; call on ``(B, 3, H, W)`` in [-1, 1] -> ``(B, 2048)``."""
+
+    def __init__(self, path: str | os.PathLike):
+        import torch
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"FID Inception weights not found: {path}; place {WEIGHT_SOURCES['inception']} there"
+            )
+        self.model = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def __call__(self, images):
+        # This TorchScript takes 0-255 floats of any size and resizes to 299 itself.
+        return self.model((images + 1) * 127.5, return_features=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# loading the networks
+
+
+def load_models(weights: EvalWeights) -> EvalModels:
+    """Load every metric network whose file exists; record a reason for each one that does not."""
+    models = EvalModels()
+
+    def attempt(key: str, fn):
+        try:
+            return fn()
+        except (FileNotFoundError, ImportError, ValueError, RuntimeError) as e:
+            models.reasons[key] = str(e)
+            return None
+
+    def need(attr: str) -> str:
+        value = getattr(weights, attr)
+        if not value:
+            raise FileNotFoundError(f"no {attr} weights given; pass the path to {WEIGHT_SOURCES[attr]}")
+        return value
+
+    from refface.train.refldm.identity import load_arcface
+    from refface.train.refldm.lpips import LPIPS
+
+    models.arcface = attempt("ids", lambda: load_arcface(need("arcface")))
+    models.lpips = attempt("lpips", lambda: LPIPS.from_files(need("lpips_backbone"), need("lpips_head")))
+    models.feature_net = attempt("fid", lambda: TorchScriptInception(need("inception")))
+    models.niqe_params = attempt("niqe", lambda: load_niqe_params(need("niqe_params")))
+    return models
+
+
+# ----------------------------------------------------------------------------------------------------
+# pairing and the run
+
+
+def pair_images(restored: Path, gt: Path, refs_csv: str | os.PathLike | None = None):
+    """Match restored files to GT files by relative path without extension.
+
+    Returns:
+        ``(pairs, missing)``: ``[(key, restored_path, gt_path)]`` and GT-less restored keys.
+    """
+    from refface.manifests.io import list_images
+
+    def by_stem(root: Path) -> dict[str, Path]:
+        return {str(Path(p).with_suffix("")): root / p for p in list_images(root)}
+
+    rest, truth = by_stem(restored), by_stem(gt)
+    keys = sorted(rest)
+    if refs_csv is not None:
+        import pandas as pd
+
+        df = pd.read_csv(refs_csv)
+        if "gt_image" not in df.columns:
+            raise ValueError(f"{refs_csv} has no 'gt_image' column (ReF-LDM reference CSV expected)")
+        wanted = {str(Path(p).with_suffix("")) for p in df["gt_image"].astype(str)}
+        keys = [k for k in keys if k in wanted or Path(k).name in wanted]
+    pairs = [(k, rest[k], truth[k]) for k in keys if k in truth]
+    missing = [k for k in keys if k not in truth]
+    return pairs, missing
+
+
+def _tensor(rgb: np.ndarray):
+    import torch
+
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+
+def _face_mask(h: int, w: int):
+    import torch
+
+    m = torch.zeros(1, 1, h, w)
+    x0, y0, x1, y1 = FACE_BOX
+    m[..., round(y0 * h) : round(y1 * h), round(x0 * w) : round(x1 * w)] = 1.0
+    return m
+
+
+def evaluate_folders(
+    restored: str | os.PathLike,
+    gt: str | os.PathLike,
+    refs_csv: str | os.PathLike | None = None,
+    weights: EvalWeights | None = None,
+    models: EvalModels | None = None,
+    out: str | os.PathLike | None = None,
+    name: str | None = None,
+) -> EvalResult:
+    """Score every restored image against its GT and write the tables.
+
+    Args:
+        restored: folder of restored images.
+        gt: folder of ground-truth images (matched by relative path, any extension).
+        refs_csv: a ReF-LDM reference CSV; only its ``gt_image`` targets are scored.
+        weights: local weight files (ignored when ``models`` is given).
+        models: preloaded metric networks (tests pass tiny ones).
+        out: folder for ``metrics.csv``, ``metrics.md``, ``per_image.csv`` and ``errors.csv``;
+            None writes nothing.
+        name: the method name in the table (default: the restored folder's name).
+
+    Returns:
+        The means, the per-image rows, the unavailable metrics with reasons, and the errors table.
+    """
+    import torch
+
+    from refface.console import track
+    from refface.manifests.errors import ErrorsTable, ImageError
+    from refface.manifests.io import read_image
+
+    restored, gt = Path(restored), Path(gt)
+    for folder, what in ((restored, "restored"), (gt, "GT")):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{what} folder not found: {folder}")
+    models = models if models is not None else load_models(weights or EvalWeights())
+    errors = ErrorsTable()
+    pairs, missing = pair_images(restored, gt, refs_csv)
+    for key in missing:
+        errors.add(key, "evaluate", "no GT image with this name")
+    rows: list[dict[str, Any]] = []
+    feats_r, feats_g = [], []
+    with torch.no_grad():
+        for key, rpath, gpath in track(pairs, "scoring"):
+            try:
+                a, b = read_image(rpath), read_image(gpath)
+                if a.shape != b.shape:
+                    raise ImageError(
+                        f"size {a.shape[1]}x{a.shape[0]} differs from GT {b.shape[1]}x{b.shape[0]}"
+                    )
+            except ImageError as e:
+                errors.add(str(rpath), "evaluate", str(e))
+                continue
+            row: dict[str, Any] = {"key": key, "psnr": psnr(a, b), "ssim": ssim(a, b)}
+            ta, tb = _tensor(a), _tensor(b)
+            if models.arcface is not None:
+                from refface.train.refldm.identity import embed
+
+                row["ids"] = float((embed(models.arcface, ta) * embed(models.arcface, tb)).sum())
+            if models.lpips is not None:
+                row["lpips"] = float(models.lpips(ta, tb)[0])
+                row["flpips"] = float(models.lpips(ta, tb, mask=_face_mask(*a.shape[:2]))[0])
+            if models.niqe_params is not None:
+                try:
+                    row["niqe"] = niqe(a, models.niqe_params)
+                except ValueError as e:
+                    errors.add(str(rpath), "evaluate/niqe", str(e))
+            if models.feature_net is not None:
+                feats_r.append(np.asarray(models.feature_net(ta), dtype=np.float64).reshape(1, -1))
+                feats_g.append(np.asarray(models.feature_net(tb), dtype=np.float64).reshape(1, -1))
+            rows.append(row)
+
+    unavailable = {
+        "ids": models.reasons.get("ids", "no ArcFace model") if models.arcface is None else None,
+        "lpips": models.reasons.get("lpips", "no LPIPS model") if models.lpips is None else None,
+        "niqe": models.reasons.get("niqe", "no NIQE model") if models.niqe_params is None else None,
+        "fid": models.reasons.get("fid", "no FID feature network") if models.feature_net is None else None,
+    }
+    if unavailable["lpips"]:
+        unavailable["flpips"] = unavailable["lpips"]
+    unavailable = {k: v for k, v in unavailable.items() if v}
+    metrics: dict[str, float] = {}
+    for col, _ in TABLE_COLUMNS:
+        if col == "fid":
+            continue
+        values = [r[col] for r in rows if col in r]
+        metrics[col] = float(np.mean(values)) if values else math.nan
+    metrics["fid"] = math.nan
+    if models.feature_net is not None:
+        try:
+            metrics["fid"] = frechet_distance(np.concatenate(feats_r), np.concatenate(feats_g))
+        except ValueError as e:
+            unavailable["fid"] = str(e)
+    result = EvalResult(name or restored.name, metrics, rows, unavailable, errors)
+    if out is not None:
+        result.outputs = write_tables(result, Path(out))
+    return result
+
+
+def _fmt(col: str, value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.2f}" if col in ("fid", "psnr", "niqe") else f"{value:.3f}"
+
+
+def markdown_table(results: list[EvalResult]) -> str:
+    """Results in ReF-LDM Table 7 layout: one row per method, IDS | LPIPS | fLPIPS | NIQE | FID | PSNR | SSIM."""
+    head = "| Method | " + " | ".join(label for _, label in TABLE_COLUMNS) + " |"
+    sep = "|---|" + "---:|" * len(TABLE_COLUMNS)
+    lines = [head, sep]
+    for r in results:
+        lines.append(
+            f"| {r.name} | "
+            + " | ".join(_fmt(c, r.metrics.get(c, math.nan)) for c, _ in TABLE_COLUMNS)
+            + " |"
+        )
+    notes = sorted({f"{k}: {v}" for r in results for k, v in r.unavailable.items()})
+    if notes:
+        lines += ["", "n/a = unavailable:"] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(result: EvalResult, out: Path) -> dict[str, str]:
+    """Write ``metrics.csv`` / ``metrics.md`` (Table 7 layout), ``per_image.csv`` and ``errors.csv``."""
+    import pandas as pd
+
+    from refface.manifests.atomic import write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"method": result.name, "images": len(result.per_image)}
+    summary.update({c: result.metrics.get(c, math.nan) for c, _ in TABLE_COLUMNS})
+    files = {
+        "metrics.csv": pd.DataFrame([summary]).to_csv(index=False),
+        "metrics.md": markdown_table([result]),
+        "per_image.csv": pd.DataFrame(result.per_image).to_csv(index=False),
+        "errors.csv": result.errors.to_frame().to_csv(index=False),
+    }
+    for fname, text in files.items():
+        write_text(out / fname, text)
+    return {k: str(out / k) for k in files}

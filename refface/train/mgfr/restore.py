@@ -1,0 +1,210 @@
+"""MGFR inference: restore a folder of aligned LQ faces with a trained checkpoint and CFG guidance."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def load_mgfr(checkpoint: str | Path, sd: str | Path, use_ema: bool = True, device: Any = None):
+    """Load a trained MGFR: ``(frozen SD, adapters, MGFR config dict, checkpoint folder)``.
+
+    The adapters' architecture comes from the checkpoint's ``state.json`` (not from flags).
+
+    Args:
+        checkpoint: a checkpoint folder or a stage's run folder (its latest checkpoint).
+        sd: the local diffusers SD folder the checkpoint was trained on.
+        use_ema: load the EMA weights when present.
+        device: torch device (default: CUDA when available, else CPU).
+    """
+    import torch
+
+    from refface.train.loop import load_trainable_weights
+    from refface.train.mgfr.model import MGFRAdapters, load_frozen_sd
+    from refface.train.mgfr.train import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(checkpoint)
+    meta = json.loads((ckpt / "state.json").read_text())
+    task = meta.get("task") or {}
+    if "adapters" not in task or "mgfr" not in task:
+        raise ValueError(f"{ckpt} is not an MGFR checkpoint (state.json has no task.adapters / task.mgfr)")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    frozen = load_frozen_sd(sd)
+    adapters_cfg = {k: v for k, v in task["adapters"].items() if not k.startswith("_")}
+    adapters = MGFRAdapters.from_config(adapters_cfg)
+    kind = load_trainable_weights(ckpt, {"adapters": adapters}, use_ema=use_ema)
+    logger.info("MGFR %s weights from %s", kind, ckpt)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    for m in (frozen.unet, frozen.vae, frozen.text_encoder):
+        m.to(device, dtype=dtype)
+    adapters.to(device).eval()
+    return frozen, adapters, task["mgfr"], ckpt
+
+
+def _to_tensor(img, size: int):
+    import cv2
+    import torch
+
+    if img.shape[0] != size or img.shape[1] != size:
+        interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_CUBIC
+        img = cv2.resize(img, (size, size), interpolation=interp)
+    return torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def _find_reference(references: Path, rel: str) -> Path | None:
+    exact = references / rel
+    if exact.is_file():
+        return exact
+    matches = sorted(references.glob(f"{Path(rel).with_suffix('')}.*"))
+    return matches[0] if matches else None
+
+
+def restore_folder(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    checkpoint: str | Path,
+    sd: str | Path,
+    references: str | Path | None = None,
+    prompt: str | None = None,
+    steps: int = 50,
+    w_quality: float = 1.5,
+    w_attribute: float = 1.0,
+    negative_attribute_prompt: str = "",
+    embedder: str = "arcface",
+    embedder_model: str | None = None,
+    batch_size: int = 4,
+    seed: int = 0,
+    device: str | None = None,
+    use_ema: bool = True,
+) -> dict[str, int]:
+    """Restore every image under ``input_dir`` into ``output_dir`` (same relative path, ``.png``).
+
+    Inputs are FFHQ-aligned LQ faces. A stage-2 checkpoint also needs ``references``: a folder with an
+    aligned reference of the same person under the same relative name (any image extension); its
+    identity embedding comes from ``embedder`` on the prealigned face. Already restored outputs are kept
+    (a rerun does only missing work); unreadable inputs or missing references land in
+    ``<output_dir>/errors.csv``. Each image's noise comes from ``(seed, relative path)``.
+
+    Args:
+        input_dir: folder of LQ images.
+        output_dir: where restored PNGs are written.
+        checkpoint: MGFR checkpoint folder or stage run folder.
+        sd: local diffusers Stable Diffusion folder used in training.
+        references: folder of references (stage-2 checkpoints).
+        prompt: attribute prompt for every image (default: the pipeline's neutral face prompt).
+        steps: DDIM steps.
+        w_quality: negative-quality guidance weight.
+        w_attribute: negative-attribute guidance weight.
+        negative_attribute_prompt: attributes to steer away from ("" = unconditional).
+        embedder: ``arcface`` or ``dlib`` (must match the training embeddings' size).
+        embedder_model: path of the embedder's weights (ArcFace ONNX).
+        batch_size: images per sampling batch.
+        seed: base seed.
+        device: torch device string.
+        use_ema: use the EMA weights.
+
+    Returns:
+        Counts ``{"restored", "skipped", "errors"}``.
+    """
+    import numpy as np
+    import torch
+
+    from refface.console import track
+    from refface.manifests.errors import ErrorsTable, ImageError
+    from refface.manifests.io import list_images, read_image, write_png
+    from refface.seeding import item_seed
+    from refface.train.mgfr.model import GuidanceConfig, sample
+
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    guidance = GuidanceConfig(
+        steps=steps,
+        w_quality=w_quality,
+        w_attribute=w_attribute,
+        negative_attribute_prompt=negative_attribute_prompt,
+    )
+    frozen, adapters, cfg, ckpt = load_mgfr(checkpoint, sd, use_ema=use_ema, device=device)
+    stage2 = int(cfg["stage"]) == 2
+    if stage2 and references is None:
+        raise ValueError(f"{ckpt} is a stage-2 checkpoint: pass --references (aligned reference per input)")
+    size = int(cfg["resolution"])
+    dev = frozen.unet.device
+    dtype = frozen.unet.dtype
+    if prompt is None:
+        from refface.mining.attributes import FALLBACK_PROMPT
+
+        prompt = FALLBACK_PROMPT
+
+    embed = None
+    if stage2:
+        from refface.mining.detect import PrealignedDetector
+        from refface.mining.embed import make_embedder
+
+        emb_model = make_embedder(embedder, embedder_model)
+        if int(emb_model.dim) != int(cfg["id_dim"]):
+            raise ValueError(
+                f"embedder {embedder} gives {emb_model.dim}-d embeddings but the checkpoint expects "
+                f"{cfg['id_dim']}-d; use the embedder the training data was embedded with"
+            )
+        detector = PrealignedDetector()
+
+        def embed(img):
+            face = detector(img)[0]
+            vec, _ = emb_model.embed_crops([emb_model.crop(img, face)])
+            return torch.from_numpy(vec[0])
+
+    errors = ErrorsTable()
+    todo = []
+    skipped = 0
+    for rel in list_images(input_dir):
+        out = output_dir / Path(rel).with_suffix(".png")
+        if out.is_file():
+            skipped += 1
+            continue
+        todo.append((rel, out))
+
+    restored = 0
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    for chunk in track(batches, "restoring (MGFR)", total=len(batches)):
+        items = []
+        for rel, out in chunk:
+            try:
+                lq = _to_tensor(read_image(input_dir / rel), size)
+                ref, emb = None, None
+                if stage2:
+                    ref_path = _find_reference(Path(references), rel)
+                    if ref_path is None:
+                        raise ImageError(f"no reference named like {rel} under {references}")
+                    ref_img = read_image(ref_path)
+                    ref, emb = _to_tensor(ref_img, size), embed(ref_img)
+                items.append((rel, out, lq, ref, emb))
+            except ImageError as exc:
+                errors.add(rel, "restore", str(exc))
+        if not items:
+            continue
+        # Per-image generators: an image's noise depends on (seed, path), not on batch or order.
+        gens = [
+            torch.Generator(device=dev).manual_seed(item_seed(seed, it[0]) & ((1 << 63) - 1)) for it in items
+        ]
+        with torch.no_grad():
+            imgs = sample(
+                frozen,
+                adapters,
+                torch.stack([it[2] for it in items]).to(dev, dtype),
+                [prompt] * len(items),
+                guidance,
+                gens,
+                ref=torch.stack([it[3] for it in items]).to(dev, dtype) if stage2 else None,
+                id_embedding=torch.stack([it[4] for it in items]).to(dev, torch.float32) if stage2 else None,
+            )
+        for (_rel, out, *_), img in zip(items, imgs, strict=True):
+            arr = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+            write_png(out, np.ascontiguousarray(arr))
+            restored += 1
+    if len(errors):
+        errors.write(output_dir)
+    return {"restored": restored, "skipped": skipped, "errors": len(errors)}

@@ -1,0 +1,1 @@
+"""ReF-LDM: VQGAN autoencoder, CacheKV denoiser, identity loss, sampler, trainer and restorer."""

@@ -1,0 +1,143 @@
+"""FFHQ-Ref builder on the shared labeled photos used as an FFHQ stand-in."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from common.faces_root import build_faces_root
+
+from refface.builders.ffhq_ref import FFHQRefConfig, build_ffhq_ref
+from refface.builders.validate import label_agreement, validate_root
+from refface.manifests.references import read_references
+from refface.manifests.splits import read_split_lists
+
+SPLITS = ("train", "val", "test")
+
+
+# dlib's usual 0.6 Euclidean rule (cosine 0.093 on unit vectors) pairs one LFW singleton with a
+# stranger at 0.079; the stricter 0.07 (Euclidean ~0.52) keeps every singleton alone.
+DLIB_STRICT = 0.07
+
+
+def config(faces_dir: Path, **overrides) -> FFHQRefConfig:
+    # The shared photos are not FFHQ-aligned: detect with dlib, as the mining fixture does.
+    overrides.setdefault("identity_threshold", DLIB_STRICT)
+    return FFHQRefConfig(detector="dlib", labels=str(faces_dir / "labels.csv"), **overrides)
+
+
+def seeded_root(faces_dir: Path, out: Path) -> Path:
+    """A fresh output root that starts from the cached mining outputs (the mine stage then skips)."""
+    shutil.copytree(build_faces_root(faces_dir), out)
+    return out
+
+
+def dataset_files(root: Path) -> dict[str, bytes]:
+    """Every output file's bytes, except the stage manifests and build.json (they hold timings)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and not rel.startswith(".stages/") and rel != "build.json":
+            out[rel] = path.read_bytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(faces_dir, tmp_path_factory):
+    root = seeded_root(faces_dir, tmp_path_factory.mktemp("ffhq") / "root")
+    summary = build_ffhq_ref(faces_dir, root, config(faces_dir))
+    return root, summary
+
+
+def test_outputs_and_formats(built, faces_dir):
+    root, summary = built
+    for name in [
+        "identities.parquet",
+        "splits.parquet",
+        "card.md",
+        "build.json",
+        "embeddings.npy",
+        "images.parquet",
+    ]:
+        assert (root / name).exists(), name
+    for split in SPLITS:
+        df = pd.read_csv(root / f"{split}_references.csv")
+        expected = ["gt_image", "ref_image"] if split == "train" else ["gt_image", "lq_image", "ref_image"]
+        assert list(df.columns) == expected
+        assert len(df) > 0, split
+    for plot in ["cluster_sizes", "refs_per_target", "ref_distances", "split_sizes"]:
+        assert (root / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
+    build = json.loads((root / "build.json").read_text())
+    assert Path(build["image_root"]) == faces_dir.resolve()
+    assert build["model"]["fingerprint"] and build["inputs"]["images"] == summary["images"]
+    assert {"mine", "identities", "splits", "references", "card"} <= set(build["timings"])
+    assert "errors" in build and build["config"]["detector"] == "dlib"
+
+
+def test_split_lists_cover_every_input_image_and_are_identity_disjoint(built, faces_dir):
+    from refface.manifests.io import list_images
+
+    root, _ = built
+    lists = read_split_lists(root)
+    listed = [p for s in SPLITS for p in lists[s]]
+    assert sorted(listed) == list_images(faces_dir)
+    assigned = pd.read_parquet(root / "splits.parquet")
+    per_id = assigned[assigned["identity"] >= 0].groupby("identity")["split"].nunique()
+    assert (per_id == 1).all()
+
+
+def test_references_agree_with_labels_and_singletons_get_none(built, faces_labels):
+    root, _ = built
+    refs = {s: read_references(root / f"{s}_references.csv") for s in SPLITS}
+    agree = label_agreement(refs, faces_labels)
+    print(f"reference precision vs labels: {agree}")
+    assert agree["pairs_labeled"] > 500
+    # Across sources one person may carry two labels (deepface person01 is LFW's Angelina Jolie).
+    assert agree["precision_same_source"] >= 0.98, agree
+    assert agree["precision"] >= 0.9, agree
+    assert agree["targets_labeled_singleton_with_refs"] == 0
+    for df in refs.values():
+        assert not df["gt_image"].str.startswith("lfw_distractors/").any()
+        assert not any(r.startswith("lfw_distractors/") for lst in df["ref_image"] for r in lst)
+
+
+def test_eval_reference_rules(built):
+    root, _ = built
+    from refface.builders.ffhq_ref import load_embedding_rows
+    from refface.mining.references import distance_matrix
+
+    emb, paths, vectors = load_embedding_rows(root)
+    row = {p: i for i, p in enumerate(paths)}
+    near = 0.25 * DLIB_STRICT
+    for split in ("val", "test"):
+        df = read_references(root / f"{split}_references.csv")
+        for gt, lst in zip(df["gt_image"], df["ref_image"], strict=True):
+            assert 2 <= len(lst) <= 9 and gt not in lst
+            d = distance_matrix(vectors[[row[gt]]], vectors[[row[r] for r in lst]], "cosine")[0]
+            assert (d >= near - 1e-9).all()
+
+
+def test_validate_passes_and_card_reports_precision(built):
+    root, _ = built
+    report = validate_root(root)
+    assert report.ok, report.problems
+    card = (root / "card.md").read_text()
+    assert "precision" in card and "## Splits" in card
+
+
+def test_rerun_does_no_work_and_seed_controls_split(built, faces_dir, tmp_path):
+    root, _ = built
+    before = {p: p.stat().st_mtime_ns for p in (root / ".stages").glob("*.json")}
+    build_ffhq_ref(faces_dir, root, config(faces_dir))
+    assert {p: p.stat().st_mtime_ns for p in (root / ".stages").glob("*.json")} == before
+
+    other = tmp_path / "seed1"
+    shutil.copytree(root, other)
+    build_ffhq_ref(faces_dir, other, config(faces_dir, seed=1, workers=1))
+    assert (other / "test_image.txt").read_bytes() != (root / "test_image.txt").read_bytes()
+    # Back to seed 0 with another worker count: byte-identical to the first build.
+    build_ffhq_ref(faces_dir, other, config(faces_dir, seed=0, workers=1))
+    assert dataset_files(other) == dataset_files(root)

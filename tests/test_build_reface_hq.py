@@ -1,0 +1,95 @@
+"""Reface-HQ-style builder on the shared identity folders."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from common.faces_root import build_faces_root
+from PIL import Image
+
+from refface.builders.reface_hq import RefaceHQConfig, build_reface_hq, curate
+from refface.builders.validate import label_agreement, validate_root
+from refface.manifests.references import read_references
+
+SPLITS = ("train", "val", "test")
+
+
+@pytest.fixture(scope="module")
+def built(faces_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reface") / "root"
+    # Start from the cached mining outputs; the builder's own mine stage then skips.
+    shutil.copytree(build_faces_root(faces_dir), root / "mined")
+    summary = build_reface_hq(
+        faces_dir, root, RefaceHQConfig(labels=str(faces_dir / "labels.csv"), identity_threshold=0.07)
+    )
+    return root, summary
+
+
+def test_layout_crops_and_tables(built):
+    root, summary = built
+    sources = pd.read_parquet(root / "sources.parquet")
+    assert len(sources) == summary["kept"] > 500
+    for rel in sources["path"].head(20):
+        identity, name = rel.split("/")
+        assert name.endswith(".png") and name[:-4].isdigit()
+        with Image.open(root / "images" / rel) as im:
+            assert im.size == (512, 512)
+    # Numbering is 0..n-1 within each identity.
+    for _, group in sources.groupby("identity_name"):
+        assert sorted(int(p.split("/")[1][:-4]) for p in group["path"]) == list(range(len(group)))
+    for split in SPLITS:
+        assert (root / f"{split}_references.csv").exists() and (root / f"{split}_image.txt").exists()
+
+
+def test_dropped_report_names_reasons(built):
+    root, _ = built
+    dropped = pd.read_csv(root / "dropped.csv")
+    assert (dropped["reason"].str.len() > 0).all()
+    # face_recognition/obama holds the same photo at several resolutions: near/exact duplicates go.
+    obama = dropped[dropped["path"].str.startswith("face_recognition/obama/")]
+    assert obama["reason"].str.contains("duplicate").sum() >= 3
+    kept = pd.read_parquet(root / "sources.parquet")
+    assert not set(kept["source"]) & set(dropped["path"])
+
+
+def test_references_agree_with_labels(built, faces_labels):
+    root, _ = built
+    refs = {s: read_references(root / f"{s}_references.csv") for s in SPLITS}
+    sources = pd.read_parquet(root / "sources.parquet")
+    known = faces_labels.rename(columns={"path": "photo", "source": "origin"})
+    moved = sources.merge(known, left_on="source", right_on="photo")
+    moved = moved[["path", "identity", "origin"]].rename(columns={"origin": "source"})
+    agree = label_agreement(refs, moved)
+    print(f"reface-hq reference precision vs labels: {agree}")
+    assert agree["precision_same_source"] >= 0.98 and agree["pairs_labeled"] > 500
+    assert agree["targets_labeled_singleton_with_refs"] == 0
+    assert validate_root(root).ok
+
+
+def test_curate_flags_outliers_merges_folders_and_drops_duplicates():
+    rng = np.random.default_rng(0)
+
+    def unit(v):
+        return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+    a, b = unit(rng.normal(size=16)), unit(rng.normal(size=16))
+    vecs = [unit(a + 0.2 * unit(rng.normal(size=16))) for _ in range(4)]  # folder x: person a
+    vecs += [unit(b + 0.05 * unit(rng.normal(size=16)))]  # folder x: a stranger (outlier)
+    vecs += [unit(a + 0.2 * unit(rng.normal(size=16))) for _ in range(3)]  # folder y: person a again
+    vecs += [vecs[0] + 1e-5]  # folder y: near-duplicate of x/0
+    paths = [f"x/{i}.jpg" for i in range(5)] + [f"y/{i}.jpg" for i in range(4)]
+    faces = pd.DataFrame({"path": paths, "x0": 0.0, "y0": 0.0, "x1": 100.0, "y1": 100.0, "det_score": 1.0})
+    faces.loc[2, ["x1", "y1"]] = 10.0  # a tiny face
+    sha = [f"h{i}" for i in range(9)]
+    sha[6] = sha[5]  # exact duplicate bytes
+    kept, dropped = curate(faces, np.asarray(vecs), sha, 0.3, RefaceHQConfig(near_duplicate_distance=0.01))
+    reasons = dict(zip(dropped["path"], dropped["reason"], strict=True))
+    assert "too small" in reasons["x/2.jpg"]
+    assert "far from its folder" in reasons["x/4.jpg"]
+    assert "exact duplicate of y/0.jpg" in reasons["y/1.jpg"]
+    assert "near-duplicate of x/0.jpg" in reasons["y/3.jpg"]
+    assert set(kept["identity_name"]) == {"x"}  # y merged into x
+    assert set(kept["folder"]) == {"x", "y"}

@@ -1,0 +1,204 @@
+"""``refface evaluate``: identical images score perfectly, degradation orders the metrics, missing weights are n/a."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+cv2 = pytest.importorskip("cv2")
+
+from refface.manifests.io import write_png  # noqa: E402
+from refface.train.evaluate import (  # noqa: E402
+    EvalModels,
+    EvalWeights,
+    evaluate_folders,
+    fit_niqe_params,
+    frechet_distance,
+    markdown_table,
+)
+from refface.train.refldm.identity import iresnet  # noqa: E402
+from refface.train.refldm.lpips import LPIPS  # noqa: E402
+
+SIZE = 128
+
+
+def face_like(seed: int) -> np.ndarray:
+    """A smooth image with edges and texture at several scales (enough structure for every metric)."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((SIZE, SIZE, 3), np.float32)
+    for scale in (4, 16, 64):
+        noise = rng.normal(size=(scale, scale, 3)).astype(np.float32)
+        img += cv2.resize(noise, (SIZE, SIZE), interpolation=cv2.INTER_CUBIC) * (40 / math.sqrt(scale))
+    cv2.circle(img, (64, 60), 30, (60, 30, 20), -1)
+    cv2.rectangle(img, (40, 90), (88, 100), (-50, -40, -40), -1)
+    return np.clip(img + 128, 0, 255).astype(np.uint8)
+
+
+def degrade(img: np.ndarray, sigma: float, noise: float, seed: int) -> np.ndarray:
+    out = cv2.GaussianBlur(img, (0, 0), sigma) if sigma > 0 else img.astype(np.float32)
+    out = out.astype(np.float32) + np.random.default_rng(seed).normal(0, noise, img.shape)
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+class TinyFeatures(torch.nn.Module):
+    """A random stand-in for the FID Inception: (B, 3, H, W) in [-1, 1] -> (B, 8)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 5, 2), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, 2)
+        )
+
+    def forward(self, x):
+        return self.conv(x).mean(dim=(2, 3))
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    gts = [face_like(i) for i in range(6)]
+    return EvalModels(
+        arcface=iresnet("r18", widths=(4, 8, 8, 8)).eval(),
+        lpips=LPIPS(widths=(4, 8, 8, 8, 8)).eval(),
+        feature_net=TinyFeatures().eval(),
+        niqe_params=fit_niqe_params(gts),
+    )
+
+
+@pytest.fixture()
+def folders(tmp_path):
+    gt = tmp_path / "gt"
+    for i in range(6):
+        write_png(gt / f"{i:05d}.png", face_like(i))
+    return tmp_path, gt
+
+
+def write_set(root, name, fn):
+    folder = root / name
+    for i in range(6):
+        write_png(folder / f"{i:05d}.png", fn(i))
+    return folder
+
+
+def test_identical_images_score_perfectly(folders, models):
+    root, gt = folders
+    same = write_set(root, "same", face_like)
+    r = evaluate_folders(same, gt, models=models, out=root / "eval")
+    assert r.metrics["psnr"] == math.inf
+    assert r.metrics["ssim"] == pytest.approx(1.0)
+    assert r.metrics["lpips"] == 0.0 and r.metrics["flpips"] == 0.0
+    assert r.metrics["ids"] == pytest.approx(1.0, abs=1e-6)
+    assert r.metrics["fid"] == pytest.approx(0.0, abs=1e-3)
+    assert not r.unavailable and len(r.per_image) == 6
+    md = (root / "eval" / "metrics.md").read_text()
+    assert "| Method | IDS↑ | LPIPS↓ | fLPIPS↓ | NIQE↓ | FID↓ | PSNR↑ | SSIM↑ |" in md
+    assert "| same | 1.000 | 0.000 | 0.000 |" in md and "| inf | 1.000 |" in md
+    assert (root / "eval" / "metrics.csv").read_text().startswith("method,images,ids,lpips")
+
+
+def test_degradation_orders_the_metrics(folders, models):
+    root, gt = folders
+    mild = evaluate_folders(
+        write_set(root, "mild", lambda i: degrade(face_like(i), 0.0, 3, i)), gt, models=models
+    )
+    heavy = evaluate_folders(
+        write_set(root, "heavy", lambda i: degrade(face_like(i), 3.0, 25, i)), gt, models=models
+    )
+    m, h = mild.metrics, heavy.metrics
+    assert m["psnr"] > h["psnr"] and m["ssim"] > h["ssim"]
+    assert 0 < m["lpips"] < h["lpips"] and 0 < m["flpips"] < h["flpips"]
+    assert m["niqe"] < h["niqe"]
+    assert m["fid"] < h["fid"]
+    assert h["ids"] < 1.0
+    table = markdown_table([mild, heavy])
+    assert table.index("| mild |") < table.index("| heavy |")
+
+
+def test_missing_weights_are_reported_unavailable(folders, tmp_path):
+    root, gt = folders
+    noisy = write_set(root, "noisy", lambda i: degrade(face_like(i), 1.0, 5, i))
+    r = evaluate_folders(noisy, gt, weights=EvalWeights.from_dir(tmp_path / "no_weights"), out=root / "e")
+    assert set(r.unavailable) == {"ids", "lpips", "flpips", "niqe", "fid"}
+    assert "w600k_r50.onnx" in r.unavailable["ids"] and "vgg16-397923af.pth" in r.unavailable["lpips"]
+    assert "inception-2015-12-05.pt" in r.unavailable["fid"]
+    assert math.isnan(r.metrics["ids"]) and 10 < r.metrics["psnr"] < 60
+    assert "n/a" in (root / "e" / "metrics.md").read_text()
+
+
+def test_bad_and_unmatched_images_become_error_rows(folders, models):
+    root, gt = folders
+    rest = write_set(root, "rest", face_like)
+    (rest / "00001.png").write_bytes(b"not a png")
+    write_png(rest / "extra.png", face_like(9))
+    r = evaluate_folders(rest, gt, models=models, out=root / "e2")
+    assert len(r.per_image) == 5
+    reasons = r.errors.to_frame()
+    assert len(reasons) == 2 and set(reasons["stage"]) == {"evaluate"}
+    assert "extra" in set(reasons["path"]) and "no GT" in " ".join(reasons["reason"])
+
+
+def test_refs_csv_restricts_the_scored_targets(folders, models, tmp_path):
+    root, gt = folders
+    rest = write_set(root, "rest", face_like)
+    csv = tmp_path / "refs.csv"
+    csv.write_text("gt_image,ref_image\n00002.png,\"['00003.png']\"\n00004.png,\"['00001.png']\"\n")
+    r = evaluate_folders(rest, gt, refs_csv=csv, models=models)
+    assert sorted(row["key"] for row in r.per_image) == ["00002", "00004"]
+
+
+def test_frechet_distance_matches_the_closed_form():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 3))
+    b = rng.normal(size=(4000, 3)) + np.array([2.0, 0.0, 0.0])
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a, b) == pytest.approx(4.0, rel=0.05)
+
+
+def test_lpips_loads_torchvision_and_lpips_files(tmp_path):
+    from refface.train.refldm.lpips import VGG16Features
+
+    torch.manual_seed(0)
+    vgg = VGG16Features()
+    torch.save({**vgg.state_dict(), "classifier.0.weight": torch.zeros(1)}, tmp_path / "vgg16.pth")
+    head = {
+        f"lin{i}.model.1.weight": torch.full((1, w, 1, 1), 0.01)
+        for i, w in enumerate((64, 128, 256, 512, 512))
+    }
+    torch.save(head, tmp_path / "vgg.pth")
+    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+        LPIPS.from_files(tmp_path / "nothere.pth", tmp_path / "vgg.pth")
+    model = LPIPS.from_files(tmp_path / "vgg16.pth", tmp_path / "vgg.pth")
+    assert torch.equal(model.net.features[0].weight, vgg.features[0].weight)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert float(model(x, x)[0]) == 0.0 and float(model(x, -x)[0]) > 0
+
+
+def test_cli_prints_and_writes_the_table(folders, tmp_path):
+    from typer.testing import CliRunner
+
+    from refface.cli import app
+
+    root, gt = folders
+    noisy = write_set(root, "noisy", lambda i: degrade(face_like(i), 1.0, 5, i))
+    res = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--restored",
+            str(noisy),
+            "--gt",
+            str(gt),
+            "--weights",
+            str(tmp_path / "none"),
+            "--out",
+            str(root / "o"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert (root / "o" / "metrics.md").is_file() and (root / "o" / "per_image.csv").is_file()
+    res = CliRunner().invoke(app, ["evaluate", "--restored", str(root / "absent"), "--gt", str(gt)])
+    assert res.exit_code == 2

@@ -1,0 +1,270 @@
+"""mine_folder / `refface embed`: tables, errors for every bad input, resume, skip, worker independence."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from refface.mining import pipeline
+from refface.mining.pipeline import FACES_COLUMNS, IMAGES_COLUMNS, MiningConfig, crop_relpath, mine_folder
+
+OUTPUTS = [
+    "images.parquet",
+    "faces.parquet",
+    "embeddings.npy",
+    "embeddings.parquet",
+    "embeddings.json",
+    "errors.parquet",
+    "errors.csv",
+]
+GOOD = [
+    "lfw/Alvaro_Uribe/Alvaro_Uribe_0001.jpg",
+    "lfw/Alvaro_Uribe/Alvaro_Uribe_0002.jpg",
+    "lfw/Amelie_Mauresmo/Amelie_Mauresmo_0001.jpg",
+    "lfw/Amelie_Mauresmo/Amelie_Mauresmo_0002.jpg",
+    "faceapi_js_bbt/amy/amy1.png",
+]
+# path -> (stage, reason prefix)
+BAD = {
+    "bad/not_an_image.jpg": ("decode", "not a decodable image"),
+    "bad/empty.png": ("decode", "empty file"),
+    "bad/truncated.jpg": ("decode", "truncated or corrupt image"),
+    "bad/huge.png": ("decode", "too large"),
+    "bad/no_face.png": ("detect", "no face found"),
+}
+ROTATED = "exif/sideways.jpg"
+FOUND = GOOD + [ROTATED]
+SMALL_LIMIT = 2_000_000  # pixels; bad/huge.png has 4 million
+
+
+@pytest.fixture(scope="module")
+def photos(faces_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    for rel in GOOD:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(faces_dir / rel, root / rel)
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "not_an_image.jpg").write_text("this is text, not a JPEG")
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "truncated.jpg").write_bytes((faces_dir / GOOD[0]).read_bytes()[:3000])
+    Image.new("L", (2000, 2000), 90).save(bad / "huge.png")
+    Image.new("RGB", (200, 200), (128, 120, 110)).save(bad / "no_face.png")
+    # Stored sideways with EXIF orientation 6 ("rotate 90 clockwise to display"): only found upright.
+    upright = Image.open(faces_dir / GOOD[0]).crop((0, 0, 250, 210))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (root / "exif").mkdir()
+    upright.rotate(90, expand=True).save(root / ROTATED, exif=exif.tobytes(), quality=95)
+    return root
+
+
+def _config(**kw) -> MiningConfig:
+    base = {"workers": 1, "chunk_size": 3, "max_pixels": SMALL_LIMIT}
+    base.update(kw)
+    return MiningConfig(**base)
+
+
+def _digest(root) -> dict[str, str]:
+    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in OUTPUTS}
+
+
+@pytest.fixture(scope="module")
+def mined(photos, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mined")
+    result = mine_folder(photos, root, _config())
+    return root, result
+
+
+def test_tables_follow_the_dataset_root_contract(mined):
+    root, result = mined
+    assert result.ran and result.n_images == len(FOUND) + len(BAD)
+    assert result.n_faces == len(FOUND) and result.n_errors == len(BAD)
+    images = pd.read_parquet(root / "images.parquet")
+    assert list(images.columns) == IMAGES_COLUMNS
+    assert len(images) == len(FOUND) + 1  # the faceless image decodes fine
+    rotated = images.set_index("path").loc[ROTATED]
+    assert (rotated["width"], rotated["height"]) == (250, 210)  # EXIF orientation applied
+    assert images["sha256"].str.len().eq(64).all() and (images["width"] > 0).all()
+    faces = pd.read_parquet(root / "faces.parquet")
+    assert list(faces.columns) == FACES_COLUMNS
+    assert sorted(faces["path"]) == sorted(FOUND)
+    assert faces["lm"].map(len).eq(10).all() and (faces["n_faces"] >= 1).all()
+    assert (faces["x1"] > faces["x0"]).all() and (faces["y1"] > faces["y0"]).all()
+    assert set(faces["image_id"]) <= set(images["image_id"])
+    vectors = np.load(root / "embeddings.npy")
+    table = pd.read_parquet(root / "embeddings.parquet")
+    assert vectors.shape == (len(FOUND), 128) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert table["path"].tolist() == faces["path"].tolist()
+    assert table["image_id"].tolist() == faces["image_id"].tolist()
+    meta = json.loads((root / "embeddings.json").read_text())
+    assert meta["model"] == "dlib_face_recognition_resnet_model_v1" and meta["dim"] == 128
+    assert meta["metric"] == "cosine" and 0 < meta["identity_threshold"] < 0.2
+    assert (root / ".stages" / "mine.json").exists()
+    assert not (root / ".parts").exists()
+
+
+def test_every_bad_input_becomes_an_error_row(mined):
+    root, result = mined
+    errors = pd.read_parquet(root / "errors.parquet")
+    assert pd.read_csv(root / "errors.csv").shape == errors.shape
+    by_path = {r.path: (r.stage, r.reason) for r in errors.itertuples()}
+    assert set(by_path) == set(BAD)
+    for path, (stage, reason) in BAD.items():
+        assert by_path[path][0] == stage
+        assert by_path[path][1].startswith(reason), by_path[path]
+    assert " at 0x" not in "".join(errors["reason"])  # no memory addresses: reproducible bytes
+    assert result.errors_by_reason == {
+        "empty file": 1,
+        "no face found": 1,
+        "not a decodable image": 1,
+        "too large": 1,
+        "truncated or corrupt image": 1,
+    }
+
+
+def test_second_run_does_no_work(mined, photos):
+    root, _ = mined
+    before = {n: (root / n).stat().st_mtime_ns for n in OUTPUTS}
+    again = mine_folder(photos, root, _config(workers=2))  # worker count is not part of the config
+    assert not again.ran and again.n_faces == len(FOUND)
+    assert {n: (root / n).stat().st_mtime_ns for n in OUTPUTS} == before
+    changed = mine_folder(photos, root, _config(face_policy="largest"))
+    assert changed.ran
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def test_killed_run_resumes_to_identical_bytes_whatever_the_workers(mined, photos, tmp_path, monkeypatch):
+    reference, _ = mined
+    real = pipeline._mine_chunk
+    calls = {"n": 0}
+
+    def dies_on_third_chunk(items):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Boom("killed")
+        return real(items)
+
+    root = tmp_path / "resumed"
+    monkeypatch.setattr(pipeline, "_mine_chunk", dies_on_third_chunk)
+    with pytest.raises(_Boom):
+        mine_folder(photos, root, _config())
+    parts = sorted((root / ".parts" / "mine").rglob("chunk-*.pkl"))
+    assert len(parts) == 2  # the finished chunks survived
+    assert not (root / "faces.parquet").exists()
+    monkeypatch.setattr(pipeline, "_mine_chunk", real)
+    resumed = mine_folder(photos, root, _config())
+    assert resumed.ran and resumed.n_faces == len(FOUND)
+    assert _digest(root) == _digest(reference)
+    parallel = tmp_path / "parallel"
+    mine_folder(photos, parallel, _config(workers=2))
+    assert _digest(parallel) == _digest(reference)
+
+
+def test_aligned_crops(photos, tmp_path):
+    root = tmp_path / "crops"
+    mine_folder(photos, root, _config(save_crops=True, crop_size=128))
+    for rel in GOOD:
+        crop = Image.open(root / crop_relpath(rel))
+        assert crop.size == (128, 128)
+    assert crop_relpath("a/b.jpg") == "aligned/a/b.png"
+
+
+def test_arcface_path_with_prealigned_inputs(tmp_path):
+    from common.tiny_arcface import build_tiny_arcface
+
+    model = build_tiny_arcface(tmp_path / "w600k_r50.onnx")
+    images = tmp_path / "aligned"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    root = tmp_path / "root"
+    result = mine_folder(
+        images, root, _config(detector="prealigned", embedder="arcface", model_path=str(model))
+    )
+    assert result.n_faces == 4 and result.model == "arcface:w600k_r50"
+    meta = json.loads((root / "embeddings.json").read_text())
+    assert meta["dim"] == 512 and meta["identity_threshold"] == 0.4
+    assert meta["fingerprint"] == hashlib.sha256(model.read_bytes()).hexdigest()
+
+
+def test_invalid_settings_are_explained(photos, tmp_path):
+    for bad, match in [
+        ({"detector": "mtcnn"}, "detector"),
+        ({"embedder": "facenet"}, "embedder"),
+        ({"face_policy": "first"}, "face policy"),
+        ({"crop_size": 4}, "crop size"),
+        ({"workers": 0}, "at least 1"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            mine_folder(photos, tmp_path / "x", _config(**bad))
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        mine_folder(tmp_path / "missing", tmp_path / "x", _config())
+
+
+def test_embed_command(photos, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from refface.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    res = runner.invoke(app, ["embed", str(photos), "--out", str(out), "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert (out / "faces.parquet").exists() and len(
+        pd.read_parquet(out / "errors.parquet")
+    ) == 5  # huge.png decodes under the default limit, has no face
+    monkeypatch.setenv("INSIGHTFACE_HOME", str(tmp_path / "nowhere"))
+    res = runner.invoke(app, ["embed", str(photos), "--out", str(out), "--embedder", "arcface"])
+    assert res.exit_code == 2
+    assert "w600k_r50.onnx" in res.output
+    assert "Detect, align and embed" in runner.invoke(app, ["embed", "--help"]).output
+
+
+def test_embed_command_reads_an_images_table(photos, tmp_path):
+    from typer.testing import CliRunner
+
+    from refface.cli import app
+
+    table = tmp_path / "images.csv"
+    pd.DataFrame({"path": [GOOD[0], GOOD[2], "bad/empty.png", "gone.jpg"]}).to_csv(table, index=False)
+    out = tmp_path / "from_table"
+    res = CliRunner().invoke(
+        app, ["embed", str(table), "--image-root", str(photos), "--out", str(out), "--workers", "1"]
+    )
+    assert res.exit_code == 0, res.output
+    assert sorted(pd.read_parquet(out / "faces.parquet")["path"]) == sorted([GOOD[0], GOOD[2]])
+    errors = pd.read_parquet(out / "errors.parquet").set_index("path")
+    assert errors.loc["gone.jpg", "stage"] == "read" and errors.loc["gone.jpg", "reason"].startswith(
+        "cannot read file"
+    )
+    assert errors.loc["bad/empty.png", "reason"] == "empty file"
+    with pytest.raises(ValueError, match="inside it"):
+        mine_folder(photos, tmp_path / "x", _config(), relpaths=["../escape.jpg"])
+
+
+def test_a_failing_batch_is_retried_face_by_face():
+    class Flaky:
+        dim = 2
+
+        def embed_crops(self, crops):
+            if any(c == "bad" for c in crops):
+                raise RuntimeError("cannot embed")
+            return np.ones((len(crops), 2), np.float32), np.ones(len(crops), np.float32)
+
+    faces = [{"path": "a"}, {"path": "b"}, {"path": "c"}]
+    errors: list = []
+    vectors, norms = pipeline._embed_or_isolate(Flaky(), ["ok", "bad", "ok"], faces, errors)
+    assert [f["path"] for f in faces] == ["a", "c"] and vectors.shape == (2, 2) and len(norms) == 2
+    assert errors == [{"path": "b", "stage": "embed", "reason": "RuntimeError: cannot embed"}]
