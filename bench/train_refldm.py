@@ -9,9 +9,9 @@ Sampling step = one DDIM step with CFG toward the references (batch doubled with
 - Spatial concatenation (the baseline): the K reference latents are laid beside the target latent
   along the width, and the UNet runs on the (1 + K)-wide latent at every step.
 
-Each measurement runs in a fresh process. Peak memory: CUDA max allocated over the timed steps; on CPU
-the peak of live tensors (PyTorch's MemTracker: parameters, gradients, optimizer state, activations,
-temporaries) over one more step.
+Each measurement runs in a fresh process so peak memory is its own (CUDA: max allocated over the timed
+steps; CPU: growth of the process's peak resident set once the models and inputs are built). Times are
+the median step, which resists other work on a shared machine.
 
     .venv/bin/python bench/train_refldm.py                      # tiny config on CPU (default)
     .venv/bin/python bench/train_refldm.py --config configs/refldm.yaml --batch 8 --refs 5 --precision bf16
@@ -20,9 +20,9 @@ temporaries) over one more step.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,18 +34,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("cachekv", "spatial")
 
 
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
 def _measure(opts: dict, method: str, phase: str, queue) -> None:
     """Child process: build the models, run warm-up + timed steps of one method and phase."""
     import torch
     import torch.nn.functional as F
+    from diffusers.utils import logging as diffusers_logging
 
     from refface.train.refldm.cachekv import RefCache
     from refface.train.refldm.identity import identity_loss, iresnet
     from refface.train.refldm.model import RefLDMUNet, make_ddim_scheduler, make_train_scheduler
     from refface.train.refldm.train import load_config
     from refface.train.refldm.vqgan import build_vqgan, decode, encode
-
-    from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -56,7 +61,9 @@ def _measure(opts: dict, method: str, phase: str, queue) -> None:
     unet = RefLDMUNet.from_unet_config(cfg.unet).to(device)
     vq = build_vqgan(cfg.vqgan).to(device, dtype).eval().requires_grad_(False)
     paper = cfg.unet.base_channels >= 128
-    arcface = (iresnet("r50") if paper else iresnet("r18", widths=tuple(cfg.task.arcface_widths))).to(device, dtype)
+    arcface = (iresnet("r50") if paper else iresnet("r18", widths=tuple(cfg.task.arcface_widths))).to(
+        device, dtype
+    )
     arcface.eval().requires_grad_(False)
     b, k, res = opts["batch"], opts["refs"], opts["resolution"] or cfg.data.resolution
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -70,7 +77,9 @@ def _measure(opts: dict, method: str, phase: str, queue) -> None:
     def spatial_eps(x_target: torch.Tensor, zlq, t, zref) -> torch.Tensor:
         # (B, C, h, w) target ‖ LQ and K references ‖ zeros, side by side along the width.
         tgt = torch.cat([x_target, zlq], dim=1)
-        parts = [tgt] + [torch.cat([zref[:, i], torch.zeros_like(zref[:, i])], dim=1) for i in range(zref.shape[1])]
+        parts = [tgt] + [
+            torch.cat([zref[:, i], torch.zeros_like(zref[:, i])], dim=1) for i in range(zref.shape[1])
+        ]
         wide = torch.cat(parts, dim=3)  # (B, 2C, h, (1 + K) w)
         return unet.unet(wide, t).sample[..., : x_target.shape[-1]]
 
@@ -107,7 +116,9 @@ def _measure(opts: dict, method: str, phase: str, queue) -> None:
     def sample_setup() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             if method == "cachekv":
-                state["cache"] = RefCache.cat([unet.build_cache(zref), unet.build_cache(torch.zeros_like(zref))])
+                state["cache"] = RefCache.cat(
+                    [unet.build_cache(zref), unet.build_cache(torch.zeros_like(zref))]
+                )
         state["x"] = torch.randn_like(z0)
 
     @torch.no_grad()
@@ -127,6 +138,7 @@ def _measure(opts: dict, method: str, phase: str, queue) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    baseline_rss = _peak_rss_mb()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -134,41 +146,34 @@ def _measure(opts: dict, method: str, phase: str, queue) -> None:
     unet.train(phase == "train")
     if phase == "train":
         train_step()  # warm-up (allocator, kernels)
-        sync()
-        start = time.perf_counter()
+        times = []
         for _ in range(opts["steps"]):
+            sync()
+            start = time.perf_counter()
             train_step()
-        sync()
-        seconds = (time.perf_counter() - start) / opts["steps"]
+            sync()
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
     else:
         sample_setup()
         timesteps = list(ddim.timesteps)
         sample_step(timesteps[0])  # warm-up
         sync()
         start = time.perf_counter()
-        sample_setup()  # CacheKV's once-per-sample reference pass is part of the timed work
-        for t in timesteps:
-            sample_step(t)
+        sample_setup()  # CacheKV's once-per-sample reference pass, spread over the sample's steps
         sync()
-        seconds = (time.perf_counter() - start) / len(timesteps)
+        setup = time.perf_counter() - start
+        times = []
+        for t in timesteps:
+            start = time.perf_counter()
+            sample_step(t)
+            sync()
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times) + setup / len(timesteps)
     if device.type == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated() - base_alloc) / 2**20
     else:
-        # The process's resident set mixes in allocator caching and other work; MemTracker counts the
-        # live tensors of one more step exactly (parameters, gradients, optimizer state, activations,
-        # temporaries), so the two methods compare like for like.
-        from torch.distributed._tools.mem_tracker import MemTracker
-
-        tracker = MemTracker()
-        tracker.track_external(unet, vq, arcface, opt)
-        with tracker:
-            if phase == "train":
-                train_step()
-            else:
-                sample_setup()
-                for t in list(ddim.timesteps)[:2]:
-                    sample_step(t)
-        peak_mb = tracker.get_tracker_snapshot("peak")[device]["Total"] / 2**20
+        peak_mb = max(0.0, _peak_rss_mb() - baseline_rss)
     queue.put({"method": method, "phase": phase, "seconds_per_step": seconds, "peak_mb": peak_mb})
 
 
@@ -179,13 +184,25 @@ def run_one(opts: dict, method: str, phase: str) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_measure, args=(opts, method, phase, queue))
     proc.start()
-    result = queue.get()
+    import queue as queue_mod
+
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(
+                    f"the {method}/{phase} measurement process died (exit code {proc.exitcode})"
+                ) from None
     proc.join()
     return result
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default=None, help="model config (default: paper on CUDA, tiny on CPU)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: 8 on CUDA, 2 on CPU)")
     parser.add_argument("--refs", type=int, default=5, help="references per target")
@@ -226,7 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
         for method in METHODS:
             r = run_one(opts, method, phase)
             rows.append(r)
-            print(f"{phase:6s} {method:8s} {r['seconds_per_step'] * 1000:9.1f} ms/step  peak {r['peak_mb']:8.1f} MB")
+            print(
+                f"{phase:6s} {method:8s} {r['seconds_per_step'] * 1000:9.1f} ms/step  peak {r['peak_mb']:8.1f} MB"
+            )
     by = {(r["phase"], r["method"]): r for r in rows}
     summary = {}
     for phase in ("train", "sample"):
@@ -264,7 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
         ratio = s["memory_ratio_spatial_over_cachekv"]
         md.append(
             f"- {phase}: CacheKV is x{s['speedup_cachekv_vs_spatial']:.2f} the speed of spatial concatenation; "
-            f"spatial needs x{ratio:.2f} the memory" if ratio else f"- {phase}: memory ratio unavailable"
+            f"spatial needs x{ratio:.2f} the memory"
+            if ratio
+            else f"- {phase}: memory ratio unavailable"
         )
     write_text(RESULTS / f"{args.name}.md", "\n".join(md) + "\n")
     return result

@@ -234,6 +234,7 @@ def test_planted_exact_and_near_duplicates_are_all_found(faces_root, faces_dir, 
                 f"{n}_mirror.jpg": (rel, "near_duplicate"),
             }
         )
+    (planted / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     out = tmp_path / "audit"
     view_root = make_view(faces_root, tmp_path / "root")
     config = AuditConfig(workers=2, cache_dir=str(hash_cache))
@@ -250,6 +251,9 @@ def test_planted_exact_and_near_duplicates_are_all_found(faces_root, faces_dir, 
         if row.kind in ("exact", "near_duplicate"):
             assert expected[b][0] == a or _same_picture(a, expected[b][0]), (a, b, row.kind)
     assert summary["pairs"]["root~planted"]["leaked_images"]["planted"] == len(expected)
+    # The unreadable file is reported, not silently dropped.
+    errors = pd.read_csv(out / "errors.csv")
+    assert "planted:broken.jpg" in errors["path"].tolist()
 
 
 def _same_picture(a: str, b: str) -> bool:

@@ -82,6 +82,7 @@ def outputs(root: Path) -> dict[str, bytes]:
 def build_json_without_timings(root: Path) -> dict:
     info = json.loads((root / "build.json").read_text())
     info.pop("timings")
+    info.pop("this_run_seconds")
     info["config"].pop("workers")
     return info
 

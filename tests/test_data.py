@@ -134,6 +134,18 @@ def test_resampled_epoch_length_and_determinism(data):
     assert len(first) == 12 and set(first) <= {f"id{i}_img{j}" for i in range(3) for j in range(4)}
     assert run(0) == first
     assert run(1) != first
+    # A fresh process (another str-hash seed) draws the same stream: a resumed run sees the same data.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from refface.train.data import make_shard_dataset, resolve_shards; "
+        f"urls, _ = resolve_shards({str(data['shards'])!r}, 'train'); "
+        "print(','.join(make_shard_dataset(urls, lambda r: r['key'], seed=3, epoch=0, samples_per_worker=12)))"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip().split(",") == first
 
 
 def _check_refldm_batch(batch, b: int, k: int, res: int):

@@ -191,7 +191,8 @@ def test_goldens():
         assert ops.psnr(lq, golden) >= 45.0
 
 
-def test_torch_batch_matches_cpu_path():
+@pytest.mark.parametrize("blur", ["fused", "fft"])
+def test_torch_batch_matches_cpu_path(blur):
     torch = pytest.importorskip("torch")
     from refface.degradations.torch_ops import degrade_batch
 
@@ -199,7 +200,7 @@ def test_torch_batch_matches_cpu_path():
     imgs = [_img(s) for s in range(3)]
     keys = ["a", "b", "c"]
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255
-    lq, params = degrade_batch(x, keys, cfg, seed=2)
+    lq, params = degrade_batch(x, keys, cfg, seed=2, blur=blur)
     assert lq.shape == x.shape and lq.dtype == torch.float32
     assert float(lq.min()) >= 0 and float(lq.max()) <= 1
     d = Degrader(cfg, seed=2)

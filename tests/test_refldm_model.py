@@ -138,3 +138,8 @@ def test_identity_loss_is_zero_for_identical_images():
     img = torch.rand(2, 3, 64, 64) * 2 - 1
     loss = identity_loss(arcface, img, img, torch.ones(2))
     torch.testing.assert_close(loss, torch.zeros(2), atol=1e-6, rtol=0)
+
+
+def test_gradient_checkpointing_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="CacheKV"):
+        tiny_unet().enable_gradient_checkpointing()

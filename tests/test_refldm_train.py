@@ -107,7 +107,6 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow
 def test_entry_point_runs_the_three_stages(tmp_path, monkeypatch):
     arcface_file = tmp_path / "arcface_tiny.pth"
     torch.manual_seed(0)

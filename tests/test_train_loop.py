@@ -210,6 +210,14 @@ if state.is_main_process:
 """
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_process_ddp_resume_is_exact(tmp_path):
     # Two CPU processes under torchrun (gloo): sharded data, every rank's RNG saved, exact resume.
@@ -222,10 +230,10 @@ def test_two_process_ddp_resume_is_exact(tmp_path):
 
     def run(out, steps):
         res = tmp_path / f"{out}_{steps}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
-        proc = subprocess.run(
-            [*cmd, str(script), str(tmp_path / out), str(steps), str(res)], capture_output=True
-        )
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        cmd += ["--master_port", str(_free_port())]
+        args = [*cmd, str(script), str(tmp_path / out), str(steps), str(res)]
+        proc = subprocess.run(args, capture_output=True, timeout=300)
         assert proc.returncode == 0, proc.stderr.decode()[-3000:]
         return json.loads(res.read_text())
 
@@ -236,3 +244,9 @@ def test_two_process_ddp_resume_is_exact(tmp_path):
     assert (
         tmp_path / "split" / "checkpoints" / "step_000006" / "accelerate" / "random_states_1.pkl"
     ).is_file()
+
+
+def test_empty_dataloader_is_an_error(tmp_path):
+    empty = torch.utils.data.DataLoader([], batch_size=2)
+    with pytest.raises(ValueError, match="no batch"):
+        train(ToyTask(), empty, _cfg(tmp_path))

@@ -243,16 +243,21 @@ def build_celeba_test_ref(
         "errors": len(ErrorsTable.read(root)),
     }
     write_card_celeba(root, config, summary)
-    extra = {"ref_root": str(pool_dir.resolve()), "lq_root": str(lq_root.resolve()) if lq_root else None}
-    import json
-
-    emb_json = root / TARGETS_DIR / "embeddings.json"
-    info = write_build_json(root, "celeba-test-ref", config, targets_dir, t_paths, timings, extra)
-    info["model"] = json.loads(emb_json.read_text()) if emb_json.exists() else {}
-    info["timings"] = {**stage_timings(root / TARGETS_DIR), **timings}
-    from refface.manifests.atomic import write_json
-
-    write_json(root / "build.json", info)
+    extra = {
+        "ref_root": str(pool_dir.resolve()),
+        "lq_root": str(lq_root.resolve()) if lq_root else None,
+        "pool_timings": stage_timings(root / POOL_DIR),
+    }
+    write_build_json(
+        root,
+        "celeba-test-ref",
+        config,
+        targets_dir,
+        t_paths,
+        timings,
+        extra,
+        embeddings_root=root / TARGETS_DIR,
+    )
     return summary
 
 

@@ -165,6 +165,11 @@ def degrade_chunk(
             rows.append(_row_from_params(rel, params))
         except ImageError as e:
             rows.append({"gt_image": rel, "lq_image": "", "status": "error", "reason": str(e)})
+        except Exception as e:  # noqa: BLE001 - one bad file must not stop the set; the reason is kept
+            log.warning("degrading %s failed: %s", rel, e)
+            rows.append(
+                {"gt_image": rel, "lq_image": "", "status": "error", "reason": f"{type(e).__name__}: {e}"}
+            )
     return rows
 
 

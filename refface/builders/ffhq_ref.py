@@ -118,11 +118,11 @@ class FFHQRefConfig:
         return {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}
 
 
-def mining_config(config: Any):
+def mining_config(config: Any, exclude: tuple[str, ...] = ()):
     """The mining core's config from a builder config: every field the two share is passed on."""
     from refface.mining.pipeline import MiningConfig
 
-    names = {f.name for f in fields(MiningConfig)}
+    names = {f.name for f in fields(MiningConfig)} - set(exclude)
     values = {k: v for k, v in asdict(config).items() if k in names}
     return MiningConfig(**values)
 
@@ -147,12 +147,12 @@ def file_digest(root: Path, name: str) -> str | None:
 # --------------------------------------------------------------------------------------------- stages
 
 
-def run_mining(image_root: Path, root: Path, config: Any) -> dict:
+def run_mining(image_root: Path, root: Path, config: Any, exclude: tuple[str, ...] = ()) -> dict:
     """Mine ``image_root`` into ``root`` (the mining core skips its own unchanged stages)."""
     from refface.mining.pipeline import mine_folder
 
     start = time.perf_counter()
-    mine_folder(image_root, root, mining_config(config))
+    mine_folder(image_root, root, mining_config(config, exclude))
     return {"seconds": round(time.perf_counter() - start, 3)}
 
 
@@ -361,13 +361,20 @@ def error_counts(root: Path) -> dict[str, int]:
 
 
 def write_build_json(
-    root: Path, kind: str, config: Any, image_root: Path, all_paths: list[str], timings: dict, extra: dict
+    root: Path,
+    kind: str,
+    config: Any,
+    image_root: Path,
+    all_paths: list[str],
+    timings: dict,
+    extra: dict,
+    embeddings_root: Path | None = None,
 ) -> dict:
     """build.json: config, versions, model and input fingerprints, per-stage timings, error counts."""
     from refface.stages import folder_fingerprint
 
     model = {}
-    emb_json = root / "embeddings.json"
+    emb_json = (embeddings_root or root) / "embeddings.json"
     if emb_json.exists():
         model = json.loads(emb_json.read_text())
     info = {
@@ -377,7 +384,10 @@ def write_build_json(
         "versions": package_versions(),
         "model": {k: model.get(k) for k in ("model", "fingerprint", "metric", "identity_threshold", "dim")},
         "inputs": {"images": len(all_paths), "fingerprint": folder_fingerprint(image_root, all_paths)},
-        "timings": {**stage_timings(root), **timings},
+        # Seconds each stage took when it last ran (from its manifest); skipped stages keep their old figure.
+        "timings": {**stage_timings(embeddings_root or root), **stage_timings(root)},
+        # Wall seconds of this invocation's calls (near zero for stages that were up to date).
+        "this_run_seconds": timings,
         "errors": error_counts(root),
         **extra,
     }

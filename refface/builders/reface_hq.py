@@ -328,6 +328,7 @@ def build_reface_hq(
         remove_stale_temps,
         run_mining,
         splits_stage,
+        stage_timings,
         write_build_json,
     )
     from refface.manifests.io import list_images
@@ -338,7 +339,8 @@ def build_reface_hq(
     remove_stale_temps(root)
     if not list_images(folders):
         raise ValueError(f"no images found under {folders}")
-    timings = {"mine": run_mining(folders, root / MINED_DIR, config)["seconds"]}
+    # The output crop size is this builder's own; mining embeds from its default alignment.
+    timings = {"mine": run_mining(folders, root / MINED_DIR, config, exclude=("crop_size",))["seconds"]}
     manifest, _ = curate_stage(folders, root, config)
     kept = pd.read_parquet(root / "identities.parquet")["path"].tolist()
     splits_stage(root, config, kept)
@@ -363,6 +365,7 @@ def build_reface_hq(
         timings,
         {
             "source_root": str(folders.resolve()),
+            "mining_timings": stage_timings(root / MINED_DIR),
             "curation": {k: manifest.get(k) for k in ("kept", "dropped", "merged_identities")},
         },
     )

@@ -4,7 +4,7 @@ The reference ops (:func:`blur`, :func:`resize_linear`, ...) make the same OpenC
 BasicSR / GFPGAN. :func:`blur_downsample` computes the same blurred-then-downsampled image
 without blurring every pixel: INTER_LINEAR reads at most two source rows and columns per output
 pixel, so the blur is folded into the resize weights (separable low-rank pieces of the kernel,
-band-limited matrix products), with a guaranteed error bound in grey levels.
+band-limited matrix products), within an error bound in grey levels fixed by construction.
 """
 
 from __future__ import annotations
@@ -163,16 +163,28 @@ def _band_blocks(
     weights = np.concatenate(
         [(1.0 - w1)[None, :, None] * taps[:, None, :], w1[None, :, None] * taps[:, None, :]], axis=2
     )  # (R, n_out, 2L)
+    # One bincount for every block: all windows get the widest block's width (shifted to stay
+    # inside the input), so the weights form a single (blocks, R, block, window) array.
+    n_blocks = -(-n_out // block)
+    rows = np.arange(n_out)
+    block_of, row_in_block = rows // block, rows % block
+    starts = np.arange(n_blocks) * block
+    lo = np.minimum.reduceat(cols.min(axis=1), starts)
+    hi = np.maximum.reduceat(cols.max(axis=1), starts) + 1
+    win = int((hi - lo).max())
+    lo = np.minimum(lo, n_in - win)
+    base = block_of * (n_rank * block * win) + row_in_block * win  # (n_out,)
+    idx = (
+        base[None, :, None]
+        + np.arange(n_rank)[:, None, None] * (block * win)
+        + (cols - lo[block_of, None])[None]
+    )
+    w = np.bincount(idx.ravel(), weights=weights.ravel(), minlength=n_blocks * n_rank * block * win)
+    w = w.reshape(n_blocks, n_rank, block, win).astype(np.float32)
     blocks = []
-    for o0 in range(0, n_out, block):
-        o1 = min(n_out, o0 + block)
-        c = cols[o0:o1]
-        lo, hi = int(c.min()), int(c.max()) + 1
-        nb, win = o1 - o0, hi - lo
-        idx = (np.arange(nb)[:, None] * win + (c - lo)).ravel()
-        idx = (np.arange(n_rank)[:, None] * (nb * win) + idx[None, :]).ravel()
-        w = np.bincount(idx, weights=weights[:, o0:o1].ravel(), minlength=n_rank * nb * win)
-        blocks.append((o0, o1, lo, hi, w.reshape(n_rank, nb, win).astype(np.float32)))
+    for j in range(n_blocks):
+        o0, o1 = int(starts[j]), min(n_out, int(starts[j]) + block)
+        blocks.append((o0, o1, int(lo[j]), int(lo[j]) + win, w[j, :, : o1 - o0]))
     return blocks
 
 

@@ -1,10 +1,11 @@
 """The degradation pipeline on torch batches (CPU or GPU) for on-the-fly training.
 
 Parameters come from the same per-(seed, key) sampler as the CPU degrader, so both paths share
-their distributions exactly; the noise field is the same realization too. Blur is an FFT
-correlation with reflect-101 borders, resizes are ``F.interpolate`` bilinear without antialias
-(OpenCV INTER_LINEAR's sampling), and JPEG round-trips the small LQ through OpenCV on the CPU
-(libjpeg; the LQ is at most a few hundred pixels a side, so the transfer is cheap).
+their distributions exactly; the noise field is the same realization too. On an accelerator the
+blur is an FFT correlation with reflect-101 borders and resizes are ``F.interpolate`` bilinear
+without antialias (OpenCV INTER_LINEAR's sampling); on the CPU the numpy path's fused
+blur+downsample is used. JPEG round-trips the small LQ through OpenCV on the CPU (libjpeg; the
+LQ is at most a few hundred pixels a side, so the transfer is cheap).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def degrade_batch(
     preset: str | PresetConfig,
     seed: int = 0,
     params: Sequence[dict] | None = None,
+    blur: str | None = None,
 ):
     """Degrade a batch on its own device.
 
@@ -50,6 +52,8 @@ def degrade_batch(
         preset: preset name or config.
         seed: preset seed.
         params: optional pre-drawn parameters (``Degrader.sample``) to replay.
+        blur: ``"fft"`` (tensor FFT + ``F.interpolate``, the accelerator route) or ``"fused"``
+            (the numpy fused blur+downsample, CPU tensors only); default: fused on CPU, else fft.
 
     Returns:
         (LQ (B, 3, H, W) float tensor in [0, 1] on the input's device, list of params dicts).
@@ -66,7 +70,11 @@ def degrade_batch(
     plist = [dict(p) for p in params] if params is not None else [degrader.sample(k) for k in keys]
     x = images.to(torch.float32).clamp(0, 1)
     has_blur = [p.get("kernel_type") is not None for p in plist]
-    if any(has_blur):
+    route = blur or ("fused" if x.device.type == "cpu" else "fft")
+    if route not in ("fft", "fused") or (route == "fused" and x.device.type != "cpu"):
+        raise ValueError(f"blur must be 'fft' or 'fused' (fused needs CPU tensors), got {blur!r}")
+    on_cpu = route == "fused"
+    if any(has_blur) and not on_cpu:
         idx = [i for i, hb in enumerate(has_blur) if hb]
         kern = np.stack([make_kernel(plist[i], plist[i]["kernel_size"]) for i in idx])
         blurred = _blur_fft(x[idx], torch.from_numpy(kern).to(x))
@@ -76,9 +84,15 @@ def degrade_batch(
     for i, p in enumerate(plist):
         lw, lh = ops.lq_size(w, h, p["scale"])
         p.update(lq_width=lw, lq_height=lh, width=w, height=h, input_notes="")
-        small = F.interpolate(
-            x[i : i + 1], size=(lh, lw), mode="bilinear", align_corners=False, antialias=False
-        )
+        if on_cpu and has_blur[i]:
+            # On the CPU the numpy path's fused blur+downsample is the fastest there is.
+            arr = x[i].permute(1, 2, 0).numpy() * 255.0
+            fused = ops.blur_downsample(arr, make_kernel(p, p["kernel_size"]), (lw, lh))
+            small = torch.from_numpy(np.ascontiguousarray(fused.transpose(2, 0, 1)))[None]
+        else:
+            small = F.interpolate(
+                x[i : i + 1], size=(lh, lw), mode="bilinear", align_corners=False, antialias=False
+            )
         noise_rng = ops.noise_rng(p["noise_seed"])
         if p["noise_type"] == "gaussian":
             field = ops.gaussian_noise((lh, lw, 3), p["noise_sigma"], p["noise_gray"], noise_rng)

@@ -423,6 +423,7 @@ def resolve_set(name: str, source: str | os.PathLike, cache_dir: Path, config: A
         out = _subset_from_root(name, str(src), kind, root, None, None)
         if out.paths and out.paths[0] is None:
             out.paths = [str(src / k) for k in out.keys]
+        out.errors.extend(_unreadable(root))
         return out
     wanted = _listed_paths(src, kind)
     root = find_dataset_root(src)
@@ -431,6 +432,12 @@ def resolve_set(name: str, source: str | os.PathLike, cache_dir: Path, config: A
     # A list outside any dataset root: its paths are relative to --image-root (or the list's folder).
     base = Path(config.image_root) if config.image_root else src.parent
     staged = cache_dir / "listed" / name / "images"
+    if staged.exists():
+        # A previous run may have listed other files: only this list's images may be mined.
+        keep = {str(staged / rel) for rel in wanted}
+        for link in staged.rglob("*"):
+            if link.is_symlink() and str(link) not in keep:
+                link.unlink()
     errors = []
     for rel in wanted:
         target = base / rel
@@ -446,7 +453,16 @@ def resolve_set(name: str, source: str | os.PathLike, cache_dir: Path, config: A
     )
     mined.paths = [str(base / k) for k in mined.keys]
     mined.errors.extend(errors)
+    mined.errors.extend(_unreadable(Path(mined.root)))
     return mined
+
+
+def _unreadable(mined_root: Path) -> list[tuple[str, str]]:
+    """Images a mined folder could not decode: they are missing from the set, so they are reported."""
+    from refface.manifests.errors import ErrorsTable
+
+    decoded = set(pd.read_parquet(mined_root / "images.parquet", columns=["path"])["path"].astype(str))
+    return [(r.path, r.reason) for r in ErrorsTable.read(mined_root).rows if r.path not in decoded]
 
 
 # ----------------------------------------------------------------------------- pair search

@@ -91,18 +91,8 @@ def audit(
     from rich.table import Table
 
     table = Table(title="leakage between sets", title_justify="left")
-    for col in (
-        "pair",
-        "images a",
-        "images b",
-        "leaked a",
-        "leaked b",
-        "leak rate",
-        "identities",
-        "exact",
-        "near-dup",
-        "same-id",
-    ):
+    # Short headers so the table fits an 80-column terminal.
+    for col in ("pair", "imgs a", "imgs b", "leak a", "leak b", "rate", "ids", "exact", "near", "same"):
         table.add_column(col, justify="right")
     for key, p in summary["pairs"].items():
         a, b = p["sets"]
@@ -113,7 +103,7 @@ def audit(
             str(p["images"][b]),
             str(p["leaked_images"][a]),
             str(p["leaked_images"][b]),
-            f"{p['leak_rate']:.4f}",
+            f"{p['leak_rate']:.3g}",
             str(p["leaked_identities"]),
             str(k["exact"]),
             str(k["near_duplicate"]),
@@ -130,7 +120,7 @@ def audit(
                 if th["identity_rule"] == "cluster"
                 else f"pairs with {th['metric']} distance < {th['identity_distance']:.4g}"
             ),
-            "near-duplicate bar": f"distance < {th['near_duplicate_distance']:.4g} or phash <= {th['phash_distance']}",
+            "near-duplicate bar": f"phash <= {th['phash_distance']} and distance < {th['near_duplicate_distance']:.4g}",
             "cross-split references": summary["references"]["cross_split_references"],
             "errors": sum(s["errors"] for s in summary["sets"].values()),
             "worst leak rate": summary["worst_leak_rate"],

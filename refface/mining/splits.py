@@ -130,10 +130,10 @@ def assign_splits(
     split_of = {}
     for ident in groups:
         split_of[ident] = "test" if ident in test_set else "val" if ident in val_set else "train"
+    # Identities too small for val/test (including one-image labels) train; unlabeled images follow the config.
     df["split"] = [
         split_of.get(int(i), "train") if i >= 0 else config.singleton_split for i in df["identity"]
     ]
-    # A lone image with an identity label but no partner is still its own identity: it follows train.
     return df.sort_values("path", kind="stable").reset_index(drop=True)
 
 

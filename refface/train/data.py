@@ -574,7 +574,8 @@ def make_shard_dataset(
             list(urls), seed=wds.utils.make_seed(seed, epoch), deterministic=True
         )
     if shuffle_buffer > 0:
-        ds = ds.shuffle(shuffle_buffer, seed=wds.utils.make_seed(seed, epoch, "samples"))
+        # Integer seeds only: wds.make_seed hashes its arguments, and str hashes change per process.
+        ds = ds.shuffle(shuffle_buffer, seed=item_seed(seed, f"sample-shuffle/{epoch}") % (2**31))
     ds = ds.compose(functools.partial(_map_stage, fn=_chain(decode_shard_sample, transform), handler=handler))
     if resampled and samples_per_worker:
         ds = ds.with_epoch(samples_per_worker)
@@ -590,7 +591,9 @@ def _worker_init(_worker_id: int) -> None:
     try:
         from threadpoolctl import threadpool_limits
 
-        threadpool_limits(1)
+        # BLAS only: touching the OpenMP runtime in a forked worker can hang (libgomp after fork);
+        # torch already limits its own OpenMP pool to one thread in DataLoader workers.
+        threadpool_limits(1, user_api="blas")
     except ImportError:
         pass
 

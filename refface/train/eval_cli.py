@@ -46,9 +46,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score restored faces: IDS (ArcFace cosine to GT), LPIPS, fLPIPS (face region), NIQE, FID, PSNR, SSIM.
 
-        Learned metrics load their weights from local files only; a metric whose file is missing is
-        shown as n/a with the reason, the others are still computed. Unreadable or unmatched images
-        go to errors.csv.
+        Learned metrics load their weights from local files only; a metric whose file is missing is shown as n/a with the reason, the others are still computed. Unreadable or unmatched images go to errors.csv.
         """
         from rich.markdown import Markdown
 

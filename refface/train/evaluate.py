@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -114,12 +115,19 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 # NIQE (Mittal et al.), following BasicSR's implementation
 
 
+@functools.lru_cache(maxsize=1)
+def _aggd_table() -> tuple[np.ndarray, np.ndarray]:
+    from scipy.special import gamma
+
+    gam = np.arange(0.2, 10.001, 0.001)
+    return gam, np.square(gamma(2 / gam)) / (gamma(1 / gam) * gamma(3 / gam))
+
+
 def _aggd(block: np.ndarray) -> tuple[float, float, float]:
     from scipy.special import gamma
 
     block = block.flatten()
-    gam = np.arange(0.2, 10.001, 0.001)
-    r_gam = np.square(gamma(2 / gam)) / (gamma(1 / gam) * gamma(3 / gam))
+    gam, r_gam = _aggd_table()
     left = np.sqrt(np.mean(block[block < 0] ** 2)) if np.any(block < 0) else 1e-8
     right = np.sqrt(np.mean(block[block > 0] ** 2)) if np.any(block > 0) else 1e-8
     gammahat = left / right

@@ -334,7 +334,9 @@ def train(
             if state.batch_in_epoch
             else dataloader
         )
+        seen = 0
         for batch in epoch_iter:
+            seen += 1
             state.batch_in_epoch += 1
             if micro == 0:
                 step_start = time.perf_counter()
@@ -393,10 +395,10 @@ def train(
             if done:
                 break
         else:
+            if seen == 0:
+                raise ValueError(f"the dataloader yielded no batch in epoch {state.epoch}")
             state.epoch += 1
             state.batch_in_epoch = 0
-            if state.step == 0 and micro == 0:
-                raise ValueError("the dataloader yielded no batch")
 
     if config.report_to == "tensorboard":
         accelerator.end_training()

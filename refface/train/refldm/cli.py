@@ -25,9 +25,7 @@ def train_refldm(
 ) -> None:
     """Train ReF-LDM (VQGAN -> LQ-only LDM -> ReF-LDM with CacheKV and the identity loss).
 
-    Runs in this process on one device; for several GPUs or nodes use
-    `accelerate launch -m refface.train.refldm.train` with the same flags. Rerunning resumes from the
-    latest checkpoint; a finished stage does no work.
+    Runs in this process on one device; for several GPUs or nodes use `accelerate launch -m refface.train.refldm.train` with the same flags. Rerunning resumes from the latest checkpoint; a finished stage does no work.
     """
     from refface.train.refldm.train import STAGES, main, parse_args
 

@@ -92,7 +92,7 @@ def load_arcface(
     """Load a differentiable ArcFace recognizer from a local file, frozen and in eval mode.
 
     Args:
-        path: an insightface ONNX model (e.g. ``w600k_r50.onnx``, converted with onnx2torch) or an
+        path: an insightface ONNX model (e.g. ``w600k_r50.onnx``, run by a torch graph interpreter) or an
             arcface_torch ``.pth`` state dict for ``arch``.
         arch: iresnet depth for ``.pth`` files.
         widths: iresnet stage widths for ``.pth`` files.
@@ -107,13 +107,9 @@ def load_arcface(
             "(or an arcface_torch iresnet '.pth' state dict) there and pass its path (identity.arcface)."
         )
     if path.suffix.lower() == ".onnx":
-        try:
-            from onnx2torch import convert
-        except ImportError as e:
-            raise ImportError(
-                "reading an ArcFace .onnx file needs onnx2torch: pip install --no-deps onnx2torch"
-            ) from e
-        model = convert(str(path))
+        from refface.train.refldm.onnx_torch import OnnxGraphModule
+
+        model = OnnxGraphModule(path)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:

@@ -57,6 +57,10 @@ class RefLDMUNet(ModelMixin, ConfigMixin, AttentionMixin):
     (reference latent ‖ zeros at t = 0); see :meth:`build_cache`.
     """
 
+    # CacheKV reads its mode from state that is set only during the forward pass; activation
+    # recomputation in backward would run the target's attention without the references.
+    _supports_gradient_checkpointing = False
+
     @register_to_config
     def __init__(
         self,
@@ -85,6 +89,13 @@ class RefLDMUNet(ModelMixin, ConfigMixin, AttentionMixin):
         )
         self.cachekv = CacheKVState()
         self.cachekv_layers = install_cachekv(self, self.cachekv)
+
+    def enable_gradient_checkpointing(self, *args, **kwargs) -> None:
+        raise ValueError(
+            "ReF-LDM does not support gradient checkpointing: CacheKV's reference K/V are only attached "
+            "during the forward pass, so recomputed activations would miss them. Set loop.gradient_checkpointing: "
+            "false (and lower data.batch_size or use gradient_accumulation_steps for memory)."
+        )
 
     @classmethod
     def from_unet_config(cls, cfg: UNetConfig) -> RefLDMUNet:

@@ -48,6 +48,8 @@ def load_refldm(checkpoint: str | os.PathLike, device: str = "cpu"):
     )
 
     path = Path(checkpoint)
+    if (path / "refldm").is_dir() and not (path / "state.json").is_file():
+        path = path / "refldm"  # the run folder given: use its stage C
     if (path / MODEL_DIR / "unet" / "config.json").is_file():
         path = path / MODEL_DIR
     if (path / "unet" / "config.json").is_file():
