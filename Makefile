@@ -24,7 +24,7 @@ $(PY):
 $(VENV)/.installed: $(PY) pyproject.toml requirements-test.txt
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -r requirements-test.txt
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install refface

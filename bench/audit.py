@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from refface.mining.audit import AuditConfig, AuditSet, brute_force_pairs, embedding_pairs, run_audit
 
+    load_before = round(os.getloadavg()[0], 2)
     base, base_ids, query, query_ids = synthetic_sets(
         args.base, args.query, args.dim, args.per_id, args.shared, args.seed
     )
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
         "bench": "audit",
         "device": f"CPU: {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
         "faiss": faiss.__version__,
+        # Other work on the machine skews single timings; the ratios are measured side by side.
+        "load_average_1min": [load_before, round(os.getloadavg()[0], 2)],
         "base": args.base,
         "query": args.query,
         "dim": args.dim,
@@ -154,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     md = [
         "# bench/audit.py",
         "",
-        f"Device: {out['device']}; faiss {out['faiss']}; {args.base:,} vs {args.query:,} synthetic {args.dim}-d embeddings.",
+        f"Device: {out['device']}; faiss {out['faiss']}; {args.base:,} vs {args.query:,} synthetic {args.dim}-d embeddings; "
+        f"1-min load average before/after: {out['load_average_1min']}.",
         "",
         "| what | seconds |",
         "|---|---|",

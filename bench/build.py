@@ -33,14 +33,17 @@ def decode_rate(files: list[str], workers: int) -> float:
     """Images/s of plain decoding (EXIF + RGB conversion) with ``workers`` processes."""
     import multiprocessing as mp
 
-    start = time.perf_counter()
     if workers <= 1:
+        start = time.perf_counter()
         _decode(files)
-    else:
-        chunks = [files[i::workers] for i in range(workers)]
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            list(pool.map(_decode, chunks))
-    return len(files) / (time.perf_counter() - start)
+        return len(files) / (time.perf_counter() - start)
+    chunks = [files[i::workers] for i in range(workers)]
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        # Warm the workers first: the figure is decoding, not interpreter start-up.
+        list(pool.map(_decode, [[]] * workers))
+        start = time.perf_counter()
+        list(pool.map(_decode, chunks))
+        return len(files) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -52,6 +55,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--detector", default="dlib", help="dlib for photos; prealigned for FFHQ crops")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--name", default="build", help="results file stem (bench/results/<name>.json/.md)")
     args = parser.parse_args()
     os.environ.setdefault("REFFACE_PROGRESS", "0")
 
@@ -81,6 +85,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     build_rate = len(chosen) / build_s
+    decode_best = max(decode_1, decode_w)
     result = {
         "device": f"CPU: {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
         "images": len(chosen),
@@ -91,13 +96,13 @@ def main() -> None:
         "build_images_per_s": round(build_rate, 2),
         "decode_images_per_s_1_worker": round(decode_1, 1),
         f"decode_images_per_s_{args.workers}_workers": round(decode_w, 1),
-        "build_vs_decode_ratio": round(build_rate / decode_w, 4),
+        "build_vs_decode_ratio": round(build_rate / decode_best, 4),
         "rerun_seconds_no_work": round(rerun_s, 2),
         "stage_seconds": stages,
         "summary": {k: v for k, v in summary.items() if k != "root"},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "build.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     lines = [
         "# bench/build.py",
         "",
@@ -109,11 +114,11 @@ def main() -> None:
         f"| build (fresh) | {build_s:.1f} s = {build_rate:.2f} images/s |",
         f"| pure decode, 1 worker | {decode_1:.1f} images/s |",
         f"| pure decode, {args.workers} workers | {decode_w:.1f} images/s |",
-        f"| build / decode ({args.workers} workers) | {build_rate / decode_w:.4f} |",
+        f"| build / best decode | {build_rate / decode_best:.4f} |",
         f"| rerun (every stage skipped) | {rerun_s:.2f} s |",
     ]
     lines += [f"| stage `{k}` | {v} s |" for k, v in stages.items()]
-    (args.out / "build.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -76,7 +76,6 @@ def run_one(n: int, args: argparse.Namespace) -> dict:
         rerank=args.rerank,
         recall_sample=args.recall_sample,
         recall_radius=args.threshold,
-        exact_above=1.0 - args.graph_factor * args.threshold,
         save_index=False,
     )
     out["knn_s"] = round(time.perf_counter() - t0, 2)

@@ -422,3 +422,51 @@ def test_gradient_checkpointing_same_gradients_and_bf16_accumulation_runs(sd_dir
     assert [r["step"] for r in logs] == [1, 2] and all(np.isfinite(r["loss"]) for r in logs)
     assert sd.unet.dtype == torch.bfloat16 and task.adapters.dtype == torch.float32
     assert task.adapters.lca.down_blocks[0].gradient_checkpointing
+
+
+def test_entry_point_on_real_shards_both_stages(sd_dir, tmp_path):
+    # The whole path with the shared input pipeline: dataset root -> WebDataset shards -> both stages.
+    try:
+        from test_shards import make_tiny_root
+
+        from refface.builders.shards import ShardsConfig, write_shards
+    except ImportError as exc:
+        pytest.skip(f"shard builder not available: {exc}")
+    from accelerate.state import AcceleratorState, GradientState
+
+    from refface.train.mgfr.train import main, parse_args
+
+    root = make_tiny_root(tmp_path / "root")
+    write_shards(root, tmp_path / "shards", ShardsConfig(split="train"))
+    # The tiny root's embeddings are 8-d.
+    config = tmp_path / "tiny8.yaml"
+    config.write_text(TINY_CONFIG.read_text().replace("id_dim: 128", "id_dim: 8"))
+    argv = ["--config", str(config), "--dataset", str(tmp_path / "shards"), "--sd", str(sd_dir)]
+    argv += ["--output", str(tmp_path / "out"), "--max-steps", "2"]
+    for stage in (1, 2):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        logs = main(parse_args([*argv, "--stage", str(stage)]))
+        assert [r["step"] for r in logs] == [1, 2] and all(np.isfinite(r["loss"]) for r in logs)
+        assert (tmp_path / "out" / f"stage{stage}" / "checkpoints" / "step_000002" / "state.json").is_file()
+
+
+def test_train_command_names_a_missing_sd_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from refface.cli import app
+
+    args = [
+        "train",
+        "mgfr",
+        "--config",
+        str(TINY_CONFIG),
+        "--dataset",
+        str(tmp_path),
+        "--sd",
+        str(tmp_path / "sd"),
+    ]
+    result = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "out")])
+    assert result.exit_code != 0
+    text = " ".join(result.output.replace("│", " ").split())  # the error panel wraps lines
+    assert "does not exist" in text and "diffusers folder" in text

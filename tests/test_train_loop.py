@@ -250,3 +250,30 @@ def test_empty_dataloader_is_an_error(tmp_path):
     empty = torch.utils.data.DataLoader([], batch_size=2)
     with pytest.raises(ValueError, match="no batch"):
         train(ToyTask(), empty, _cfg(tmp_path))
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """A streaming dataset whose order depends on the epoch the loop sets."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(100 + self.epoch)
+        for _ in range(5):
+            yield {"x": torch.randn(4, generator=g), "y": torch.randn(4, generator=g)}
+
+
+def test_streaming_dataset_resume_is_exact(tmp_path):
+    def loader():
+        return torch.utils.data.DataLoader(_Stream(), batch_size=2)  # 3 batches an epoch (last has 1)
+
+    full = train(ToyTask(), loader(), _cfg(tmp_path / "full", max_steps=7))
+    first = train(ToyTask(), loader(), _cfg(tmp_path / "split", max_steps=4))
+    second = train(ToyTask(seed=3), loader(), _cfg(tmp_path / "split", max_steps=7))
+    assert [r["loss"] for r in first + second] == [r["loss"] for r in full]
+    state = json.loads((tmp_path / "split" / "checkpoints" / "step_000004" / "state.json").read_text())
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 1)

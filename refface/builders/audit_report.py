@@ -296,6 +296,12 @@ def render_html(result: dict, sets: Sequence[Any]) -> str:
     for pr in result["pairs"]:
         key = f"{pr.a}~{pr.b}"
         parts.append(f"<h2>{html.escape(key)}</h2>")
+        timings = ", ".join(f"{k} {v:.3g}" for k, v in pr.stats.get("timings", {}).items())
+        parts.append(
+            f"<p>Identities from: {html.escape(str(pr.stats.get('identities_from', '')))}. "
+            f"Perceptual-hash matches that are not near-duplicates (faces disagree): "
+            f"{pr.stats.get('phash_matches_not_near_duplicates', 0)}. Timings: {html.escape(timings)}.</p>"
+        )
         a, b = by_name[pr.a], by_name[pr.b]
         cross_label = f"{b.name}→{a.name}" if len(a.vectors) > len(b.vectors) else f"{a.name}→{b.name}"
         same = {

@@ -140,37 +140,42 @@ def degrade_chunk(
     items: list[str], image_root: str, set_dir: str, preset: dict, seed: int, fast: bool, tolerance: float
 ) -> list[dict]:
     """Degrade one chunk of targets; pure apart from writing each PNG atomically. Picklable."""
+    from threadpoolctl import threadpool_limits
+
     from refface.degradations import Degrader, PresetConfig
+
+    cfg = PresetConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in preset.items()})
+    degrader = Degrader(cfg, seed=seed, fast=fast, tolerance=tolerance)
+    # One BLAS thread whatever the caller set, so the bytes never depend on the worker count.
+    with threadpool_limits(1):
+        return [_degrade_one(rel, Path(image_root), Path(set_dir), degrader) for rel in items]
+
+
+def _degrade_one(rel: str, image_root: Path, set_dir: Path, degrader) -> dict:
+    """One target: its params row, or an error row with the reason."""
     from refface.degradations.degrader import prepare_input
     from refface.manifests.errors import ImageError
     from refface.manifests.io import read_image, write_png
 
-    cfg = PresetConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in preset.items()})
-    degrader = Degrader(cfg, seed=seed, fast=fast, tolerance=tolerance)
-    rows = []
-    for rel in items:
-        out_path = Path(set_dir) / lq_name(rel)
-        try:
-            img = read_image(Path(image_root) / rel)
-            if out_path.exists():
-                # Finished earlier (a resumed run): the parameters are a pure function of the key.
-                prepared, notes = prepare_input(img, cfg)
-                params = degrader.sample(rel)
-                h, w = prepared.shape[:2]
-                lw, lh = max(1, int(w // params["scale"])), max(1, int(h // params["scale"]))
-                params.update(input_notes="; ".join(notes), lq_width=lw, lq_height=lh, width=w, height=h)
-            else:
-                lq, params = degrader.degrade(img, rel)
-                write_png(out_path, lq)
-            rows.append(_row_from_params(rel, params))
-        except ImageError as e:
-            rows.append({"gt_image": rel, "lq_image": "", "status": "error", "reason": str(e)})
-        except Exception as e:  # noqa: BLE001 - one bad file must not stop the set; the reason is kept
-            log.warning("degrading %s failed: %s", rel, e)
-            rows.append(
-                {"gt_image": rel, "lq_image": "", "status": "error", "reason": f"{type(e).__name__}: {e}"}
-            )
-    return rows
+    out_path = set_dir / lq_name(rel)
+    try:
+        img = read_image(image_root / rel)
+        if out_path.exists():
+            # Finished earlier (a resumed run): the parameters are a pure function of the key.
+            prepared, notes = prepare_input(img, degrader.config)
+            params = degrader.sample(rel)
+            h, w = prepared.shape[:2]
+            lw, lh = max(1, int(w // params["scale"])), max(1, int(h // params["scale"]))
+            params.update(input_notes="; ".join(notes), lq_width=lw, lq_height=lh, width=w, height=h)
+        else:
+            lq, params = degrader.degrade(img, rel)
+            write_png(out_path, lq)
+        return _row_from_params(rel, params)
+    except ImageError as e:
+        return {"gt_image": rel, "lq_image": "", "status": "error", "reason": str(e)}
+    except Exception as e:  # noqa: BLE001 - one bad file must not stop the set; the reason is kept
+        log.warning("degrading %s failed: %s", rel, e)
+        return {"gt_image": rel, "lq_image": "", "status": "error", "reason": f"{type(e).__name__}: {e}"}
 
 
 def _write_part(path: Path, rows: list[dict]) -> None:

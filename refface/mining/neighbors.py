@@ -210,15 +210,23 @@ def knn(
     n = vectors.shape[0]
     built = built or build_index(vectors, index, nprobe=nprobe, gpu=gpu)
     sims, idx = search(vectors, built, k + 1, batch_size=batch_size)
-    # Drop self from each row; exact duplicates may rank before self, and an approximate index
-    # may miss self entirely, in which case the last (worst) column goes instead.
-    drop = idx == np.arange(n)[:, None]
+    return drop_self(sims, idx, np.arange(n))
+
+
+def drop_self(sims: np.ndarray, idx: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's own id from its (k+1)-neighbour row, leaving k columns.
+
+    Exact duplicates may rank before self, and an approximate index may miss self entirely, in
+    which case the last (worst) column goes instead.
+    """
+    n, k1 = idx.shape
+    drop = idx == np.asarray(ids)[:, None]
     first = drop.argmax(axis=1)
     has_self = drop.any(axis=1)
     drop[:] = False
-    drop[np.arange(n), np.where(has_self, first, k)] = True
+    drop[np.arange(n), np.where(has_self, first, k1 - 1)] = True
     keep = ~drop
-    return sims[keep].reshape(n, k), idx[keep].reshape(n, k)
+    return sims[keep].reshape(n, k1 - 1), idx[keep].reshape(n, k1 - 1)
 
 
 def _to_csr(rows: list[np.ndarray], cols: list[np.ndarray], vals: list[np.ndarray], n: int):

@@ -449,22 +449,17 @@ def _search(
     query: np.ndarray,
     ids: np.ndarray,
     k: int,
-    exact_above: float | None = None,
 ):
     """k-NN of ``query`` rows (global ids ``ids``), self excluded; IVF-PQ candidates re-ranked exactly.
 
-    With ``exact_above`` only candidates whose PQ similarity reaches it are re-scored (the others
-    keep their approximate score): the identity graph needs exact values only near its threshold,
-    and each re-scored candidate costs a random read of one vector from the shards.
+    Every IVF-PQ candidate is re-scored: 4-bit PQ scores rank well but are biased low (a
+    same-person pair at cosine 0.77 scored 0.32), so no threshold can be applied to them.
     """
     fetch = k * plan.rerank + 1
     sims, idx = index.search(query, min(fetch, len(shards)))
     if plan.kind == "ivf_pq":
         # Exact scores of the candidates, read from the shards: PQ scores only rank candidates.
-        todo = idx >= 0
-        if exact_above is not None:
-            todo &= sims >= exact_above
-        q_rows, c_cols = np.nonzero(todo)
+        q_rows, c_cols = np.nonzero(idx >= 0)
         # Limit memory: at most 65536 candidate vectors gathered at a time.
         for b in range(0, q_rows.size, 65_536):
             r, c = q_rows[b : b + 65_536], c_cols[b : b + 65_536]
@@ -484,21 +479,24 @@ def _search(
     return sims, idx
 
 
-def exact_knn(shards: ShardedEmbeddings, ids: np.ndarray, k: int, block: int = 65_536):
-    """Exact k-NN of rows ``ids`` (self excluded) by scanning every shard block by block."""
+def exact_knn(shards: ShardedEmbeddings, ids: np.ndarray, k: int, block: int = 262_144):
+    """Exact k-NN of rows ``ids`` (self excluded): FAISS flat search block by block, merged."""
+    from refface.mining.neighbors import _faiss
+
+    faiss = _faiss()
+    ids = np.asarray(ids, dtype=np.int64)
     query = shards.take(ids)
     best_s = np.full((len(ids), 0), -np.inf, np.float32)
     best_i = np.full((len(ids), 0), -1, np.int64)
     for _, start, mm in shards.iter_shards():
         for b in range(0, mm.shape[0], block):
-            base = np.asarray(mm[b : b + block], dtype=np.float32)
-            s = query @ base.T
-            cand = np.arange(start + b, start + b + base.shape[0], dtype=np.int64)
-            s[cand[None, :] == ids[:, None]] = -np.inf
-            top = min(k, s.shape[1])
-            part = np.argpartition(-s, top - 1, axis=1)[:, :top]
-            best_s = np.concatenate([best_s, np.take_along_axis(s, part, axis=1)], axis=1)
-            best_i = np.concatenate([best_i, cand[part]], axis=1)
+            flat = faiss.IndexFlatIP(shards.dim)
+            flat.add(np.ascontiguousarray(mm[b : b + block], dtype=np.float32))
+            s, i = flat.search(query, min(k + 1, flat.ntotal))
+            i = np.where(i >= 0, i + start + b, -1)
+            s[(i == ids[:, None]) | (i < 0)] = -np.inf
+            best_s = np.concatenate([best_s, s], axis=1)
+            best_i = np.concatenate([best_i, i], axis=1)
             keep = np.lexsort((best_i, -best_s), axis=1)[:, :k]
             best_s = np.take_along_axis(best_s, keep, axis=1)
             best_i = np.take_along_axis(best_i, keep, axis=1)
@@ -542,7 +540,6 @@ def sharded_knn(
     batch_size: int = 8192,
     seed: int = 0,
     save_index: bool = True,
-    exact_above: float | None = None,
 ) -> KnnResult:
     """k-NN graph of every row against all rows, built shard by shard and resumable per shard.
 
@@ -562,8 +559,6 @@ def sharded_knn(
         batch_size: query rows per search call (bounds result buffers).
         seed: training and recall samples.
         save_index: keep ``index.faiss`` for resuming (costs its size on disk).
-        exact_above: IVF-PQ re-scores only candidates whose approximate similarity reaches this
-            (None: all); e.g. ``1 - 1.5 * threshold`` keeps every edge near the identity cut exact.
     """
     from refface.manifests.atomic import atomic_path, write_json
     from refface.mining.neighbors import _faiss
@@ -586,7 +581,6 @@ def sharded_knn(
         "plan": asdict(plan),
         "seed": seed,
         "recall_sample": int(held.size),
-        "exact_above": exact_above,
     }
     fp = fingerprint("sharded_knn", KNN_VERSION, settings, shards.meta)
     state_path = out / "knn.state.json"
@@ -635,9 +629,7 @@ def sharded_knn(
             for b in range(0, mm.shape[0], batch_size):
                 q = np.ascontiguousarray(mm[b : b + batch_size], dtype=np.float32)
                 ids = np.arange(start + b, start + b + q.shape[0], dtype=np.int64)
-                sims[b : b + q.shape[0]], idx[b : b + q.shape[0]] = _search(
-                    index, plan, shards, q, ids, k, exact_above
-                )
+                sims[b : b + q.shape[0]], idx[b : b + q.shape[0]] = _search(index, plan, shards, q, ids, k)
                 progress.advance(task, q.shape[0])
             with atomic_path(part) as tmp:
                 with open(tmp, "wb") as f:

@@ -585,9 +585,6 @@ def make_shard_dataset(
 def _worker_init(_worker_id: int) -> None:
     """One thread per pool in each DataLoader worker: the workers already fill the cores, and
     oversubscribed BLAS/OpenCV threads made the degradation several times slower (bench/loader.py)."""
-    import cv2
-
-    cv2.setNumThreads(1)
     try:
         from threadpoolctl import threadpool_limits
 

@@ -240,8 +240,10 @@ def train(
 
     Args:
         task: the model (see :class:`TrainTask`).
-        dataloader: a ``torch.utils.data.DataLoader`` (map-style or iterable dataset) of batch dicts;
-            it is re-iterated for as many epochs as needed.
+        dataloader: a ``torch.utils.data.DataLoader`` of batch dicts, re-iterated for as many epochs as
+            needed. Map-style datasets are sharded across processes by accelerate; iterable (streaming)
+            datasets must split their data by rank themselves (WebDataset ``split_by_node``) and are
+            only moved to the device.
         config: the loop configuration.
         accelerator: an ``accelerate.Accelerator`` to use; by default one is built from ``config``
             (its gradient accumulation and mixed precision then come from ``config``).
@@ -293,9 +295,16 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
 
     names = list(trainable)
-    prepared = accelerator.prepare(*[trainable[n] for n in names], optimizer, dataloader)
+    # Iterable (streaming) datasets split their shards by rank themselves (WebDataset's split_by_node);
+    # letting accelerate shard or dispatch them as well would drop data and mis-slice string fields.
+    # Map-style datasets are sharded by accelerate's batch sampler.
+    streaming = isinstance(getattr(dataloader, "dataset", None), torch.utils.data.IterableDataset)
+    to_prepare = [*[trainable[n] for n in names], optimizer] + ([] if streaming else [dataloader])
+    prepared = accelerator.prepare(*to_prepare)
     prepared_modules = dict(zip(names, prepared[: len(names)], strict=True))
-    optimizer, dataloader = prepared[len(names)], prepared[len(names) + 1]
+    optimizer = prepared[len(names)]
+    if not streaming:
+        dataloader = prepared[len(names) + 1]
     # The scheduler is stepped by hand once per optimizer step (not prepared), so its schedule does not
     # depend on the process count; it is checkpointed through accelerate's custom-object hook.
     accelerator.register_for_checkpointing(scheduler)
@@ -340,6 +349,8 @@ def train(
             state.batch_in_epoch += 1
             if micro == 0:
                 step_start = time.perf_counter()
+            if streaming:
+                batch = _to_device(batch, accelerator.device)
             if validation_batch is None:
                 # Taken from the stream rather than by iterating the loader again, which would move
                 # the data position and break exact resume.
@@ -460,6 +471,16 @@ def _move(module, device, dtype) -> None:
         module.to(device, dtype=dtype)
     else:
         module.to(device)
+
+
+def _to_device(batch, device):
+    if hasattr(batch, "to") and callable(batch.to) and hasattr(batch, "device"):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple) and any(hasattr(v, "device") for v in batch):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
 
 
 def _set_epoch(dataloader, epoch: int) -> None:
