@@ -583,13 +583,15 @@ def make_shard_dataset(
 
 
 def _worker_init(_worker_id: int) -> None:
-    """One thread per pool in each DataLoader worker: the workers already fill the cores, and
-    oversubscribed BLAS/OpenCV threads made the degradation several times slower (bench/loader.py)."""
+    """One BLAS thread per DataLoader worker: the workers already fill the cores, and oversubscribed
+    BLAS threads made the degradation several times slower (bench/loader.py).
+
+    Only BLAS: calling ``cv2.setNumThreads`` or the OpenMP runtime in a forked worker whose parent
+    already ran their thread pools can hang the worker; torch limits its own pool in workers.
+    """
     try:
         from threadpoolctl import threadpool_limits
 
-        # BLAS only: touching the OpenMP runtime in a forked worker can hang (libgomp after fork);
-        # torch already limits its own OpenMP pool to one thread in DataLoader workers.
         threadpool_limits(1, user_api="blas")
     except ImportError:
         pass
