@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
             "source_bytes": copy_bytes,
         },
         "degrader": have_degrader,
+        # The box is shared: the load at the end tells how much other work ran beside the bench.
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
     }
     from refface.manifests.atomic import write_json, write_text
 
@@ -192,14 +194,16 @@ def main(argv: list[str] | None = None) -> dict:
     lines = [
         "# Training input speed (bench/loader.py)",
         "",
-        f"Device: {out['device']}. Input: {out['input']}.",
+        f"Device: {out['device']}, load average {out['load_average_1m_at_end']} at the end of the run. "
+        f"Input: {out['input']}.",
         "",
         "| loader (ReF-LDM, 512², 1 process) | samples/s per core |",
         "|---|---|",
         *[f"| {k} | {v} |" for k, v in figures.items()],
         "",
         f"Shard write ({args.codec}): {out['writer']['shard_MB_per_s']} MB/s; plain sequential copy of the "
-        f"same files: {out['writer']['copy_MB_per_s']} MB/s; ratio {out['writer']['ratio_shards_to_copy']}.",
+        f"same files: {out['writer']['copy_MB_per_s']} MB/s; ratio {out['writer']['ratio_shards_to_copy']} "
+        "(MB/s of bytes written; the shards hold each image once as a target and again as a reference).",
     ]
     write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
