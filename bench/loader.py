@@ -10,7 +10,7 @@ its identity. Figures, measured side by side in one run:
 - writer: MB/s of ``write_shards`` against a plain sequential copy of the same source files into
   one file on the same disk (both fsync'ed), as a ratio.
 
-    .venv/bin/python bench/loader.py [--images 60] [--per-id 5] [--samples 48]
+    .venv/bin/python bench/loader.py [--images 60] [--per-id 5] [--samples 96]
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--images", type=int, default=60, help="images in the bench root (all are targets)")
     parser.add_argument("--per-id", type=int, default=6, help="images per identity (refs = the others)")
-    parser.add_argument("--samples", type=int, default=48, help="samples timed per loader figure")
+    parser.add_argument("--samples", type=int, default=96, help="samples timed per loader figure")
     parser.add_argument("--codec", default="png", choices=["png", "jpeg", "webp"])
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS / "loader.json")

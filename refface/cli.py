@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "refface.builders.cli",
     "refface.mining.cli",
     "refface.mining.cluster_cli",
+    "refface.mining.scale_cli",
     "refface.mining.audit_cli",
     "refface.train.eval_cli",
     "refface.train.cli",

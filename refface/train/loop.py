@@ -343,6 +343,8 @@ def train(
             if state.batch_in_epoch
             else dataloader
         )
+        # A checkpoint written on an epoch's last batch resumes with nothing left to skip into.
+        resumed_at_end = state.batch_in_epoch > 0
         seen = 0
         for batch in epoch_iter:
             seen += 1
@@ -406,7 +408,7 @@ def train(
             if done:
                 break
         else:
-            if seen == 0:
+            if seen == 0 and not resumed_at_end:
                 raise ValueError(f"the dataloader yielded no batch in epoch {state.epoch}")
             state.epoch += 1
             state.batch_in_epoch = 0
@@ -531,7 +533,7 @@ def _save_checkpoint(out: Path, state: LoopState, config, task, accelerator, mod
             with atomic_path(tmp / "trainable" / f"{name}.safetensors") as t:
                 save_file(sd, str(t))
         if ema is not None:
-            ema.save(tmp / "ema")
+            ema.save(tmp / "ema", {n: accelerator.unwrap_model(m) for n, m in modules.items()})
         write_json(
             tmp / "state.json",
             {
