@@ -10,7 +10,7 @@ its identity. Figures, measured side by side in one run:
 - writer: MB/s of ``write_shards`` against a plain sequential copy of the same source files into
   one file on the same disk (both fsync'ed), as a ratio.
 
-    .venv/bin/python bench/loader.py [--images 60] [--per-id 5] [--samples 96]
+    .venv/bin/python bench/loader.py [--images 60] [--per-id 6] [--samples 96]
 """
 
 from __future__ import annotations

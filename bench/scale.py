@@ -7,9 +7,9 @@ its cost for all N rows is extrapolated from the exact search of the held-out sa
 in the same run. With two or more sizes the per-stage growth exponent is fitted and projected
 to 10M.
 
-    python bench/scale.py                        # 100k and 300k (a few minutes on 2 cores)
-    python bench/scale.py --sizes 200000,1000000 # the recorded run
-    python bench/scale.py --sizes 10000000       # a GPU machine (FAISS GPU build)
+    python bench/scale.py                         # 100k and 250k, IVF-PQ (~3-5 min on 2 cores)
+    python bench/scale.py --sizes 250000,1000000  # the recorded run
+    python bench/scale.py --sizes 10000000 --kind auto   # a GPU machine (FAISS GPU build)
 """
 
 from __future__ import annotations
@@ -162,12 +162,16 @@ def to_markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="100000,300000", help="comma-separated N values")
+    parser.add_argument("--sizes", default="100000,250000", help="comma-separated N values")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--k", type=int, default=16, help="neighbours per face")
     parser.add_argument("--threshold", type=float, default=0.4, help="cosine distance of 'same identity'")
     parser.add_argument("--graph-factor", type=float, default=1.5, help="average linkage graph radius factor")
-    parser.add_argument("--kind", default="auto", help="auto, flat, ivf_flat or ivf_pq")
+    parser.add_argument(
+        "--kind",
+        default="ivf_pq",
+        help="index: ivf_pq (the CPU scale path), auto (by size/memory/GPU), flat or ivf_flat",
+    )
     parser.add_argument("--nlist", type=int, default=None)
     parser.add_argument("--nprobe", type=int, default=None)
     parser.add_argument("--rerank", type=int, default=2, help="IVF-PQ candidates per neighbour")
@@ -181,7 +185,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.one is not None:
         print(json.dumps(run_one(args.one, args)))
         return {}
-    runs = []
+    runs: list[dict] = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for n in sorted(int(s) for s in args.sizes.split(",")):
         cmd = [sys.executable, __file__, "--one", str(n)] + [a for a in (argv or sys.argv[1:])]
         print(f"N={n:,} ...", flush=True)
@@ -197,16 +203,15 @@ def main(argv: list[str] | None = None) -> dict:
             f"speedup vs exact {run.get('speedup_vs_exact')}x total {run['total_s']}s peak {run['peak_rss_mb']} MB",
             flush=True,
         )
-    report = {
-        "device": device(),
-        "command": "python bench/scale.py " + " ".join(argv or sys.argv[1:]),
-        "runs": runs,
-        "growth": growth(runs),
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(report))
+        # Written after every size, so a long run that is stopped keeps what it measured.
+        report = {
+            "device": device(),
+            "command": "python bench/scale.py " + " ".join(argv or sys.argv[1:]),
+            "runs": runs,
+            "growth": growth(runs),
+        }
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        out.with_suffix(".md").write_text(to_markdown(report))
     print(to_markdown(report))
     return report
 

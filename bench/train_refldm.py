@@ -9,9 +9,10 @@ Sampling step = one DDIM step with CFG toward the references (batch doubled with
 - Spatial concatenation (the baseline): the K reference latents are laid beside the target latent
   along the width, and the UNet runs on the (1 + K)-wide latent at every step.
 
-Each measurement runs in a fresh process so peak memory is its own (CUDA: max allocated over the timed
-steps; CPU: growth of the process's peak resident set once the models and inputs are built). Times are
-the median step, which resists other work on a shared machine.
+Each measurement runs in a fresh process. Peak memory: CUDA max allocated over the timed steps (above
+what the models and inputs hold); on CPU the peak of live tensors created during one more step
+(activations, temporaries, gradients; sampling: the reference pass and two steps). Times are the median
+step, which resists other work on a shared machine.
 
     .venv/bin/python bench/train_refldm.py                      # tiny config on CPU (default)
     .venv/bin/python bench/train_refldm.py --config configs/refldm.yaml --batch 8 --refs 5 --precision bf16
@@ -34,10 +35,52 @@ RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("cachekv", "spatial")
 
 
-def _peak_rss_mb() -> float:
-    import resource
+def _live_peak_mode():
+    """A dispatch mode recording the peak bytes of tensor storages created inside it and still alive.
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    On CPU there is no allocator statistic like CUDA's max_memory_allocated, and the process's resident
+    set mixes in the models, the encoder's earlier peak and allocator caching. Every op output is
+    counted once per storage until its last tensor dies (PyTorch keeps a tensor's Python object alive
+    while autograd holds it), so saved activations, temporaries and gradients all count.
+    """
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class LivePeak(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.refs: dict[int, int] = {}
+            self.sizes: dict[int, int] = {}
+            self.current = 0
+            self.peak = 0
+
+        def _drop(self, key: int) -> None:
+            self.refs[key] -= 1
+            if self.refs[key] == 0:
+                self.current -= self.sizes.pop(key)
+                del self.refs[key]
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    storage = t.untyped_storage()
+                    key = storage.data_ptr()
+                    if key == 0:
+                        continue
+                    if key not in self.refs:
+                        self.refs[key] = 0
+                        self.sizes[key] = storage.nbytes()
+                        self.current += storage.nbytes()
+                        self.peak = max(self.peak, self.current)
+                    self.refs[key] += 1
+                    weakref.finalize(t, self._drop, key)
+            return out
+
+    return LivePeak()
 
 
 def _measure(opts: dict, method: str, phase: str, queue) -> None:
@@ -138,7 +181,6 @@ def _measure(opts: dict, method: str, phase: str, queue) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    baseline_rss = _peak_rss_mb()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -173,7 +215,15 @@ def _measure(opts: dict, method: str, phase: str, queue) -> None:
     if device.type == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated() - base_alloc) / 2**20
     else:
-        peak_mb = max(0.0, _peak_rss_mb() - baseline_rss)
+        mode = _live_peak_mode()
+        with mode:
+            if phase == "train":
+                train_step()
+            else:
+                sample_setup()
+                for t in list(ddim.timesteps)[:2]:
+                    sample_step(t)
+        peak_mb = mode.peak / 2**20
     queue.put({"method": method, "phase": phase, "seconds_per_step": seconds, "peak_mb": peak_mb})
 
 
@@ -207,13 +257,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: 8 on CUDA, 2 on CPU)")
     parser.add_argument("--refs", type=int, default=5, help="references per target")
     parser.add_argument(
-        "--resolution", type=int, default=None, help="image size (default: the config's on CUDA, 64 on CPU)"
+        "--resolution", type=int, default=None, help="image size (default: the config's on CUDA, 128 on CPU)"
     )
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps")
-    parser.add_argument("--sample-steps", type=int, default=10, help="timed DDIM steps")
+    parser.add_argument("--steps", type=int, default=2, help="timed training steps")
+    parser.add_argument("--sample-steps", type=int, default=5, help="timed DDIM steps")
     parser.add_argument("--precision", choices=("no", "bf16", "fp16"), default=None)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: steady on a shared box)"
+    )
     parser.add_argument("--name", default="train_refldm", help="results file stem")
     args = parser.parse_args(argv)
 
@@ -227,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": config,
         "batch": args.batch or (8 if gpu else 2),
         "refs": args.refs,
-        "resolution": args.resolution or (None if gpu else 64),
+        "resolution": args.resolution or (None if gpu else 128),
         "steps": args.steps,
         "sample_steps": args.sample_steps,
         "precision": args.precision or ("bf16" if gpu else "no"),

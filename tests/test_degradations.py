@@ -166,6 +166,43 @@ def test_fused_blur_downsample_matches_opencv(shape, size, sigma):
     assert np.abs(fused - reference).max() * 255 <= ops.DEFAULT_TOLERANCE
 
 
+@pytest.mark.parametrize("route", ops.BLUR_ROUTES)
+@pytest.mark.parametrize(
+    ("shape", "size", "sigma"),
+    [
+        ((96, 96), (40, 40), (4.0, 0.6, 0.9)),  # thin rotated: many separable pieces
+        ((70, 101), (60, 40), (1.2, 1.2, 0.0)),  # small isotropic: one short piece
+        ((64, 64), (80, 80), (2.5, 1.0, 2.0)),  # upsampling (r < 1)
+    ],
+)
+def test_every_blur_route_matches_opencv(route, shape, size, sigma):
+    """Fused products, whole-image separable passes and the DFT all stay within the bound."""
+    img = _img(11, size=max(shape))[: shape[0], : shape[1]]
+    kernel = bivariate_gaussian(41, sigma[0], sigma[1], sigma[2], isotropic=False)
+    ours = ops.blur_downsample(img, kernel, size, route=route)
+    reference = ops.reference_blur_downsample(img, kernel, size)
+    assert ours.shape == reference.shape == (size[1], size[0], 3)
+    assert ours.dtype == np.float32
+    assert np.abs(ours - reference).max() * 255 <= ops.DEFAULT_TOLERANCE
+
+
+def test_blur_route_choice_depends_on_shapes_only():
+    """The cost model picks the cheap route for each regime, from shapes alone (no timing)."""
+    shape = (512, 512, 3)
+
+    def route(sigma_x, sigma_y, theta, scale):
+        kernel = bivariate_gaussian(41, sigma_x, sigma_y, theta, isotropic=False)
+        p, _, _ = ops.separable_pieces(kernel, ops.DEFAULT_TOLERANCE / 255.0)
+        return ops.choose_route(shape, ops.lq_size(512, 512, scale), *p.shape)
+
+    assert route(0.8, 0.8, 0.0, 2.0) == "separable"  # one short piece: whole-image passes are cheapest
+    assert route(6.0, 6.0, 0.0, 6.0) == "fused"  # large r: blur only the rows and columns read
+    assert route(5.4, 4.0, 0.3, 1.3) == "fft"  # many long pieces at small r: one DFT blur
+    assert [route(5.4, 4.0, 0.3, 1.3) for _ in range(3)] == ["fft"] * 3
+    with pytest.raises(ValueError, match="unknown blur route"):
+        ops.blur_downsample(_img(), bivariate_gaussian(41, 1.0, 1.0, 0.0), (40, 40), route="direct")
+
+
 def test_linear_taps_reproduce_cv2_resize():
     rng = np.random.default_rng(0)
     for n_in, n_out in ((512, 64), (512, 17), (37, 100), (512, 512), (10, 3)):

@@ -22,6 +22,16 @@ from refface.train.evaluate import (  # noqa: E402
 from refface.train.refldm.identity import iresnet  # noqa: E402
 from refface.train.refldm.lpips import LPIPS  # noqa: E402
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These tiny models gain nothing from intra-op threads, and on a busy machine idle threads spin.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 SIZE = 128
 
 

@@ -12,6 +12,15 @@ from refface.train.refldm.model import RefLDMUNet  # noqa: E402
 from refface.train.refldm.sampling import ddim_sample  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These tiny models gain nothing from intra-op threads, and on a busy machine idle threads spin.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_unet(seed: int = 0) -> RefLDMUNet:
     torch.manual_seed(seed)
     return RefLDMUNet(

@@ -15,6 +15,15 @@ from refface.train.refldm.identity import load_arcface  # noqa: E402
 from refface.train.refldm.onnx_torch import OnnxGraphModule  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These tiny models gain nothing from intra-op threads, and on a busy machine idle threads spin.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def iresnet_like_onnx(path, seed: int = 0) -> None:
     """A small graph with the ops and layouts of insightface's iresnet exports."""
     rng = np.random.default_rng(seed)

@@ -18,6 +18,16 @@ from refface.train.refldm.restore import collect_items, restore_folder  # noqa: 
 from refface.train.refldm.train import load_config  # noqa: E402
 from refface.train.refldm.vqgan import build_vqgan  # noqa: E402
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These tiny models gain nothing from intra-op threads, and on a busy machine idle threads spin.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY = Path(__file__).resolve().parents[1] / "configs" / "refldm_tiny.yaml"
 
 

@@ -22,6 +22,15 @@ from refface.train.refldm.vqgan import build_vqgan  # noqa: E402
 TINY = Path(__file__).resolve().parents[1] / "configs" / "refldm_tiny.yaml"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These tiny models gain nothing from intra-op threads, and on a busy machine idle threads spin.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     # accelerate keeps process-wide singletons; each run here builds its own Accelerator.
@@ -79,12 +88,12 @@ def test_overfitting_one_batch_lowers_the_loss(tmp_path):
     task.cfg = dataclasses.replace(
         task.cfg, task=dataclasses.replace(task.cfg.task, lq_dropout=0.0, ref_dropout=0.0)
     )
-    loader = torch.utils.data.DataLoader([batch] * 60, batch_size=None)
+    loader = torch.utils.data.DataLoader([batch] * 30, batch_size=None)
     logs = train(
-        task, loader, loop_config(tmp_path, 60, learning_rate=2e-3, ema_decay=None, checkpoint_every=1000)
+        task, loader, loop_config(tmp_path, 30, learning_rate=3e-3, ema_decay=None, checkpoint_every=1000)
     )
-    first = sum(r["loss"] for r in logs[:10]) / 10
-    last = sum(r["loss"] for r in logs[-10:]) / 10
+    first = sum(r["loss"] for r in logs[:5]) / 5
+    last = sum(r["loss"] for r in logs[-5:]) / 5
     assert last < 0.6 * first, (first, last)
     assert all("identity" in r and r["identity"] >= 0 for r in logs)
 

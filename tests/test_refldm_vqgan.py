@@ -10,6 +10,15 @@ pytest.importorskip("diffusers")
 from refface.train.refldm.vqgan import PatchDiscriminator, VQGANConfig, build_vqgan, vqgan_losses  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These tiny models gain nothing from intra-op threads, and on a busy machine idle threads spin.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny():
     cfg = VQGANConfig(
         block_out_channels=[8, 16], layers_per_block=1, latent_channels=4, num_vq_embeddings=16,

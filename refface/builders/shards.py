@@ -665,7 +665,10 @@ def write_shards(
     start = 0
     if done:
         last = done[-1].last_key
-        start = next(i for i, j in enumerate(jobs) if j.key == last) + 1
+        start = next((i + 1 for i, j in enumerate(jobs) if j.key == last), 0)
+        if start == 0:  # the finished shards do not belong to this job list: start over
+            done = []
+            _remove_stale(folder, config.split, keep=0)
     ctx = EncodeContext(
         root=str(root),
         image_root=str(image_root),

@@ -1,10 +1,11 @@
-"""Degradation ops on float BGR images in [0, 1], in BasicSR's semantics, plus the fused blur+downsample.
+"""Degradation ops on float BGR images in [0, 1], in BasicSR's semantics, plus the fast blur+downsample.
 
 The reference ops (:func:`blur`, :func:`resize_linear`, ...) make the same OpenCV calls as
 BasicSR / GFPGAN. :func:`blur_downsample` computes the same blurred-then-downsampled image
-without blurring every pixel: INTER_LINEAR reads at most two source rows and columns per output
-pixel, so the blur is folded into the resize weights (separable low-rank pieces of the kernel,
-band-limited matrix products), within an error bound in grey levels fixed by construction.
+within an error bound in grey levels fixed by construction, by the cheapest of three routes:
+fused products that blur only where INTER_LINEAR reads (it reads at most two source rows and
+columns per output pixel, so the blur folds into the resize weights), whole-image separable
+passes, or a whole-image DFT blur.
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ import numpy as np
 
 # Worst-case error of the fused blur+downsample, in 0-255 grey levels (bound, not average).
 DEFAULT_TOLERANCE = 0.02
-# Sustained single-core float32 matrix-product rate used to choose between fused and direct blur.
-FUSED_MACS_PER_SECOND = 17e9
+# Fixed cost constants (single core, measured once) that choose among the fused products, whole-image
+# separable passes and the DFT. The choice depends on shapes only, never on timing, so the bytes
+# of an LQ image are the same whatever the machine load.
+FUSED_MACS_PER_SECOND = 18e9
+FUSED_OVERHEAD_SECONDS = 1.1e-3
+SEPARABLE_MACS_PER_SECOND = 16e9
+SEPARABLE_OVERHEAD_SECONDS = 1e-4
+FFT_SECONDS_PER_SAMPLE = 5.8e-3 / (576 * 576 * 3)
 
 
 # ----------------------------------------------------------------------------- reference ops
@@ -48,15 +55,19 @@ def bgr_rgb(img: np.ndarray) -> np.ndarray:
 
 def gaussian_noise(shape: tuple[int, ...], sigma: float, gray: bool, rng: np.random.Generator) -> np.ndarray:
     """Additive Gaussian noise, σ in 0-255 units; gray noise is one field shared by the channels."""
+    # In place, the same float32 operations as ``field * sigma / 255.0`` without two temporaries.
+    field = rng.standard_normal(shape[:2] if gray else shape, dtype=np.float32)
+    field *= sigma
+    field /= 255.0
     if gray:
-        noise = rng.standard_normal(shape[:2], dtype=np.float32) * sigma / 255.0
-        return np.repeat(noise[:, :, None], shape[2], axis=2)
-    return rng.standard_normal(shape, dtype=np.float32) * sigma / 255.0
+        return np.repeat(field[:, :, None], shape[2], axis=2)
+    return field
 
 
 def add_noise(img: np.ndarray, noise: np.ndarray) -> np.ndarray:
     """``clip(img + noise, 0, 1)`` (BasicSR's ``clip=True, rounds=False``)."""
-    return np.clip(img + noise, 0, 1)
+    out = img + noise
+    return np.clip(out, 0, 1, out=out)
 
 
 def poisson_noise(img: np.ndarray, scale: float, gray: bool, rng: np.random.Generator) -> np.ndarray:
@@ -155,31 +166,51 @@ def _band_blocks(
     """
     s0, s1, w1 = linear_taps(n_in, n_out)
     n_rank, length = taps.shape
+    # Interior outputs read 2 adjacent taps with no border folding: their weights over the window
+    # are the L + 1 taps (1 - w1)·t[j] + w1·t[j - 1], written directly. Outputs near the borders
+    # (reflected or clamped) accumulate their folded weights with bincount.
+    interior = (s1 == s0 + 1) & (s0 - center >= 0) & (s1 + (length - 1 - center) <= n_in - 1)
+    edge = np.flatnonzero(~interior)
     offsets = np.arange(length) - center
     cols = np.concatenate(
-        [reflect101(s0[:, None] + offsets[None, :], n_in), reflect101(s1[:, None] + offsets[None, :], n_in)],
+        [
+            reflect101(s0[edge, None] + offsets[None, :], n_in),
+            reflect101(s1[edge, None] + offsets[None, :], n_in),
+        ],
         axis=1,
-    )  # (n_out, 2L)
-    weights = np.concatenate(
-        [(1.0 - w1)[None, :, None] * taps[:, None, :], w1[None, :, None] * taps[:, None, :]], axis=2
-    )  # (R, n_out, 2L)
-    # One bincount for every block: all windows get the widest block's width (shifted to stay
-    # inside the input), so the weights form a single (blocks, R, block, window) array.
+    )  # (edge rows, 2L)
+    row_min = s0 - center
+    row_max = s1 + (length - 1 - center)
+    if len(edge):
+        row_min[edge], row_max[edge] = cols.min(axis=1), cols.max(axis=1)
+    # All windows get the widest block's width (shifted to stay inside the input), so the weights
+    # form a single (blocks, R, block, window) array.
     n_blocks = -(-n_out // block)
     rows = np.arange(n_out)
     block_of, row_in_block = rows // block, rows % block
     starts = np.arange(n_blocks) * block
-    lo = np.minimum.reduceat(cols.min(axis=1), starts)
-    hi = np.maximum.reduceat(cols.max(axis=1), starts) + 1
+    lo = np.minimum.reduceat(row_min, starts)
+    hi = np.maximum.reduceat(row_max, starts) + 1
     win = int((hi - lo).max())
     lo = np.minimum(lo, n_in - win)
     base = block_of * (n_rank * block * win) + row_in_block * win  # (n_out,)
-    idx = (
-        base[None, :, None]
-        + np.arange(n_rank)[:, None, None] * (block * win)
-        + (cols - lo[block_of, None])[None]
-    )
-    w = np.bincount(idx.ravel(), weights=weights.ravel(), minlength=n_blocks * n_rank * block * win)
+    rank_step = np.arange(n_rank)[:, None, None] * (block * win)
+    n_cells = n_blocks * n_rank * block * win
+    inner = np.flatnonzero(interior)
+    # Each cell is written once, as bincount would sum it: ((1 - w1)·t[j]) + (w1·t[j - 1]).
+    comb = np.zeros((n_rank, len(inner), length + 1))
+    comb[:, :, :length] = (1.0 - w1[inner])[None, :, None] * taps[:, None, :]
+    comb[:, :, 1:] += w1[inner][None, :, None] * taps[:, None, :]
+    start = base[inner] + row_min[inner] - lo[block_of[inner]]
+    w = np.zeros(n_cells)
+    w[(rank_step + start[None, :, None] + np.arange(length + 1)[None, None, :]).ravel()] = comb.ravel()
+    if len(edge):
+        weights = np.concatenate(
+            [(1.0 - w1[edge])[None, :, None] * taps[:, None, :], w1[edge][None, :, None] * taps[:, None, :]],
+            axis=2,
+        )  # (R, edge rows, 2L)
+        idx = rank_step + (base[edge, None] + cols - lo[block_of[edge], None])[None]
+        w += np.bincount(idx.ravel(), weights=weights.ravel(), minlength=n_cells)
     w = w.reshape(n_blocks, n_rank, block, win).astype(np.float32)
     blocks = []
     for j in range(n_blocks):
@@ -206,37 +237,80 @@ def fused_cost(shape: tuple[int, int, int], size: tuple[int, int], rank: int, le
     return float(stage1 + stage2)
 
 
-def direct_cost_seconds(shape: tuple[int, int, int], length: int) -> float:
-    """Rough time of blurring every pixel: an FFT for large kernels, OpenCV's direct filter below 11×11."""
+def fused_cost_seconds(shape: tuple[int, int, int], size: tuple[int, int], rank: int, length: int) -> float:
+    """Rough single-core time of the fused path: the products plus a fixed per-call overhead."""
+    return FUSED_OVERHEAD_SECONDS + fused_cost(shape, size, rank, length) / FUSED_MACS_PER_SECOND
+
+
+def fft_sizes(shape: tuple[int, int, int], length: int) -> tuple[int, int]:
+    """Transform sizes of :func:`fft_blur`: the reflect-padded image rounded up to OpenCV's fast sizes."""
+    h, w = shape[:2]
+    pad = length // 2
+    return cv2.getOptimalDFTSize(h + 2 * pad), cv2.getOptimalDFTSize(w + 2 * pad)
+
+
+def fft_cost_seconds(shape: tuple[int, int, int], length: int) -> float:
+    """Rough single-core time of :func:`fft_blur` (forward, product and inverse per channel)."""
+    n0, n1 = fft_sizes(shape, length)
+    return FFT_SECONDS_PER_SAMPLE * n0 * n1 * shape[2]
+
+
+def separable_cost_seconds(shape: tuple[int, int, int], rank: int, length: int) -> float:
+    """Rough single-core time of ``rank`` whole-image ``cv2.sepFilter2D`` passes."""
     h, w, ch = shape
-    if length >= 11:
-        return 0.008 * (h * w * ch) / (512 * 512 * 3)
-    return length * length * h * w * ch / 6e9
+    return rank * (SEPARABLE_OVERHEAD_SECONDS + 2 * length * h * w * ch / SEPARABLE_MACS_PER_SECOND)
 
 
-def fft_blur(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """``blur(float32(img) / 255, kernel)`` through a real FFT (reflect-101 borders), float32 (H, W, C).
+def fft_blur(img: np.ndarray, kernel: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """``blur(float32(img) / 255, kernel)`` through OpenCV's real DFT (reflect-101 borders), float32 (H, W, C).
 
-    Single-precision transforms keep the error near 1e-4 grey levels, well inside the budget.
+    With ``size`` each blurred plane is resized (INTER_LINEAR) before the planes are merged, which
+    equals ``resize_linear`` of the blurred image. Single-precision transforms keep the error near
+    1e-4 grey levels, well inside the budget.
     """
-    from scipy import fft
-
     h, w, ch = img.shape
     length = kernel.shape[0]
     pad = length // 2
+    n0, n1 = fft_sizes(img.shape, length)
     padded = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_REFLECT_101)
-    planes = np.ascontiguousarray(padded.transpose(2, 0, 1), dtype=np.float32)
-    n0 = fft.next_fast_len(h + 2 * pad, real=True)
-    n1 = fft.next_fast_len(w + 2 * pad, real=True)
+    padded = cv2.copyMakeBorder(
+        padded, 0, n0 - h - 2 * pad, 0, n1 - w - 2 * pad, cv2.BORDER_CONSTANT, value=0
+    ).reshape(n0, n1, ch)
     # Circular convolution with the flipped kernel is the correlation filter2D computes; output
-    # (i, j) sits at (i + L - 1, j + L - 1), before any wrap-around can reach it.
+    # (i, j) sits at (i + L - 1, j + L - 1), before any wrap-around can reach it. (OpenCV's
+    # ``nonzeroRows`` hint would skip work but leaves its fast transform path: slower here.)
+    # The inverse transform's 1 / (n0 n1) is folded into the kernel, saving a pass per channel.
     flipped = np.zeros((n0, n1), dtype=np.float32)
-    flipped[:length, :length] = kernel[::-1, ::-1] / 255.0
-    spectrum = fft.rfft2(planes, s=(n0, n1), workers=1) * fft.rfft2(flipped, workers=1)
-    out = fft.irfft2(spectrum, s=(n0, n1), workers=1)[
-        :, length - 1 : length - 1 + h, length - 1 : length - 1 + w
-    ]
-    return cv2.merge([np.ascontiguousarray(plane, dtype=np.float32) for plane in out])
+    flipped[:length, :length] = kernel[::-1, ::-1] / (255.0 * n0 * n1)
+    kspec = cv2.dft(flipped)
+    planes = []
+    for channel in cv2.split(padded) if ch > 1 else [padded.reshape(n0, n1)]:
+        spec = cv2.dft(channel.astype(np.float32))
+        full = cv2.idft(cv2.mulSpectrums(spec, kspec, 0), flags=cv2.DFT_REAL_OUTPUT)
+        plane = full[length - 1 : length - 1 + h, length - 1 : length - 1 + w]
+        planes.append(plane if size is None else resize_linear(plane, size))
+    return cv2.merge(planes)
+
+
+def separable_blur(
+    img: np.ndarray, p: np.ndarray, q: np.ndarray, size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """``blur(float32(img) / 255, Σ_k p_k q_kᵀ)`` by whole-image ``cv2.sepFilter2D`` passes, float32.
+
+    ``p`` (R, L) are the vertical and ``q`` (R, L) the horizontal filters, centred; with ``size``
+    the result is resized (INTER_LINEAR).
+    """
+    out = None
+    for k in range(p.shape[0]):
+        piece = cv2.sepFilter2D(
+            img,
+            cv2.CV_32F,
+            q[k].astype(np.float32),
+            (p[k] / 255.0).astype(np.float32),
+            borderType=cv2.BORDER_REFLECT_101,
+        )
+        out = piece if out is None else cv2.add(out, piece)
+    return out if size is None else resize_linear(out, size)
 
 
 def separable_pieces(kernel: np.ndarray, tolerance: float) -> tuple[np.ndarray, np.ndarray, int]:
@@ -276,21 +350,41 @@ def separable_pieces(kernel: np.ndarray, tolerance: float) -> tuple[np.ndarray, 
     return p, q, radius
 
 
+BLUR_ROUTES = ("fused", "separable", "fft")
+
+
+def choose_route(shape: tuple[int, int, int], size: tuple[int, int], rank: int, length: int) -> str:
+    """The blur route with the lowest modelled cost; fixed constants and shapes only (deterministic)."""
+    costs = {
+        "fused": fused_cost_seconds(shape, size, rank, length),
+        "separable": separable_cost_seconds(shape, rank, length),
+        "fft": fft_cost_seconds(shape, length),
+    }
+    return min(costs, key=costs.__getitem__)
+
+
 def blur_downsample(
-    img: np.ndarray, kernel: np.ndarray, size: tuple[int, int], tolerance: float = DEFAULT_TOLERANCE
+    img: np.ndarray,
+    kernel: np.ndarray,
+    size: tuple[int, int],
+    tolerance: float = DEFAULT_TOLERANCE,
+    route: str | None = None,
 ) -> np.ndarray:
     """``resize_linear(blur(float32(img) / 255, kernel), size)`` for a uint8 image, blurring only where read.
 
-    The kernel is trimmed and split into separable pieces within ``tolerance``; when the fused
-    products would cost more than blurring the whole image with the trimmed kernel (FFT, or
-    OpenCV's direct filter for small kernels), that is done instead.
-    Either way the result is within ``tolerance`` grey levels of the unfused computation.
+    The kernel is trimmed and split into separable pieces within ``tolerance``. Of three routes
+    the one with the lowest modelled cost (fixed constants, shapes only: deterministic) runs: the
+    fused products that blur only the rows and columns the resize reads; whole-image
+    ``cv2.sepFilter2D`` passes (cheap for one or two short pieces); or a whole-image DFT blur
+    with the trimmed kernel (thin rotated kernels that need many pieces, at small r).
+    Every route is within ``tolerance`` grey levels of the unfused computation.
 
     Args:
         img: (H, W, C) uint8 (or float in 0-255 units).
         kernel: (K, K) blur kernel, K odd.
         size: output ``(width, height)``.
         tolerance: worst-case absolute error allowed, in 0-255 grey levels.
+        route: force ``"fused"``, ``"separable"`` or ``"fft"`` (default: :func:`choose_route`).
 
     Returns:
         (height, width, C) float32 in [0, 1] units, channel order as the input.
@@ -299,29 +393,35 @@ def blur_downsample(
     out_w, out_h = size
     p, q, center = separable_pieces(kernel, tolerance / 255.0)
     n_rank, length = p.shape
-    fused_s = fused_cost(img.shape, size, n_rank, length) / FUSED_MACS_PER_SECOND
-    if min(h, w) < length or fused_s > direct_cost_seconds(img.shape, length):
+    if min(h, w) < length:
         sub = kernel[kernel.shape[0] // 2 - center :, kernel.shape[1] // 2 - center :][:length, :length]
-        if length >= 11 and min(h, w) >= length:
-            return resize_linear(fft_blur(img, sub), size)
         return reference_blur_downsample(img, sub, size)
-    planes = [img[:, :, c].astype(np.float32) for c in range(ch)]
-    # Stage 1, rows, per channel plane: the 1/255 of the uint8 → [0, 1] conversion is folded into
-    # the vertical filters. y[k, c] holds piece k's vertically filtered and resized rows.
-    y = np.empty((n_rank, ch, out_h, w), dtype=np.float32)
+    if route is None:
+        route = choose_route(img.shape, size, n_rank, length)
+    elif route not in BLUR_ROUTES:
+        raise ValueError(f"unknown blur route {route!r}: expected one of {', '.join(BLUR_ROUTES)}")
+    if route == "separable":
+        return np.atleast_3d(separable_blur(img, p, q, size))
+    if route == "fft":
+        sub = kernel[kernel.shape[0] // 2 - center :, kernel.shape[1] // 2 - center :][:length, :length]
+        return np.atleast_3d(fft_blur(img, sub, size))
+    # Rows hold the channels side by side, (H, C·W): one product per block serves every channel.
+    rows = img.transpose(0, 2, 1).astype(np.float32).reshape(h, ch * w)
+    # Stage 1, rows: the 1/255 of the uint8 → [0, 1] conversion is folded into the vertical
+    # filters. y[k, i, c] holds piece k's vertically filtered and resized row i of channel c.
+    y = np.empty((n_rank, out_h, ch, w), dtype=np.float32)
     for o0, o1, lo, hi, wv in _band_blocks(h, out_h, p / 255.0, center, _block_size(length, h / out_h)):
         a = wv.reshape(n_rank * (o1 - o0), hi - lo)
-        for c in range(ch):
-            y[:, c, o0:o1] = (a @ planes[c][lo:hi]).reshape(n_rank, o1 - o0, w)
-    # Stage 2, columns: rows (channel, output row) of each piece's column band form one strided
+        y[:, o0:o1] = (a @ rows[lo:hi]).reshape(n_rank, o1 - o0, ch, w)
+    # Stage 2, columns: rows (output row, channel) of each piece's column band form one strided
     # matrix, so every product reads y in place; the pieces are summed into the block's result.
-    res = np.empty((ch, out_h, out_w), dtype=np.float32)
+    res = np.empty((out_h, ch, out_w), dtype=np.float32)
     for o0, o1, lo, hi, wh in _band_blocks(w, out_w, q, center, _block_size(length, w / out_w)):
-        acc = y[0, :, :, lo:hi].reshape(ch * out_h, hi - lo) @ wh[0].T
+        acc = y[0, :, :, lo:hi].reshape(out_h * ch, hi - lo) @ wh[0].T
         for k in range(1, n_rank):
-            acc += y[k, :, :, lo:hi].reshape(ch * out_h, hi - lo) @ wh[k].T
-        res[:, :, o0:o1] = acc.reshape(ch, out_h, o1 - o0)
-    return cv2.merge(list(res))
+            acc += y[k, :, :, lo:hi].reshape(out_h * ch, hi - lo) @ wh[k].T
+        res[:, :, o0:o1] = acc.reshape(out_h, ch, o1 - o0)
+    return np.ascontiguousarray(res.transpose(0, 2, 1))
 
 
 def reference_blur_downsample(img: np.ndarray, kernel: np.ndarray, size: tuple[int, int]) -> np.ndarray:

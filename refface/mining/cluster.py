@@ -20,7 +20,7 @@ DEFAULT_METHOD = "average"
 # Cosine-distance threshold used when the embeddings carry none: ReF-LDM's ArcFace rule.
 ARCFACE_THRESHOLD = 0.4
 # Cut heights of average linkage per embedding model, measured against labels (docs/mining.md).
-# dlib's pairwise rule (Euclidean 0.6 on raw descriptors, cosine ~0.093 on unit vectors) is too
+# dlib's pairwise rule (Euclidean 0.6 on raw descriptors, cosine ~0.088 on unit vectors) is too
 # loose as an *average* cut: whole same-gender/same-ethnicity identities then merge pairwise.
 # On the shared labeled photos F stays >= 0.96 for cuts 0.07-0.085; 0.08 is the middle of that
 # plateau. Models not listed use their own identity_threshold.
@@ -33,8 +33,9 @@ class ClusterConfig:
 
     Attributes:
         method: a key of ``CLUSTERERS``.
-        threshold: cosine distance ``1 - <u, v>`` below which two faces are the same person;
-            None takes the embeddings' own ``identity_threshold``.
+        threshold: cosine distance ``1 - <u, v>`` below which two faces are the same person
+            (for ``average``: the cut on the mean distance between two groups); None means
+            :func:`default_threshold`.
         k: neighbours per face in the sparse graph of the average-linkage method.
         graph_factor: the average-linkage graph keeps pairs closer than ``graph_factor * threshold``;
             pairs outside it count as exactly that far (a lower bound on their true distance).

@@ -316,7 +316,7 @@ def plan_index(
         kind: "auto" or one of ``INDEX_KINDS`` to force.
         memory_bytes: budget; default the memory available now.
         gpu: build on GPU; None = when a FAISS GPU build sees a GPU.
-        nlist, nprobe, pq_m: override the defaults (``default_nlist``; nlist/128 at least 8; D/8).
+        nlist, nprobe, pq_m: override the defaults (``default_nlist``; nlist/128 at least 32; D/8).
         rerank: candidate factor of IVF-PQ.
     """
     from refface.mining.neighbors import gpu_available
@@ -329,7 +329,7 @@ def plan_index(
         gpu = gpu_available()
     budget = int(memory_bytes if memory_bytes is not None else available_memory())
     lists = int(nlist or default_nlist(n))
-    probe = int(nprobe or max(8, lists // 128))
+    probe = int(nprobe or max(32, lists // 128))
     m = int(pq_m or max(1, dim // 8))
     if dim % m:
         raise ValueError(f"pq_m={m} must divide dim={dim}")
@@ -367,6 +367,16 @@ def plan_index(
     )
 
 
+def _to_gpu(faiss, index, plan: IndexPlan):
+    """Copy a CPU index to GPU 0; IVF-PQ with 64+ byte codes needs float16 lookup tables there."""
+    res = faiss.StandardGpuResources()
+    options = faiss.GpuClonerOptions()
+    options.useFloat16 = plan.kind == "ivf_pq"
+    gpu_index = faiss.index_cpu_to_gpu(res, 0, index, options)
+    gpu_index.refface_resources = res  # resources must outlive the GPU index
+    return gpu_index
+
+
 def build_sharded_index(
     shards: ShardedEmbeddings, plan: IndexPlan, exclude: np.ndarray | None = None, seed: int = 0
 ):
@@ -393,10 +403,7 @@ def build_sharded_index(
         index.train(shards.take(sample))
         ivf.nprobe = plan.nprobe
     if plan.gpu:
-        res = faiss.StandardGpuResources()
-        gpu_index = faiss.index_cpu_to_gpu(res, 0, index)
-        gpu_index.refface_resources = res  # resources must outlive the GPU index
-        index = gpu_index
+        index = _to_gpu(faiss, index, plan)
     for _, _, mm in shards.iter_shards():
         for start in range(0, mm.shape[0], 262_144):
             index.add(np.ascontiguousarray(mm[start : start + 262_144], dtype=np.float32))
@@ -602,9 +609,7 @@ def sharded_knn(
         if plan.kind != "flat":
             faiss.extract_index_ivf(index).nprobe = plan.nprobe
         if plan.gpu:
-            res = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(res, 0, index)
-            index.refface_resources = res
+            index = _to_gpu(faiss, index, plan)
     else:
         index = build_sharded_index(shards, plan, exclude=held, seed=seed)
         if save_index and plan.kind != "flat":
