@@ -77,10 +77,10 @@ SD15 = {
 def build_sd(preset: str):
     """Random-weight FrozenSD for a preset."""
     import torch
-    from common import tiny_sd
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from refface.train.mgfr import tiny_sd
     from refface.train.mgfr.model import FrozenSD
 
     if preset == "tiny":

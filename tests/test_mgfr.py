@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from common.tiny_sd import IMAGE_SIZE, save_tiny_sd  # noqa: E402
+from refface.train.mgfr.tiny_sd import IMAGE_SIZE, save_tiny_sd  # noqa: E402
 
 ID_DIM = 128  # dlib's size (configs/mgfr_tiny.yaml): references can be embedded offline
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mgfr_tiny.yaml"

@@ -1,4 +1,7 @@
-"""A tiny random Stable Diffusion (UNet, VAE, CLIP text encoder + tokenizer) built offline from configs."""
+"""A tiny random Stable Diffusion (UNet, VAE, CLIP text encoder + tokenizer) built offline from configs.
+
+Used by the tests, the CPU benchmark and `refface demo`; real runs point `--sd` at a real diffusers folder.
+"""
 
 from __future__ import annotations
 
