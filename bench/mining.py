@@ -102,6 +102,19 @@ def bench_size(
         _, ex = nb.drop_self(*nb.search(x[sample], exact, k + 1), sample)
         row["recall_at_k"] = round(nb.recall_at_k(idx[sample], ex), 4)
         row["recall_queries"] = int(sample.size)
+        # The recall/speed knob: the same sampled rows at other nprobe values.
+        sweep = {}
+        for probes in sorted({nprobe, 4 * nprobe, 16 * nprobe}):
+            built.cpu_index.nprobe = min(probes, built.nlist)
+            ts = time.perf_counter()
+            _, got = nb.drop_self(*nb.search(x[sample], built, k + 1), sample)
+            ms = 1000 * (time.perf_counter() - ts) / sample.size
+            sweep[str(probes)] = {
+                "recall_at_k": round(nb.recall_at_k(got, ex), 4),
+                "ms_per_query": round(ms, 3),
+            }
+        built.cpu_index.nprobe = nprobe
+        row["nprobe_sweep"] = sweep
     else:
         row["recall_at_k"] = 1.0
     if n <= baseline_max:
@@ -184,6 +197,10 @@ def main() -> None:
                 f", recall@{args.k} {row['recall_at_k']:.3f} (nprobe {row['nprobe']}, nlist {row['nlist']})"
             )
         print(line, flush=True)
+        for probes, v in row.get("nprobe_sweep", {}).items():
+            print(
+                f"    nprobe {probes:>4}: recall@{args.k} {v['recall_at_k']:.3f}, {v['ms_per_query']:.2f} ms/query"
+            )
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mining.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
@@ -213,6 +230,18 @@ def main() -> None:
             f"| {r['n']:,} | {r['index']} | {r['faiss_graph_s']:.2f} ({r['faiss_build_s']:.2f} + {r['faiss_search_s']:.2f}) "
             f"| {numpy_s} | {ratio} | {r['recall_at_k']:.3f} |"
         )
+    for r in result["graphs"]:
+        if "nprobe_sweep" in r:
+            lines += [
+                "",
+                f"IVF recall@{args.k} vs nprobe at N = {r['n']:,} (nlist {r['nlist']}, {r['recall_queries']:,} sampled rows):",
+                "",
+            ]
+            lines += ["| nprobe | recall@k | ms/query |", "|---:|---:|---:|"]
+            lines += [
+                f"| {p} | {v['recall_at_k']:.3f} | {v['ms_per_query']:.2f} |"
+                for p, v in r["nprobe_sweep"].items()
+            ]
     lines += [
         "",
         f"numpy = blocked `Q @ X.T` + `argpartition`, timed on {args.baseline_queries:,} query rows and scaled to N. "

@@ -49,7 +49,7 @@ class TinyAttributeNet(torch.nn.Module):
 
 @pytest.fixture()
 def root(tmp_path: Path) -> Path:
-    from test_shards import make_tiny_root
+    from common.tiny_root import make_tiny_root
 
     return make_tiny_root(tmp_path / "root")
 

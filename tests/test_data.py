@@ -48,7 +48,7 @@ needs_degrader = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    from test_shards import make_tiny_root
+    from common.tiny_root import make_tiny_root
 
     base = tmp_path_factory.mktemp("data")
     root = make_tiny_root(base / "root")
@@ -274,7 +274,7 @@ def test_sample_content_depends_on_key_not_on_workers(data):
 
 def test_mgfr_missing_embeddings_are_zeros_of_the_data_dim(tmp_path: Path):
     import pandas as pd
-    from test_shards import make_tiny_root
+    from common.tiny_root import make_tiny_root
 
     root = make_tiny_root(tmp_path / "root")
     table = pd.read_parquet(root / "embeddings.parquet")

@@ -427,7 +427,7 @@ def test_gradient_checkpointing_same_gradients_and_bf16_accumulation_runs(sd_dir
 def test_entry_point_on_real_shards_both_stages(sd_dir, tmp_path):
     # The whole path with the shared input pipeline: dataset root -> WebDataset shards -> both stages.
     try:
-        from test_shards import make_tiny_root
+        from common.tiny_root import make_tiny_root
 
         from refface.builders.shards import ShardsConfig, write_shards
     except ImportError as exc:

@@ -92,6 +92,17 @@ def _resolve(name: str, roots: list[Path]) -> Path:
     return roots[0] / name
 
 
+def _dataset_image_root(folder: Path) -> Path | None:
+    """The ``image_root`` a dataset root's ``build.json`` records, if ``folder`` is one."""
+    import json
+
+    build = folder / "build.json"
+    if not build.is_file():
+        return None
+    root = json.loads(build.read_text()).get("image_root")
+    return Path(root) if root else None
+
+
 def collect_items(input_path: Path, references: Path | None = None) -> list[RestoreItem]:
     """The images to restore and their references.
 
@@ -113,6 +124,10 @@ def collect_items(input_path: Path, references: Path | None = None) -> list[Rest
                 f"{csv} needs columns lq_image (or gt_image) and ref_image (ReF-LDM reference CSV)"
             )
         roots = [r for r in (references if references and references.is_dir() else None, csv.parent) if r]
+        # A CSV inside a built dataset root names images relative to the root's image folder.
+        image_root = _dataset_image_root(csv.parent)
+        if image_root is not None:
+            roots.append(image_root)
         lq_roots = ([lq_root] if lq_root else []) + roots + [csv.parent / "lq"]
         ref_roots = roots + [csv.parent / "hq", csv.parent / "gt"]
         items = []
