@@ -287,3 +287,137 @@ def test_mgfr_missing_embeddings_are_zeros_of_the_data_dim(tmp_path: Path):
     batch = next(iter(make_mgfr_dataloader(root, 3, 0, resolution=32, split="val", train=False)))
     assert batch["id_embedding"].shape == (3, 8)
     assert not batch["id_embedding"].any()
+
+
+def _samples_by_key(loader) -> dict[str, dict]:
+    return {b["key"][0]: {n: b[n][0] for n in ("gt", "lq", "refs")} for b in loader}
+
+
+def _epoch_loader(data, source: str, workers: int, epoch: int = 0):
+    # Batches of one: every sample is kept (drop_last) and can be compared by key.
+    return make_refldm_dataloader(
+        data[source], 1, workers, resolution=32, seed=5, epoch=epoch, resampled=False, shuffle_buffer=0
+    )
+
+
+@needs_degrader
+@pytest.mark.parametrize("source", ["shards", "root"])
+def test_set_epoch_redraws_lq_and_augmentation_reproducibly(data, source: str):
+    loader = _epoch_loader(data, source, 0)
+    loader.set_epoch(0)
+    first = _samples_by_key(loader)
+    loader.set_epoch(1)
+    second = _samples_by_key(loader)
+    loader.set_epoch(1)
+    again = _samples_by_key(loader)
+    assert len(first) == 10 and set(first) == set(second) == set(again)
+    for key in first:
+        assert not torch.equal(first[key]["lq"], second[key]["lq"])
+        assert not torch.equal(first[key]["refs"], second[key]["refs"])
+        for name in ("gt", "lq", "refs"):
+            assert torch.equal(second[key][name], again[key][name])
+    # A loader built at epoch 1 (a resumed run) draws exactly what set_epoch(1) drew.
+    resumed = _samples_by_key(_epoch_loader(data, source, 0, epoch=1))
+    for key in first:
+        for name in ("gt", "lq", "refs"):
+            assert torch.equal(second[key][name], resumed[key][name])
+
+
+@needs_degrader
+@pytest.mark.parametrize("source", ["shards", "root"])
+def test_epoch_draws_do_not_depend_on_workers(data, source: str):
+    def run(workers: int) -> tuple[list[str], dict[str, dict]]:
+        loader = _epoch_loader(data, source, workers)
+        loader.set_epoch(2)
+        samples = _samples_by_key(loader)
+        return list(samples), samples
+
+    order0, zero = run(0)
+    order2, two = run(2)
+    assert len(zero) == 10 and set(zero) == set(two)
+    if source == "root":
+        assert order0 == order2  # map-style: the shuffle is a function of (seed, epoch) only
+    for key in zero:
+        for name in ("gt", "lq", "refs"):
+            assert torch.equal(zero[key][name], two[key][name])
+
+
+@needs_degrader
+def test_resampled_stream_is_a_function_of_the_epoch(data):
+    def keys_and_lq(loader):
+        batches = list(loader)
+        return [k for b in batches for k in b["key"]], torch.cat([b["lq"] for b in batches])
+
+    loader = make_refldm_dataloader(data["shards"], 4, 0, resolution=32, seed=6, samples_per_epoch=12)
+    loader.set_epoch(1)
+    keys1, lq1 = keys_and_lq(loader)
+    loader.set_epoch(0)
+    keys0, _ = keys_and_lq(loader)
+    loader.set_epoch(1)
+    keys1b, lq1b = keys_and_lq(loader)
+    assert len(keys1) == 12 and keys1 != keys0
+    # The same stream however many passes came before (WebDataset's own pass counters do not leak in).
+    assert keys1 == keys1b and torch.equal(lq1, lq1b)
+    # The training loop reaches the epoch through the dataset too.
+    loader.dataset.set_epoch(0)
+    assert keys_and_lq(loader)[0] == keys0
+
+
+class _RecordingTask:
+    """A one-weight task that records the keys and LQ of every batch the training loop feeds it."""
+
+    def __init__(self) -> None:
+        self.weight = torch.nn.Linear(1, 1)
+        self.seen: list[tuple[list[str], torch.Tensor]] = []
+
+    def trainable_modules(self):
+        return {"weight": self.weight}
+
+    def frozen_modules(self):
+        return {}
+
+    def bind(self, modules, weight_dtype, device):
+        self.modules = modules
+
+    def compute_loss(self, batch, generator):
+        self.seen.append((list(batch["key"]), batch["lq"].clone()))
+        x = batch["lq"].mean(dim=(1, 2, 3)).unsqueeze(1)
+        return self.modules["weight"](x).square().mean(), {}
+
+    def validation_grid(self, batch, generator):
+        return np.zeros((8, 8, 3), np.uint8)
+
+    def config_dict(self):
+        return {"name": "recording"}
+
+
+@needs_degrader
+@pytest.mark.parametrize("source", ["shards", "root"])
+def test_training_loop_sets_the_epoch_and_resume_sees_the_same_data(data, source: str, tmp_path: Path):
+    pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    from refface.train.loop import LoopConfig, train
+
+    def run(out: Path, max_steps: int) -> list[tuple[list[str], torch.Tensor]]:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        # 10 samples in batches of 4: two batches an epoch, so 5 steps span three epochs.
+        loader = make_refldm_dataloader(data[source], 4, 0, resolution=32, seed=9, samples_per_epoch=8)
+        task = _RecordingTask()
+        config = LoopConfig(
+            output_dir=str(out), max_steps=max_steps, checkpoint_every=1, validate_every=0, report_to="none"
+        )
+        train(task, loader, config)
+        return task.seen
+
+    full = run(tmp_path / "full", 5)
+    resumed = run(tmp_path / "split", 3) + run(tmp_path / "split", 5)
+    assert len(full) == len(resumed) == 5
+    for (keys_a, lq_a), (keys_b, lq_b) in zip(full, resumed, strict=True):
+        assert keys_a == keys_b and torch.equal(lq_a, lq_b)
+    # The same sample in two epochs gets two different LQ images.
+    epoch0 = {k: lq for keys, lqs in full[:2] for k, lq in zip(keys, lqs, strict=True)}
+    epoch1 = {k: lq for keys, lqs in full[2:4] for k, lq in zip(keys, lqs, strict=True)}
+    common = set(epoch0) & set(epoch1)
+    assert common and all(not torch.equal(epoch0[k], epoch1[k]) for k in common)

@@ -4,6 +4,13 @@ Every random choice of a sample (reference pick, augmentation, flip, degradation
 draw) comes from a generator seeded by ``(seed, epoch, key)``, so a resumed run sees the same data
 whatever the worker count. Batches follow CONTRIBUTING.md's contracts: images float32
 ``(B, 3, H, W)`` in [-1, 1].
+
+Epochs: the loaders, and their ``dataset``, have ``set_epoch(epoch)`` (the training loop calls it
+before each pass). It must be called before ``iter(loader)``: DataLoader workers receive a copy of
+the dataset when the iterator is created, so a later call reaches them only at the next pass. The
+loaders built here never keep persistent workers, and ``set_epoch`` raises on one that does while
+its workers are alive. The shard pipeline is rebuilt from ``(seed, epoch)`` at every pass, so an
+epoch's stream does not depend on how many passes came before it (a resumed run included).
 """
 
 from __future__ import annotations
@@ -314,6 +321,10 @@ class _Sampler:
         self.config = config
         self.degrade = _Degrade(config.preset, config.seed, config.resolution)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's augmentation, LQ and negative-quality choice from now on."""
+        self.config.epoch = int(epoch)
+
     def rng(self, key: str) -> np.random.Generator:
         return np.random.default_rng(item_seed(self.config.seed, f"{self.config.epoch}\0{key}"))
 
@@ -600,15 +611,96 @@ def _worker_init(_worker_id: int) -> None:
 class _MapDataset:
     """A map-style torch dataset: raw samples from a :class:`ReferenceDataset` through a sampler."""
 
-    def __init__(self, raw: ReferenceDataset, transform: Callable):
+    def __init__(self, raw: ReferenceDataset, transform: _Sampler):
         self.raw = raw
         self.transform = transform
+
+    @property
+    def epoch(self) -> int:
+        return self.transform.config.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the samples of ``epoch`` (call before iterating: workers copy the dataset then)."""
+        self.transform.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.raw)
 
     def __getitem__(self, i: int):
         return self.transform(self.raw[i])
+
+
+@functools.cache
+def _stream_class() -> type:
+    """:class:`torch.utils.data.IterableDataset` subclass of the shard stream, built on first use so
+    that importing this module does not import torch."""
+    import torch
+
+    class ShardStream(torch.utils.data.IterableDataset):
+        """Shard samples of one epoch: the WebDataset pipeline rebuilt from ``(seed, epoch)`` per pass.
+
+        Rebuilding makes the shard draws, the shuffle and every sample a function of the epoch alone:
+        WebDataset's stages keep their own pass counters, which differ between the main process
+        (counting every pass) and fresh worker copies (always at their first pass).
+        """
+
+        def __init__(self, urls: Sequence[str], sampler: _Sampler, options: dict[str, Any]):
+            self.urls = list(urls)
+            self.sampler = sampler
+            self.options = options
+
+        @property
+        def epoch(self) -> int:
+            return self.sampler.config.epoch
+
+        def set_epoch(self, epoch: int) -> None:
+            """Stream ``epoch`` from the next pass on (call before iterating: workers copy the dataset)."""
+            self.sampler.set_epoch(epoch)
+
+        def __iter__(self):
+            return iter(make_shard_dataset(self.urls, self.sampler, epoch=self.epoch, **self.options))
+
+        def __reduce__(self):
+            # The class is local to a function: pickle (spawned workers) rebuilds it through the factory.
+            return _make_stream, (self.urls, self.sampler, self.options)
+
+    return ShardStream
+
+
+def _make_stream(urls: Sequence[str], sampler: _Sampler, options: dict[str, Any]):
+    return _stream_class()(urls, sampler, options)
+
+
+@functools.cache
+def _loader_class() -> type:
+    """DataLoader with ``set_epoch`` (built on first use, as :func:`_stream_class`)."""
+    import torch
+
+    class EpochDataLoader(torch.utils.data.DataLoader):
+        """A DataLoader whose ``set_epoch`` selects the epoch of its dataset and, when it shuffles,
+        reseeds its shuffle from ``(seed, epoch)``, so each epoch's order and samples are the same in
+        a resumed run."""
+
+        def __init__(self, *args, shuffle_seed: int | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.shuffle_seed = shuffle_seed
+
+        def set_epoch(self, epoch: int) -> None:
+            """Use ``epoch`` from the next ``iter(loader)`` on."""
+            if self.persistent_workers and getattr(self, "_iterator", None) is not None:
+                raise RuntimeError(
+                    "set_epoch cannot reach persistent DataLoader workers that are already running; "
+                    "build the loader with persistent_workers=False"
+                )
+            self.dataset.set_epoch(epoch)
+            if self.shuffle_seed is not None and self.generator is not None:
+                self.generator.manual_seed(_shuffle_seed(self.shuffle_seed, epoch))
+
+    return EpochDataLoader
+
+
+def _shuffle_seed(seed: int, epoch: int) -> int:
+    return int(item_seed(seed, f"epoch{int(epoch)}") % (2**63))
 
 
 def _make_loader(
@@ -630,14 +722,18 @@ def _make_loader(
     import torch
     import webdataset as wds
 
+    loader_class = _loader_class()
+    sampler.set_epoch(epoch)
     if not isinstance(source, (list, tuple)) and is_dataset_root(source, split):
         dataset = _MapDataset(ReferenceDataset(source, split, max_refs=max_refs), sampler)
-        generator = torch.Generator().manual_seed(int(item_seed(seed, f"epoch{epoch}") % (2**63)))
-        return torch.utils.data.DataLoader(
+        generator = torch.Generator().manual_seed(_shuffle_seed(seed, epoch))
+        # persistent_workers stays off: workers must be re-created per pass to see set_epoch.
+        return loader_class(
             dataset,
             batch_size=batch_size,
             shuffle=sampler.config.train,
             generator=generator,
+            shuffle_seed=seed if sampler.config.train else None,
             num_workers=num_workers,
             drop_last=drop_last,
             worker_init_fn=_worker_init if num_workers > 0 else None,
@@ -650,17 +746,15 @@ def _make_loader(
             raise ValueError("samples_per_epoch is needed with resampling when the shards have no index")
         _rank, world, _w, _n = wds.utils.pytorch_worker_info()
         per_worker = math.ceil(total / (world * max(1, num_workers)))
-    dataset = make_shard_dataset(
-        urls,
-        sampler,
-        seed=seed,
-        epoch=epoch,
-        resampled=resampled,
-        shuffle_buffer=shuffle_buffer,
-        samples_per_worker=per_worker,
-        skip_bad_shards=skip_bad_shards,
-    )
-    return torch.utils.data.DataLoader(
+    options = {
+        "seed": seed,
+        "resampled": resampled,
+        "shuffle_buffer": shuffle_buffer,
+        "samples_per_worker": per_worker,
+        "skip_bad_shards": skip_bad_shards,
+    }
+    dataset = _make_stream(urls, sampler, options)
+    return loader_class(
         dataset,
         batch_size=batch_size,
         num_workers=num_workers,
@@ -715,7 +809,8 @@ def make_refldm_dataloader(
         resolution: square output size; stored images are resized when they differ.
         num_refs: reference slots K (references repeat to fill, shuffled).
         seed: base seed; every sample's randomness derives from (seed, epoch, key).
-        epoch: epoch number (changes augmentation and LQ; the same after a resume).
+        epoch: first epoch (changes augmentation, LQ and order; the same after a resume). Later
+            epochs: ``loader.set_epoch(e)`` before ``iter(loader)`` (the training loop does it).
         split: which split's shards / CSV to read.
         train: augment and degrade on the fly; False gives deterministic evaluation samples
             (first K references in order, stored fixed LQ when present).
