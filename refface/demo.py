@@ -94,14 +94,44 @@ def _config(name: str) -> str:
 
 def step_train_refldm(images: Path, out: Path, workers: int) -> dict:
     """Train a tiny ReF-LDM (VQGAN, LQ-only LDM, then ReF-LDM with CacheKV) for a few steps."""
+    import torch
+    import yaml
+
+    from refface.train.refldm.identity import iresnet
     from refface.train.refldm.train import main, parse_args
 
+    # No ArcFace weights ship with refface: the smoke run's identity loss uses a tiny random iresnet.
+    config = yaml.safe_load(Path(_config("refldm_tiny.yaml")).read_text())
+    arcface = out / "arcface_tiny_random.pth"
+    if not arcface.exists():
+        torch.manual_seed(0)
+        task = config["task"]
+        torch.save(iresnet(task["arcface_arch"], widths=tuple(task["arcface_widths"])).state_dict(), arcface)
+    config["task"]["arcface"] = str(arcface)
+    config_path = out / "refldm_demo.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     logs = []
     for stage in ("vqgan", "ldm", "refldm"):
-        argv = ["--config", _config("refldm_tiny.yaml"), "--dataset", str(out / "shards")]
+        argv = ["--config", str(config_path), "--dataset", str(out / "shards")]
         logs = main(parse_args([*argv, "--stage", stage, "--output", str(out / "refldm")]))
     last = f"{logs[-1]['loss']:.4f}" if logs else "up to date"
     return {"ReF-LDM (tiny) run": str(out / "refldm"), "ReF-LDM last loss": last}
+
+
+def _resized_targets(images: Path, csv: Path, restored: Path, out: Path) -> Path:
+    """GT copies at the restored images' size: the tiny demo model restores at 32², not at 512²."""
+    import cv2
+
+    from refface.manifests.io import read_image, write_png
+    from refface.manifests.references import read_references
+
+    for gt_name in read_references(csv)["gt_image"]:
+        rel = Path(gt_name).with_suffix(".png")
+        if (out / rel).exists() or not (restored / rel).exists():
+            continue
+        size = read_image(restored / rel).shape[1::-1]
+        write_png(out / rel, cv2.resize(read_image(images / gt_name), size, interpolation=cv2.INTER_AREA))
+    return out
 
 
 def step_restore_evaluate(images: Path, out: Path, workers: int) -> dict:
@@ -115,7 +145,8 @@ def step_restore_evaluate(images: Path, out: Path, workers: int) -> dict:
     counts = restore_folder(
         lq_sets[0], restored, checkpoint=out / "refldm", references=root / "test_references.csv", steps=10
     )
-    result = evaluate_folders(restored, images, refs_csv=root / "test_references.csv", out=out / "metrics")
+    gt = _resized_targets(images, root / "test_references.csv", restored, out / "gt-resized")
+    result = evaluate_folders(restored, gt, refs_csv=root / "test_references.csv", out=out / "metrics")
     return {
         "restored (ReF-LDM)": f"{counts['restored'] + counts['skipped']} images in {restored}",
         "metrics table": str(out / "metrics" / "metrics.md"),

@@ -18,14 +18,8 @@ from refface.manifests.splits import read_split_lists
 SPLITS = ("train", "val", "test")
 
 
-# dlib's usual 0.6 Euclidean rule (cosine 0.093 on unit vectors) pairs one LFW singleton with a
-# stranger at 0.079; the stricter 0.07 (Euclidean ~0.52) keeps every singleton alone.
-DLIB_STRICT = 0.07
-
-
 def config(faces_dir: Path, **overrides) -> FFHQRefConfig:
     # The shared photos are not FFHQ-aligned: detect with dlib, as the mining fixture does.
-    overrides.setdefault("identity_threshold", DLIB_STRICT)
     return FFHQRefConfig(detector="dlib", labels=str(faces_dir / "labels.csv"), **overrides)
 
 
@@ -106,12 +100,12 @@ def test_references_agree_with_labels_and_singletons_get_none(built, faces_label
 
 def test_eval_reference_rules(built):
     root, _ = built
-    from refface.builders.ffhq_ref import load_embedding_rows
+    from refface.builders.ffhq_ref import identity_threshold_of, load_embedding_rows
     from refface.mining.references import distance_matrix
 
     emb, paths, vectors = load_embedding_rows(root)
     row = {p: i for i, p in enumerate(paths)}
-    near = 0.25 * DLIB_STRICT
+    near = 0.25 * identity_threshold_of(emb, config(Path(".")))
     for split in ("val", "test"):
         df = read_references(root / f"{split}_references.csv")
         for gt, lst in zip(df["gt_image"], df["ref_image"], strict=True):

@@ -34,7 +34,7 @@ DETECTOR_HELP = (
 )
 EMBEDDER_HELP = "Embedder: dlib (offline, 128-d) or arcface (insightface ONNX, 512-d; ReF-LDM's choice)."
 MODEL_HELP = "Embedder weights: an ArcFace .onnx (or a folder holding one) or a dlib .dat."
-THRESHOLD_HELP = "Same-identity cosine distance (default: the embedder's own; ArcFace 0.4, dlib 0.093)."
+THRESHOLD_HELP = "Same-identity cosine distance (default: the clustering's bar for the embedder; ArcFace 0.4, dlib 0.075 with average linkage)."
 NEAR_DUP_HELP = (
     "Val/test references closer than this to the target are near-duplicates (default: threshold/4)."
 )

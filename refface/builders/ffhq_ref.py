@@ -44,7 +44,8 @@ class FFHQRefConfig:
         workers / chunk_size: mining parallelism (change speed only, never outputs).
         cluster_method: identity clustering from the mining core: ``average`` (default, resists the
             chaining that joins whole populations on large sets) or ``components`` (ReF-LDM's exact rule).
-        identity_threshold: same-identity cosine distance; None = the embedder's (ArcFace 0.4, dlib 0.093).
+        identity_threshold: same-identity cosine distance; None = the clustering's default for the
+            embedder (ArcFace 0.4; dlib 0.075 with ``average``, 0.088 with ``components``).
         min_refs / max_refs / near_duplicate_distance / within_threshold / train_exclude_near_duplicates:
             reference rules, see :class:`refface.mining.references.ReferenceConfig`.
         seed / val_fraction / test_fraction / val_identities / test_identities / min_eval_size /
@@ -171,12 +172,16 @@ def load_embedding_rows(root: Path):
 
 
 def identity_threshold_of(emb, config: Any) -> float:
-    """The same-identity bar as a cosine distance: the configured one, else the embedder's own."""
-    from refface.mining.cluster import cosine_threshold
+    """The same-identity bar as a cosine distance: the configured one, else the clustering's default.
+
+    One number serves both the clusters and the reference rule, so a reference is never farther from
+    its target than the bar that put them in one identity.
+    """
+    from refface.mining.cluster import default_threshold
 
     if config.identity_threshold is not None:
         return float(config.identity_threshold)
-    return cosine_threshold(emb.identity_threshold, emb.metric)
+    return default_threshold(emb, config.cluster_method)
 
 
 def identities_stage(root: Path, config: Any) -> tuple[dict, bool]:
