@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from common.faces_root import build_faces_root
+from common.outputs import dataset_files
 
 from refface.builders.ffhq_ref import FFHQRefConfig, build_ffhq_ref
 from refface.builders.validate import label_agreement, validate_root
@@ -26,16 +27,6 @@ def config(faces_dir: Path, **overrides) -> FFHQRefConfig:
 def seeded_root(faces_dir: Path, out: Path) -> Path:
     """A fresh output root that starts from the cached mining outputs (the mine stage then skips)."""
     shutil.copytree(build_faces_root(faces_dir), out)
-    return out
-
-
-def dataset_files(root: Path) -> dict[str, bytes]:
-    """Every output file's bytes, except the stage manifests and build.json (they hold timings)."""
-    out = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and not rel.startswith(".stages/") and rel != "build.json":
-            out[rel] = path.read_bytes()
     return out
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from common.outputs import dataset_files
 
 REPO = Path(__file__).resolve().parents[1]
 # Small subset of the shared photos: three LFW people, two singletons and one web-photo person.
@@ -70,15 +71,6 @@ def kill_at(cmd: list[str], marker, timeout: float = 300) -> bool:
     return False
 
 
-def outputs(root: Path) -> dict[str, bytes]:
-    out = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and not rel.startswith(".stages/") and rel != "build.json":
-            out[rel] = path.read_bytes()
-    return out
-
-
 def build_json_without_timings(root: Path) -> dict:
     info = json.loads((root / "build.json").read_text())
     info.pop("timings")
@@ -107,6 +99,6 @@ def test_sigkill_at_several_points_then_resume_is_byte_identical(faces_dir, tmp_
     assert kills >= 3  # most kill points landed mid-build
     run(command(images, killed, workers=2))
 
-    assert outputs(killed) == outputs(reference)
+    assert dataset_files(killed) == dataset_files(reference)
     assert build_json_without_timings(killed) == build_json_without_timings(reference)
     assert not list(killed.rglob(".*.tmp"))

@@ -10,6 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 cv2 = pytest.importorskip("cv2")
 
+from common.tiny_refldm import _one_thread  # noqa: E402, F401  (autouse fixture)
+
 from refface.manifests.io import write_png  # noqa: E402
 from refface.train.evaluate import (  # noqa: E402
     EvalModels,
@@ -21,16 +23,6 @@ from refface.train.evaluate import (  # noqa: E402
 )
 from refface.train.refldm.identity import iresnet  # noqa: E402
 from refface.train.refldm.lpips import LPIPS  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tiny models gain nothing from intra-op threads, and on a busy machine idle threads spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 SIZE = 128
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 
 import pytest
+from common.outputs import digest_mined
 
 from refface.executors import (
     EXECUTORS,
@@ -19,15 +19,6 @@ from refface.executors import (
 )
 from refface.stages import map_chunks
 
-MINED = [
-    "images.parquet",
-    "faces.parquet",
-    "embeddings.npy",
-    "embeddings.parquet",
-    "embeddings.json",
-    "errors.parquet",
-    "errors.csv",
-]
 _STATE: dict = {}
 
 
@@ -164,10 +155,6 @@ def test_ray_failure_raises(ray_session):
         map_chunks(_fail_on_seven, list(range(12)), 3, workers=2, executor="ray")
 
 
-def _digest(root) -> dict[str, str]:
-    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in MINED}
-
-
 @pytest.mark.slow
 def test_mine_folder_identical_local_and_ray(ray_session, faces_dir, faces_labels, tmp_path):
     from refface.mining.pipeline import MiningConfig, mine_folder
@@ -189,7 +176,7 @@ def test_mine_folder_identical_local_and_ray(ray_session, faces_dir, faces_label
     )
     assert local.n_images == remote.n_images == 24
     assert remote.n_faces == local.n_faces > 0
-    assert _digest(tmp_path / "ray") == _digest(tmp_path / "local")
+    assert digest_mined(tmp_path / "ray") == digest_mined(tmp_path / "local")
     # The executor is not part of the stage's fingerprint: a rerun on the other executor is a no-op.
     again = mine_folder(
         faces_dir, tmp_path / "ray", MiningConfig(workers=1, chunk_size=5, executor="local"), relpaths=subset

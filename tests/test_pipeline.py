@@ -9,20 +9,12 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from common.outputs import MINED_OUTPUTS, digest_mined
 from PIL import Image
 
 from refface.mining import pipeline
 from refface.mining.pipeline import FACES_COLUMNS, IMAGES_COLUMNS, MiningConfig, crop_relpath, mine_folder
 
-OUTPUTS = [
-    "images.parquet",
-    "faces.parquet",
-    "embeddings.npy",
-    "embeddings.parquet",
-    "embeddings.json",
-    "errors.parquet",
-    "errors.csv",
-]
 GOOD = [
     "lfw/Alvaro_Uribe/Alvaro_Uribe_0001.jpg",
     "lfw/Alvaro_Uribe/Alvaro_Uribe_0002.jpg",
@@ -69,10 +61,6 @@ def _config(**kw) -> MiningConfig:
     base = {"workers": 1, "chunk_size": 3, "max_pixels": SMALL_LIMIT}
     base.update(kw)
     return MiningConfig(**base)
-
-
-def _digest(root) -> dict[str, str]:
-    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in OUTPUTS}
 
 
 @pytest.fixture(scope="module")
@@ -132,10 +120,10 @@ def test_every_bad_input_becomes_an_error_row(mined):
 
 def test_second_run_does_no_work(mined, photos):
     root, _ = mined
-    before = {n: (root / n).stat().st_mtime_ns for n in OUTPUTS}
+    before = {n: (root / n).stat().st_mtime_ns for n in MINED_OUTPUTS}
     again = mine_folder(photos, root, _config(workers=2))  # worker count is not part of the config
     assert not again.ran and again.n_faces == len(FOUND)
-    assert {n: (root / n).stat().st_mtime_ns for n in OUTPUTS} == before
+    assert {n: (root / n).stat().st_mtime_ns for n in MINED_OUTPUTS} == before
     changed = mine_folder(photos, root, _config(face_policy="largest"))
     assert changed.ran
 
@@ -165,10 +153,10 @@ def test_killed_run_resumes_to_identical_bytes_whatever_the_workers(mined, photo
     monkeypatch.setattr(pipeline, "_mine_chunk", real)
     resumed = mine_folder(photos, root, _config())
     assert resumed.ran and resumed.n_faces == len(FOUND)
-    assert _digest(root) == _digest(reference)
+    assert digest_mined(root) == digest_mined(reference)
     parallel = tmp_path / "parallel"
     mine_folder(photos, parallel, _config(workers=2))
-    assert _digest(parallel) == _digest(reference)
+    assert digest_mined(parallel) == digest_mined(reference)
 
 
 def test_aligned_crops(photos, tmp_path):

@@ -7,18 +7,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+from common.tiny_refldm import _one_thread  # noqa: E402, F401  (autouse fixture)
+
 from refface.train.refldm.identity import identity_loss, iresnet  # noqa: E402
 from refface.train.refldm.model import RefLDMUNet  # noqa: E402
 from refface.train.refldm.sampling import ddim_sample  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tiny models gain nothing from intra-op threads, and on a busy machine idle threads spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_unet(seed: int = 0) -> RefLDMUNet:

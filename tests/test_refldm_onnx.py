@@ -9,19 +9,11 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from common.tiny_refldm import _one_thread  # noqa: E402, F401  (autouse fixture)
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from refface.train.refldm.identity import load_arcface  # noqa: E402
 from refface.train.refldm.onnx_torch import OnnxGraphModule  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tiny models gain nothing from intra-op threads, and on a busy machine idle threads spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def iresnet_like_onnx(path, seed: int = 0) -> None:

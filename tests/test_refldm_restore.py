@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,24 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+from common.tiny_refldm import TINY, _one_thread  # noqa: E402, F401  (autouse fixtures)
+
 from refface.manifests.atomic import write_json  # noqa: E402
 from refface.manifests.io import read_image, write_png  # noqa: E402
 from refface.train.refldm.model import RefLDMUNet  # noqa: E402
 from refface.train.refldm.restore import collect_items, restore_folder  # noqa: E402
 from refface.train.refldm.train import load_config  # noqa: E402
 from refface.train.refldm.vqgan import build_vqgan  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tiny models gain nothing from intra-op threads, and on a busy machine idle threads spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "refldm_tiny.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -94,38 +83,21 @@ def test_restore_command(tmp_path, model_dir):
 
     write_png(tmp_path / "lq" / "a.png", image(1))
     write_png(tmp_path / "refs" / "a.png", image(2))
-    res = CliRunner().invoke(
-        app,
-        [
+
+    def restore(output: str, checkpoint, *extra: str):
+        args = [
             "restore",
             "--model",
             "refldm",
             "--input",
             str(tmp_path / "lq"),
             "--output",
-            str(tmp_path / "o"),
-            "--checkpoint",
-            str(model_dir),
-            "--references",
-            str(tmp_path / "refs"),
-            "--steps",
-            "2",
-        ],
-    )
+            str(tmp_path / output),
+        ]
+        return CliRunner().invoke(app, [*args, "--checkpoint", str(checkpoint), *extra])
+
+    res = restore("o", model_dir, "--references", str(tmp_path / "refs"), "--steps", "2")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "o" / "a.png").is_file()
-    res = CliRunner().invoke(
-        app,
-        [
-            "restore",
-            "--model",
-            "refldm",
-            "--input",
-            str(tmp_path / "lq"),
-            "--output",
-            str(tmp_path / "o2"),
-            "--checkpoint",
-            str(tmp_path / "nothing"),
-        ],
-    )
+    res = restore("o2", tmp_path / "nothing")
     assert res.exit_code != 0 and "no ReF-LDM model" in res.output

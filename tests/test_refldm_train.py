@@ -12,35 +12,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
+from common.tiny_refldm import TINY, _fresh_accelerate_state, _one_thread  # noqa: E402, F401  (autouse fixtures)
+
 from refface.train.loop import LoopConfig, list_checkpoints, train  # noqa: E402
 from refface.train.refldm import train as refldm_train  # noqa: E402
 from refface.train.refldm.identity import iresnet  # noqa: E402
 from refface.train.refldm.model import RefLDMUNet  # noqa: E402
 from refface.train.refldm.train import LDMTask, load_config  # noqa: E402
 from refface.train.refldm.vqgan import build_vqgan  # noqa: E402
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "refldm_tiny.yaml"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tiny models gain nothing from intra-op threads, and on a busy machine idle threads spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    # accelerate keeps process-wide singletons; each run here builds its own Accelerator.
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def tiny_items(n: int = 4, size: int = 32, k: int = 2) -> list[dict]:

@@ -7,16 +7,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+from common.tiny_refldm import _one_thread  # noqa: E402, F401  (autouse fixture)
+
 from refface.train.refldm.vqgan import PatchDiscriminator, VQGANConfig, build_vqgan, vqgan_losses  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tiny models gain nothing from intra-op threads, and on a busy machine idle threads spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny():

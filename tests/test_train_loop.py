@@ -10,6 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("accelerate")
 
+from common.tiny_refldm import _fresh_accelerate_state  # noqa: E402, F401  (autouse fixture)
+
 from refface.train.loop import (  # noqa: E402
     LoopConfig,
     TrainTask,
@@ -18,18 +20,6 @@ from refface.train.loop import (  # noqa: E402
     load_trainable_weights,
     train,
 )
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    # accelerate keeps process-wide singletons; each test builds its own Accelerator with its own precision.
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 class ToyTask:

@@ -128,6 +128,14 @@ def _preset(**kw) -> PresetConfig:
 
 # Numbers: ReF-LDM (Eq. 4 and its released test sets), GFPGAN train_gfpgan_v1.yml, CodeFormer
 # options/CodeFormer_stage{2,3}.yml, DifFace make_testing_data.py (journal grid).
+# CodeFormer's stage II degradation, reused unchanged as its stage III "large" setting.
+_CODEFORMER_LARGE = {
+    "blur_sigma": (1.0, 15.0),
+    "downsample_range": (4.0, 30.0),
+    "noise_range": (0.0, 20.0),
+    "jpeg_range": (30.0, 80.0),
+}
+
 PRESETS: dict[str, PresetConfig] = {
     p.name: p
     for p in (
@@ -172,10 +180,7 @@ PRESETS: dict[str, PresetConfig] = {
         _preset(
             name="codeformer-stage2",
             description="CodeFormer stage II (large degradation)",
-            blur_sigma=(1.0, 15.0),
-            downsample_range=(4.0, 30.0),
-            noise_range=(0.0, 20.0),
-            jpeg_range=(30.0, 80.0),
+            **_CODEFORMER_LARGE,
         ),
         _preset(
             name="codeformer-stage3-small",
@@ -188,10 +193,7 @@ PRESETS: dict[str, PresetConfig] = {
         _preset(
             name="codeformer-stage3-large",
             description="CodeFormer stage III large degradation (as stage II)",
-            blur_sigma=(1.0, 15.0),
-            downsample_range=(4.0, 30.0),
-            noise_range=(0.0, 20.0),
-            jpeg_range=(30.0, 80.0),
+            **_CODEFORMER_LARGE,
         ),
         _preset(
             name="difface-test",

@@ -39,6 +39,21 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 STATE_VERSION = 1
 
 
+def config_from_dict(cls: type, d: dict[str, Any], what: str) -> Any:
+    """Build dataclass ``cls`` from a mapping; keys it does not declare raise ``ValueError`` naming them.
+
+    Args:
+        cls: the config dataclass.
+        d: its values (e.g. one section of a YAML config).
+        what: the section's name in the error message (``unknown <what> config keys ...``).
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {what} config keys {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**d)
+
+
 @dataclass
 class LoopConfig:
     """Everything the shared loop needs; saved beside the outputs and inside every checkpoint.
@@ -114,11 +129,7 @@ class LoopConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoopConfig:
         """Build from a mapping (e.g. the ``loop:`` section of a YAML config); unknown keys raise."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown loop config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "loop")
 
 
 @runtime_checkable

@@ -65,11 +65,9 @@ class MGFRConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MGFRConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown mgfr config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        from refface.train.loop import config_from_dict
+
+        return config_from_dict(cls, d, "mgfr")
 
 
 class MGFRTask:

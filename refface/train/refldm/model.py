@@ -156,26 +156,26 @@ class RefLDMUNet(ModelMixin, ConfigMixin, AttentionMixin):
             return self.unet(x, timesteps).sample
 
 
+def _noise_schedule(cfg: NoiseConfig) -> dict:
+    """The scheduler arguments training and sampling share, so both see the same ᾱ schedule."""
+    return {
+        "num_train_timesteps": cfg.num_train_timesteps,
+        "beta_start": cfg.beta_start,
+        "beta_end": cfg.beta_end,
+        "beta_schedule": cfg.beta_schedule,
+        "prediction_type": cfg.prediction_type,
+        "clip_sample": False,
+    }
+
+
 def make_train_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
-    return DDPMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        beta_schedule=cfg.beta_schedule,
-        prediction_type=cfg.prediction_type,
-        clip_sample=False,
-    )
+    return DDPMScheduler(**_noise_schedule(cfg))
 
 
 def make_ddim_scheduler(cfg: NoiseConfig) -> DDIMScheduler:
     # LDM's DDIM: "leading" spacing with offset 1 and ᾱ_prev of the last step = ᾱ_0 (not 1).
     return DDIMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        beta_schedule=cfg.beta_schedule,
-        prediction_type=cfg.prediction_type,
-        clip_sample=False,
+        **_noise_schedule(cfg),
         set_alpha_to_one=False,
         steps_offset=1,
         timestep_spacing="leading",
