@@ -151,6 +151,7 @@ def map_chunks(
     initializer: Callable[..., None] | None = None,
     initargs: tuple = (),
     executor: str | Any = "local",
+    collect: bool = True,
 ) -> list[Any]:
     """Map a pure, picklable ``fn`` over chunks of ``items`` on a local process pool (or Ray).
 
@@ -158,6 +159,9 @@ def map_chunks(
     its own part file as soon as it is done, and chunks whose part file exists are read back
     instead of recomputed, so a killed run resumes where it stopped and ends with the same bytes.
     Results come back in chunk order whatever the worker count.
+
+    With ``collect=False`` (part files required) nothing is kept in memory: the results list holds
+    None and the caller streams the part files back one at a time, so outputs larger than memory work.
 
     ``executor`` names where chunks run (a key of :data:`refface.executors.EXECUTORS`: ``local``
     process pool, ``ray`` for Ray Data) or is an executor instance; the outputs do not depend on it.
@@ -167,23 +171,27 @@ def map_chunks(
 
     runner = make_executor(executor)
 
+    if not collect and (part_path is None or write_part is None):
+        raise ValueError("map_chunks(collect=False) needs part_path and write_part to keep the results")
     chunks = chunked(items, chunk_size)
     results: list[Any] = [None] * len(chunks)
     todo = []
     for i in range(len(chunks)):
         if part_path is not None and part_path(i).exists():
-            results[i] = read_part(part_path(i)) if read_part else None
+            results[i] = read_part(part_path(i)) if read_part and collect else None
         else:
             todo.append(i)
 
     def finish(i: int, value: Any) -> None:
         if part_path is not None and write_part is not None:
             write_part(part_path(i), value)
-        results[i] = value
+        if collect:
+            results[i] = value
 
     with make_progress() as progress:
         task = progress.add_task(description, total=len(items))
-        progress.advance(task, sum(len(chunks[i]) for i in range(len(chunks)) if i not in set(todo)))
+        pending = set(todo)
+        progress.advance(task, sum(len(chunks[i]) for i in range(len(chunks)) if i not in pending))
         jobs = [(i, chunks[i]) for i in todo]
         for i, value in runner.run(fn, jobs, workers=workers, initializer=initializer, initargs=initargs):
             finish(i, value)

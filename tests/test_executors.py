@@ -104,6 +104,25 @@ def test_local_worker_count_and_resume_do_not_change_results(tmp_path):
     assert sorted(p.name for p in parts.iterdir()) == sorted(f"{i}.pkl" for i in range(6))
 
 
+def test_uncollected_results_stay_on_disk(tmp_path):
+    import pickle
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    kwargs = dict(
+        part_path=lambda i: parts / f"{i}.pkl",
+        write_part=lambda p, v: p.write_bytes(pickle.dumps(v)),
+        initializer=_init,
+        initargs=(2,),
+    )
+    results = map_chunks(_scale_chunk, list(range(10)), 4, collect=False, **kwargs)
+    assert results == [None, None, None]
+    on_disk = [pickle.loads((parts / f"{i}.pkl").read_bytes())["values"] for i in range(3)]
+    assert on_disk == [[0, 2, 4, 6], [8, 10, 12, 14], [16, 18]]
+    with pytest.raises(ValueError, match="needs part_path"):
+        map_chunks(_scale_chunk, [1], 1, collect=False)
+
+
 def test_gpu_requests():
     assert declared_gpus(_gpu_chunk) == 0.25
     assert declared_gpus(_scale_chunk) == 0.0

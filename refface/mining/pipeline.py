@@ -249,6 +249,25 @@ def _read_part(path: Path) -> dict:
     return pickle.loads(path.read_bytes())
 
 
+def _stream_vectors(path: Path, shape: tuple[int, int], n_chunks: int, part_path) -> np.ndarray:
+    """Copy every part's vectors into one memory-mapped file, a part at a time.
+
+    The embeddings never sit in memory whole (10M x 512 float32 is 20 GB); the returned array is
+    a read-only map that ``save_embeddings`` streams to ``embeddings.npy``.
+    """
+    if shape[0] == 0:
+        return np.zeros(shape, np.float32)  # a zero-length file cannot be mapped
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    row = 0
+    for i in range(n_chunks):
+        vectors = _read_part(part_path(i))["vectors"]
+        out[row : row + len(vectors)] = vectors
+        row += len(vectors)
+    out.flush()
+    del out
+    return np.load(path, mmap_mode="r")
+
+
 def model_identity(config: MiningConfig) -> dict:
     """Names and sha256 fingerprints of every weights file the config reads (fails fast when absent)."""
     from refface.mining.detect import detector_files
@@ -336,27 +355,37 @@ def mine_folder(
     def work() -> dict:
         start = time.perf_counter()
         items = list(enumerate(relpaths))
-        parts = map_chunks(
+        part_path = lambda i: parts_dir / f"chunk-{i:06d}.pkl"  # noqa: E731
+        chunk_results = map_chunks(
             _mine_chunk,
             items,
             chunk_size=cfg.chunk_size,
             workers=cfg.workers,
             description="faces",
-            part_path=lambda i: parts_dir / f"chunk-{i:06d}.pkl",
+            part_path=part_path,
             write_part=_write_part,
-            read_part=_read_part,
             initializer=_init_worker,
             initargs=(asdict(cfg), str(image_root), str(root)),
             executor=cfg.executor,
+            collect=False,
         )
-        images = [r for p in parts for r in p["images"]]
-        faces = [r for p in parts for r in p["faces"]]
+        images, faces, norm_parts = [], [], []
         errors = ErrorsTable()
-        errors.extend(r for p in parts for r in p["errors"])
         dim = 128 if cfg.embedder == "dlib" else None
-        vec_parts = [p["vectors"] for p in parts if len(p["vectors"])]
-        vectors = np.concatenate(vec_parts) if vec_parts else np.zeros((0, dim or 512), np.float32)
-        norms = np.concatenate([p["norms"] for p in parts]) if parts else np.zeros((0,), np.float32)
+        n_vectors = 0
+        for i in range(len(chunk_results)):
+            part = _read_part(part_path(i))
+            images += part["images"]
+            faces += part["faces"]
+            errors.extend(part["errors"])
+            norm_parts.append(part["norms"])
+            if len(part["vectors"]):
+                n_vectors += len(part["vectors"])
+                dim = part["vectors"].shape[1]
+        norms = np.concatenate(norm_parts) if norm_parts else np.zeros((0,), np.float32)
+        vectors = _stream_vectors(
+            parts_dir / "vectors.npy", (n_vectors, dim or 512), len(chunk_results), part_path
+        )
         outputs = []
         write_parquet(
             root / "images.parquet",
