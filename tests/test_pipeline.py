@@ -256,3 +256,75 @@ def test_a_failing_batch_is_retried_face_by_face():
     vectors, norms = pipeline._embed_or_isolate(Flaky(), ["ok", "bad", "ok"], faces, errors)
     assert [f["path"] for f in faces] == ["a", "c"] and vectors.shape == (2, 2) and len(norms) == 2
     assert errors == [{"path": "b", "stage": "embed", "reason": "RuntimeError: cannot embed"}]
+
+
+def _digest_sharded(root) -> dict[str, str]:
+    names = [n for n in MINED_OUTPUTS if n != "embeddings.npy"]
+    names += sorted(p.relative_to(root).as_posix() for p in (root / "embeddings_shards").iterdir())
+    return {n: hashlib.sha256((root / n).read_bytes()).hexdigest() for n in names}
+
+
+def test_sharded_embeddings_hold_the_same_rows_one_shard_per_partition(mined, photos, tmp_path, monkeypatch):
+    from refface.mining.embed import embeddings_digest, embeddings_files, load_embeddings
+    from refface.mining.sharded import ShardedEmbeddings
+
+    reference, _ = mined
+    root = tmp_path / "sharded"
+    # chunk_size 3 and shard_rows 3: one shard per chunk; the first chunk (3 bad files) has no face.
+    result = mine_folder(photos, root, _config(shard_rows=3))
+    assert result.ran and result.n_faces == len(FOUND)
+    assert not (root / "embeddings.npy").exists()
+    reader = ShardedEmbeddings(root / "embeddings_shards")
+    assert [s["rows"] for s in reader.shards] == [1, 3, 2]
+    single = np.load(reference / "embeddings.npy")
+    np.testing.assert_array_equal(reader.take(np.arange(len(reader))), single)
+    table = pd.read_parquet(reference / "embeddings.parquet")
+    assert reader.paths() == table["path"].tolist()
+    # Every table but the vectors' file is byte for byte the single-file layout's.
+    same = ["images.parquet", "faces.parquet", "embeddings.parquet", "errors.parquet", "errors.csv"]
+    assert all((root / n).read_bytes() == (reference / n).read_bytes() for n in same)
+    meta = json.loads((root / "embeddings.json").read_text())
+    assert meta["layout"] == "sharded" and meta["shards"] == "embeddings_shards" and meta["count"] == 6
+    # Readers of a dataset root see the same embeddings whichever the layout.
+    loaded, expected = load_embeddings(root), load_embeddings(reference)
+    np.testing.assert_array_equal(loaded.vectors, expected.vectors)
+    assert loaded.paths == expected.paths and loaded.image_ids == expected.image_ids
+    assert embeddings_files(root)[0] == "embeddings_shards/index.json"
+    index = json.loads((root / "embeddings_shards" / "index.json").read_text())
+    for info in index["shards"]:
+        path = root / "embeddings_shards" / f"{info['name']}.npy"
+        assert info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (
+        embeddings_digest(root) == hashlib.sha256((root / embeddings_files(root)[0]).read_bytes()).hexdigest()
+    )
+    # A killed run resumes, and any worker count ends with the same shard bytes.
+    real, calls = pipeline._mine_chunk, {"n": 0}
+
+    def dies_on_third_chunk(items):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Boom("killed")
+        return real(items)
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(pipeline, "_mine_chunk", dies_on_third_chunk)
+    with pytest.raises(_Boom):
+        mine_folder(photos, resumed, _config(shard_rows=3))
+    monkeypatch.setattr(pipeline, "_mine_chunk", real)
+    mine_folder(photos, resumed, _config(shard_rows=3))
+    assert _digest_sharded(resumed) == _digest_sharded(root)
+    parallel = tmp_path / "parallel"
+    mine_folder(photos, parallel, _config(shard_rows=3, workers=2))
+    assert _digest_sharded(parallel) == _digest_sharded(root)
+    assert not mine_folder(photos, root, _config(shard_rows=3)).ran
+    # Back to one file: the shards of the other layout go, embeddings.npy is the reference's.
+    mine_folder(photos, root, _config())
+    assert not (root / "embeddings_shards").exists()
+    assert digest_mined(root) == digest_mined(reference)
+
+
+def test_single_file_layout_keeps_its_fingerprint():
+    assert "shard_rows" not in MiningConfig().stage_config()
+    assert MiningConfig(shard_rows=1000).stage_config()["shard_rows"] == 1000
+    with pytest.raises(ValueError, match="shard_rows must be 0"):
+        MiningConfig(shard_rows=-1).validate()

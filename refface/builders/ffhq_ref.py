@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from refface.manifests.atomic import sha256_file, write_json, write_parquet
+from refface.mining.embed import embeddings_digest
 from refface.mining.references import ReferenceConfig
 from refface.mining.splits import SplitConfig
 
@@ -272,7 +273,7 @@ def splits_stage(root: Path, config: Any, all_paths: list[str]) -> tuple[dict, b
     cfg.update(attributes=config.attributes, identity_threshold=config.identity_threshold)
     inputs = {
         "identities": file_digest(root, IDENTITIES_FILE),
-        "embeddings": file_digest(root, "embeddings.npy"),
+        "embeddings": embeddings_digest(root),
         "images": fingerprint(sorted(all_paths)),
         "attributes": sha256_file(config.attributes) if config.attributes else None,
     }
@@ -324,7 +325,7 @@ def references_stage(root: Path, config: Any) -> tuple[dict, bool]:
 
     cfg = asdict(config.reference_config())
     cfg["identity_threshold"] = config.identity_threshold
-    inputs = {"splits": file_digest(root, SPLITS_FILE), "embeddings": file_digest(root, "embeddings.npy")}
+    inputs = {"splits": file_digest(root, SPLITS_FILE), "embeddings": embeddings_digest(root)}
     return run_stage(root, "references", cfg, inputs, work)
 
 
@@ -337,9 +338,10 @@ def card_stage(root: Path, config: Any, title: str, extra_inputs: dict | None = 
         outputs = write_card(root, config, title)
         return {"outputs": outputs}
 
-    names = [IDENTITIES_FILE, SPLITS_FILE, "embeddings.npy", "errors.parquet"]
+    names = [IDENTITIES_FILE, SPLITS_FILE, "errors.parquet"]
     names += [f"{s}_references.csv" for s in SPLITS]
     inputs = {n: file_digest(root, n) for n in names}
+    inputs["embeddings.npy"] = embeddings_digest(root)  # the key it always had, also for shards
     inputs["labels"] = sha256_file(config.labels) if config.labels else None
     inputs.update(extra_inputs or {})
     cfg = {"plots": config.plots, "title": title, "labels": config.labels}

@@ -193,7 +193,7 @@ def curate_stage(folders: Path, root: Path, config: RefaceHQConfig) -> tuple[dic
     from refface.builders.ffhq_ref import file_digest, identity_threshold_of, load_embedding_rows
     from refface.manifests.atomic import sha256_file
     from refface.manifests.errors import ErrorsTable
-    from refface.mining.embed import Embeddings, save_embeddings
+    from refface.mining.embed import Embeddings, embeddings_digest, save_embeddings
     from refface.stages import map_chunks, run_stage
 
     mined = root / MINED_DIR
@@ -295,7 +295,7 @@ def curate_stage(folders: Path, root: Path, config: RefaceHQConfig) -> tuple[dic
         }
 
     inputs = {
-        "embeddings": file_digest(mined, "embeddings.npy"),
+        "embeddings": embeddings_digest(mined),
         "faces": file_digest(mined, "faces.parquet"),
     }
     cfg = {

@@ -40,6 +40,7 @@ from refface.manifests.shard_index import (
     shard_name,
     shard_record_path,
 )
+from refface.mining.embed import embeddings_files
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,8 @@ def load_embedding_table(root: str | os.PathLike) -> dict[str, np.ndarray]:
     (which validates them); without it, by row number directly.
     """
     root = Path(root)
-    if not (root / "embeddings.npy").exists() or not (root / "embeddings.parquet").exists():
+    files = embeddings_files(root)
+    if not files or not all((root / f).exists() for f in files) or not (root / "embeddings.parquet").exists():
         return {}
     if (root / "embeddings.json").exists():
         # The embedder's own reader checks the three files agree (rows, dim).
@@ -632,7 +634,7 @@ def write_shards(
         f
         for f in (
             f"{config.split}_references.csv",
-            "embeddings.npy",
+            *embeddings_files(root),
             "embeddings.parquet",
             "embeddings.json",
             "identities.parquet",

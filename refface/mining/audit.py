@@ -314,7 +314,7 @@ def root_identities(root: Path, row_paths: list[str]) -> np.ndarray | None:
     the audit clusters the sets itself with the same method.
     """
     table = root / "identities.parquet"
-    emb = root / "embeddings.npy"
+    emb = root / "embeddings.json"  # written last with the vectors, single file or shards
     if not table.exists() or (emb.exists() and table.stat().st_mtime_ns < emb.stat().st_mtime_ns):
         return None
     df = pd.read_parquet(table, columns=["path", "identity"])

@@ -66,6 +66,11 @@ def embed(
         help="Where chunks run: local (process pool) or ray (Ray Data; a local Ray, or the cluster "
         "named by RAY_ADDRESS). Outputs are identical either way.",
     ),
+    shard_rows: int = typer.Option(
+        0,
+        help="0: one embeddings.npy. N > 0: embeddings as shard files of about N faces in "
+        "OUT/embeddings_shards/ with an index.json, never one file (10M+ faces; `refface knn-graph` reads them).",
+    ),
     force: bool = typer.Option(False, "--force", help="Recompute even when the outputs are up to date."),
     image_root: Path | None = typer.Option(
         None, help="With an images table: the folder its paths are relative to (default: the table's folder)."
@@ -73,7 +78,8 @@ def embed(
 ) -> None:
     """Detect, align and embed every face photo under IMAGES into the dataset root OUT.
 
-    Writes images.parquet, faces.parquet, embeddings.npy/.parquet/.json and errors.parquet/.csv.
+    Writes images.parquet, faces.parquet, embeddings.npy/.parquet/.json and errors.parquet/.csv
+    (with --shard-rows, embeddings_shards/ in place of embeddings.npy).
 
     Every unreadable, corrupt, oversized or faceless image becomes one row of the errors table.
 
@@ -94,6 +100,7 @@ def embed(
         workers=workers,
         chunk_size=chunk_size,
         executor=executor,
+        shard_rows=shard_rows,
     )
     try:
         relpaths = None

@@ -304,7 +304,7 @@ def cluster_root(
     manifest carries the cluster counts.
     """
     from refface.manifests.atomic import write_parquet
-    from refface.mining.embed import load_embeddings
+    from refface.mining.embed import embeddings_files, load_embeddings
     from refface.stages import folder_fingerprint, run_stage
 
     root = Path(root)
@@ -315,7 +315,7 @@ def cluster_root(
     inputs = {
         "embeddings_fingerprint": getattr(emb, "fingerprint", None),
         # size + mtime, not a content hash: a 10M x 512 embeddings file would take minutes to hash.
-        "embeddings_files": folder_fingerprint(root, ["embeddings.npy", "embeddings.parquet"]),
+        "embeddings_files": folder_fingerprint(root, [*embeddings_files(root), "embeddings.parquet"]),
         "stage_version": STAGE_VERSION,
     }
 

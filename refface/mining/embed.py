@@ -270,14 +270,17 @@ def concat_embeddings(parts: list[Embeddings]) -> Embeddings:
     )
 
 
-def save_embeddings(root: str | os.PathLike, emb: Embeddings) -> list[str]:
-    """Write ``embeddings.npy``/``.parquet``/``.json`` into a dataset root (atomically).
+def save_embedding_tables(
+    root: str | os.PathLike, emb: Embeddings | EmbeddingsInfo, layout: dict | None = None
+) -> list[str]:
+    """Write ``embeddings.parquet`` (row, image_id, path[, norm]) and ``embeddings.json`` (last).
 
-    The JSON is written last. Returns the relative paths written.
+    ``layout`` is added to the JSON when the vectors are not in ``embeddings.npy`` (see
+    :data:`SHARDED_LAYOUT`). Returns the relative paths written.
     """
     import pandas as pd
 
-    from refface.manifests.atomic import write_json, write_npy, write_parquet
+    from refface.manifests.atomic import write_json, write_parquet
 
     root = Path(root)
     table = {"row": np.arange(len(emb), dtype=np.int64)}
@@ -287,7 +290,6 @@ def save_embeddings(root: str | os.PathLike, emb: Embeddings) -> list[str]:
     table["path"] = list(emb.paths)
     if emb.norms is not None:
         table["norm"] = np.asarray(emb.norms, dtype=np.float32)
-    write_npy(root / "embeddings.npy", np.ascontiguousarray(emb.vectors, dtype=np.float32))
     write_parquet(root / "embeddings.parquet", pd.DataFrame(table))
     write_json(
         root / "embeddings.json",
@@ -299,25 +301,107 @@ def save_embeddings(root: str | os.PathLike, emb: Embeddings) -> list[str]:
             "metric": emb.metric,
             "identity_threshold": emb.identity_threshold,
             "normalized": True,
+            **(layout or {}),
         },
     )
-    return ["embeddings.npy", "embeddings.parquet", "embeddings.json"]
+    return ["embeddings.parquet", "embeddings.json"]
+
+
+def save_embeddings(root: str | os.PathLike, emb: Embeddings) -> list[str]:
+    """Write ``embeddings.npy``/``.parquet``/``.json`` into a dataset root (atomically).
+
+    The JSON is written last. Returns the relative paths written.
+    """
+    from refface.manifests.atomic import write_npy
+
+    root = Path(root)
+    write_npy(root / "embeddings.npy", np.ascontiguousarray(emb.vectors, dtype=np.float32))
+    return ["embeddings.npy", *save_embedding_tables(root, emb)]
+
+
+@dataclass
+class EmbeddingsInfo:
+    """Everything of :class:`Embeddings` but the vectors (they live in shard files)."""
+
+    paths: list[str]
+    dim: int
+    model: str
+    fingerprint: str
+    metric: str = "cosine"
+    identity_threshold: float = ARCFACE_THRESHOLD
+    image_ids: list[int] | None = None
+    norms: np.ndarray | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+# embeddings.json of a root whose vectors are sharded: {"layout": "sharded", "shards": <folder>}.
+SHARDED_LAYOUT = "sharded"
+
+
+def embeddings_meta(root: str | os.PathLike) -> dict:
+    """``embeddings.json`` of a dataset root (FileNotFoundError naming the command that writes it)."""
+    meta_path = Path(root) / "embeddings.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} not found; run `refface embed IMAGES --out {root}` first")
+    return json.loads(meta_path.read_text())
+
+
+def embeddings_files(root: str | os.PathLike) -> list[str]:
+    """Relative paths of the files that hold a root's vectors: ``embeddings.npy``, or the shards
+    folder's ``index.json`` and shard files; [] when the root has no embeddings."""
+    root = Path(root)
+    if not (root / "embeddings.json").exists():
+        return ["embeddings.npy"] if (root / "embeddings.npy").exists() else []
+    meta = embeddings_meta(root)
+    if meta.get("layout") != SHARDED_LAYOUT:
+        return ["embeddings.npy"]
+    index = json.loads((root / meta["shards"] / "index.json").read_text())
+    folder = meta["shards"]
+    return [f"{folder}/index.json", *(f"{folder}/{s['name']}.npy" for s in index["shards"])]
+
+
+def embeddings_digest(root: str | os.PathLike) -> str | None:
+    """Content digest of a root's vectors (None without any): the sha256 of ``embeddings.npy``, or
+    of a sharded root's ``index.json``, which lists every shard's sha256."""
+    from refface.manifests.atomic import sha256_file
+
+    files = embeddings_files(root)
+    if not files or not (Path(root) / files[0]).exists():
+        return None
+    return sha256_file(Path(root) / files[0])
+
+
+def load_vectors(root: str | os.PathLike, meta: dict | None = None) -> np.ndarray:
+    """A root's (N, D) float32 vectors in memory, from ``embeddings.npy`` or its shards."""
+    root = Path(root)
+    meta = meta if meta is not None else embeddings_meta(root)
+    if meta.get("layout") != SHARDED_LAYOUT:
+        return np.load(root / "embeddings.npy")
+    from refface.mining.sharded import ShardedEmbeddings
+
+    reader = ShardedEmbeddings(root / meta["shards"])
+    if not reader.n_shards:
+        return np.zeros((0, int(meta["dim"])), np.float32)
+    return np.concatenate([np.asarray(mm) for _, _, mm in reader.iter_shards()])
 
 
 def load_embeddings(root: str | os.PathLike, expect_fingerprint: str | None = None) -> Embeddings:
-    """Read a dataset root's embeddings; ValueError on inconsistent files or another model's fingerprint."""
+    """Read a dataset root's embeddings into memory, from ``embeddings.npy`` or its shards.
+
+    ValueError on inconsistent files or another model's fingerprint. Roots too big for memory
+    are read shard by shard with :class:`refface.mining.sharded.ShardedEmbeddings` instead.
+    """
     import pandas as pd
 
     root = Path(root)
-    meta_path = root / "embeddings.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path} not found; run `refface embed IMAGES --out {root}` first")
-    meta = json.loads(meta_path.read_text())
-    vectors = np.load(root / "embeddings.npy")
+    meta = embeddings_meta(root)
+    vectors = load_vectors(root, meta)
     table = pd.read_parquet(root / "embeddings.parquet")
     if len(table) != len(vectors) or vectors.shape[1] != meta["dim"]:
         raise ValueError(
-            f"{root}: embeddings.npy {vectors.shape} does not match embeddings.parquet ({len(table)} rows) "
+            f"{root}: embedding vectors {vectors.shape} do not match embeddings.parquet ({len(table)} rows) "
             f"/ embeddings.json (dim {meta['dim']}); rebuild with `refface embed`"
         )
     if expect_fingerprint is not None and meta["fingerprint"] != expect_fingerprint:

@@ -10,7 +10,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,11 +18,16 @@ from refface.executors import uses_gpu
 from refface.manifests.errors import ImageError
 from refface.manifests.io import DEFAULT_MAX_PIXELS
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 log = logging.getLogger(__name__)
 
 STAGE = "mine"
 IMAGES_COLUMNS = ["image_id", "path", "sha256", "width", "height"]
 FACES_COLUMNS = ["image_id", "path", "n_faces", "face_index", "x0", "y0", "x1", "y1", "det_score", "lm"]
+IMAGES_DTYPES = {"image_id": "int64"}
+FACES_DTYPES = {"image_id": "int64", "n_faces": "int64", "face_index": "int64"}
 
 
 @dataclass
@@ -44,6 +49,9 @@ class MiningConfig:
         chunk_size: images per unit of work and per resumable part file.
         executor: where chunks run, a key of ``refface.executors.EXECUTORS`` (``local`` process
             pool or ``ray``); results do not depend on it.
+        shard_rows: 0 writes the vectors as one ``embeddings.npy``; N > 0 writes them as shards of
+            about N faces (whole chunks each) in ``embeddings_shards/`` with an ``index.json``,
+            and no single file, for sets too big for one file or one process's memory.
     """
 
     detector: str = "dlib"
@@ -58,6 +66,7 @@ class MiningConfig:
     workers: int = 2
     chunk_size: int = 32
     executor: str = "local"
+    shard_rows: int = 0
 
     def validate(self) -> None:
         """Raise ValueError with an actionable message on a bad setting."""
@@ -80,6 +89,8 @@ class MiningConfig:
             raise ValueError("workers and chunk size must be at least 1")
         if self.max_pixels < 1:
             raise ValueError("max_pixels must be positive")
+        if self.shard_rows < 0:
+            raise ValueError(f"shard_rows must be 0 (one embeddings.npy) or positive, got {self.shard_rows}")
         from refface.executors import EXECUTORS
 
         if self.executor not in EXECUTORS:
@@ -90,6 +101,8 @@ class MiningConfig:
         cfg = asdict(self)
         cfg.pop("workers")
         cfg.pop("executor")
+        if not cfg["shard_rows"]:
+            cfg.pop("shard_rows")  # the single-file layout keeps the fingerprints it always had
         return cfg
 
 
@@ -268,6 +281,73 @@ def _stream_vectors(path: Path, shape: tuple[int, int], n_chunks: int, part_path
     return np.load(path, mmap_mode="r")
 
 
+def _write_vector_shards(
+    folder: Path, n_chunks: int, chunks_per_shard: int, part_path, meta: dict
+) -> list[str]:
+    """One shard per partition of ``chunks_per_shard`` consecutive chunks, read part by part.
+
+    Only one shard's vectors are in memory at a time. Partitions without faces write no shard,
+    so shards stay numbered without gaps. Returns the relative paths written (index.json last).
+    """
+    from refface.mining.sharded import INDEX_FILE, finish_shards, write_shard
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names: list[str] = []
+    for first in range(0, n_chunks, chunks_per_shard):
+        parts = [_read_part(part_path(i)) for i in range(first, min(n_chunks, first + chunks_per_shard))]
+        faces = [f for p in parts for f in p["faces"]]
+        if not faces:
+            continue
+        vectors = np.concatenate([p["vectors"] for p in parts if len(p["vectors"])])
+        names.append(
+            write_shard(
+                folder, len(names), vectors, [f["path"] for f in faces], [f["image_id"] for f in faces]
+            )
+        )
+    finish_shards(folder, meta)
+    return [f"{folder.name}/{n}.{ext}" for n in names for ext in ("npy", "parquet")] + [
+        f"{folder.name}/{INDEX_FILE}"
+    ]
+
+
+def _frame(rows: list[dict], columns: list[str], dtypes: dict) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=columns).astype(dtypes)
+
+
+def _tables_from_parts(n_chunks: int, part_path) -> tuple[pd.DataFrame, pd.DataFrame, list, np.ndarray, int]:
+    """Images and faces tables, error rows, norms and the vector dimension, read part by part.
+
+    Each part becomes a small data frame at once: a column store holds 10M face rows in a few
+    GB, where the same rows as Python dicts would need several times that.
+    """
+    import pandas as pd
+
+    image_frames, face_frames, norm_parts, errors = [], [], [], []
+    dim = 0
+    for i in range(n_chunks):
+        part = _read_part(part_path(i))
+        if part["images"]:
+            image_frames.append(_frame(part["images"], IMAGES_COLUMNS, IMAGES_DTYPES))
+        if part["faces"]:
+            face_frames.append(_frame(part["faces"], FACES_COLUMNS, FACES_DTYPES))
+        errors += part["errors"]
+        norm_parts.append(part["norms"])
+        if len(part["vectors"]):
+            dim = part["vectors"].shape[1]
+    images = (
+        pd.concat(image_frames, ignore_index=True)
+        if image_frames
+        else _frame([], IMAGES_COLUMNS, IMAGES_DTYPES)
+    )
+    faces = (
+        pd.concat(face_frames, ignore_index=True) if face_frames else _frame([], FACES_COLUMNS, FACES_DTYPES)
+    )
+    norms = np.concatenate(norm_parts) if norm_parts else np.zeros((0,), np.float32)
+    return images, faces, errors, norms, dim
+
+
 def model_identity(config: MiningConfig) -> dict:
     """Names and sha256 fingerprints of every weights file the config reads (fails fast when absent)."""
     from refface.mining.detect import detector_files
@@ -317,12 +397,18 @@ def mine_folder(
     Returns:
         A :class:`MiningResult` with counts and timing.
     """
-    import pandas as pd
 
     from refface.manifests.atomic import write_parquet
     from refface.manifests.errors import ErrorsTable
     from refface.manifests.io import list_images
-    from refface.mining.embed import Embeddings, save_embeddings
+    from refface.mining.embed import (
+        SHARDED_LAYOUT,
+        Embeddings,
+        EmbeddingsInfo,
+        save_embedding_tables,
+        save_embeddings,
+    )
+    from refface.mining.sharded import DEFAULT_FOLDER
     from refface.stages import fingerprint, folder_fingerprint, map_chunks, run_stage
 
     cfg = config or MiningConfig()
@@ -369,56 +455,46 @@ def mine_folder(
             executor=cfg.executor,
             collect=False,
         )
-        images, faces, norm_parts = [], [], []
+        n_chunks = len(chunk_results)
+        images, faces_df, error_rows, norms, dim = _tables_from_parts(n_chunks, part_path)
         errors = ErrorsTable()
-        dim = 128 if cfg.embedder == "dlib" else None
-        n_vectors = 0
-        for i in range(len(chunk_results)):
-            part = _read_part(part_path(i))
-            images += part["images"]
-            faces += part["faces"]
-            errors.extend(part["errors"])
-            norm_parts.append(part["norms"])
-            if len(part["vectors"]):
-                n_vectors += len(part["vectors"])
-                dim = part["vectors"].shape[1]
-        norms = np.concatenate(norm_parts) if norm_parts else np.zeros((0,), np.float32)
-        vectors = _stream_vectors(
-            parts_dir / "vectors.npy", (n_vectors, dim or 512), len(chunk_results), part_path
-        )
-        outputs = []
-        write_parquet(
-            root / "images.parquet",
-            pd.DataFrame(images, columns=IMAGES_COLUMNS).astype({"image_id": "int64"}),
-        )
-        faces_df = pd.DataFrame(faces, columns=FACES_COLUMNS).astype(
-            {"image_id": "int64", "n_faces": "int64", "face_index": "int64"}
-        )
+        errors.extend(error_rows)
+        dim = dim or (128 if cfg.embedder == "dlib" else 512)
+        write_parquet(root / "images.parquet", images)
         write_parquet(root / "faces.parquet", faces_df)
-        outputs += ["images.parquet", "faces.parquet"]
-        outputs += save_embeddings(
-            root,
-            Embeddings(
-                vectors=vectors,
-                paths=[f["path"] for f in faces],
-                model=models["embedder_model"],
-                fingerprint=models["embedder_fingerprint"],
-                metric=models["metric"],
-                identity_threshold=models["identity_threshold"],
-                image_ids=[f["image_id"] for f in faces],
-                norms=norms,
-            ),
+        outputs = ["images.parquet", "faces.parquet"]
+        info = dict(
+            paths=faces_df["path"].tolist(),
+            model=models["embedder_model"],
+            fingerprint=models["embedder_fingerprint"],
+            metric=models["metric"],
+            identity_threshold=models["identity_threshold"],
+            image_ids=faces_df["image_id"].tolist(),
+            norms=norms,
         )
+        # Vectors derived from an earlier run (a split of embeddings.npy, or older shards) are stale now.
+        shards_dir = root / DEFAULT_FOLDER
+        shutil.rmtree(shards_dir, ignore_errors=True)
+        if cfg.shard_rows:
+            meta = {k: info[k] for k in ("model", "fingerprint", "metric", "identity_threshold")}
+            per_shard = max(1, -(-cfg.shard_rows // cfg.chunk_size))
+            outputs += _write_vector_shards(shards_dir, n_chunks, per_shard, part_path, meta)
+            layout = {"layout": SHARDED_LAYOUT, "shards": DEFAULT_FOLDER}
+            outputs += save_embedding_tables(root, EmbeddingsInfo(dim=dim, **info), layout)
+            (root / "embeddings.npy").unlink(missing_ok=True)
+        else:
+            vectors = _stream_vectors(parts_dir / "vectors.npy", (len(faces_df), dim), n_chunks, part_path)
+            outputs += save_embeddings(root, Embeddings(vectors=vectors, **info))
         errors.write(root)
         outputs += ["errors.parquet", "errors.csv"]
         if cfg.save_crops:
-            outputs += [crop_relpath(f["path"]) for f in faces]
+            outputs += [crop_relpath(p) for p in info["paths"]]
         by_reason: dict[str, int] = {}
         for row in errors.rows:
             by_reason[_short(row.reason)] = by_reason.get(_short(row.reason), 0) + 1
         stats.update(
             n_decoded=len(images),
-            n_faces=len(faces),
+            n_faces=len(faces_df),
             n_errors=len(errors),
             errors_by_reason=dict(sorted(by_reason.items())),
             seconds=time.perf_counter() - start,

@@ -14,7 +14,9 @@ def register(app: typer.Typer) -> None:
 def knn_graph(
     root: Path = typer.Argument(..., help="Dataset root with embeddings (from `refface embed`)."),
     shards: Path | None = typer.Option(
-        None, help="Sharded embeddings folder (default ROOT/embeddings_shards; made from embeddings.npy)."
+        None,
+        help="Sharded embeddings folder (default ROOT/embeddings_shards, written by "
+        "`refface embed --shard-rows`, else split from embeddings.npy).",
     ),
     out: Path | None = typer.Option(None, help="Output folder for the graph parts (default ROOT/knn)."),
     rows_per_shard: int = typer.Option(1_000_000, help="Vectors per shard when splitting embeddings.npy."),

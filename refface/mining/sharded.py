@@ -77,12 +77,13 @@ def write_shard(
     return name
 
 
-def finish_shards(folder: str | os.PathLike, meta: dict | None = None) -> dict:
+def finish_shards(folder: str | os.PathLike, meta: dict | None = None, checksums: bool = True) -> dict:
     """Write ``index.json`` over every ``shard-*.npy`` in the folder (last: it marks the folder valid).
 
-    Shards must be numbered 0..S-1 without gaps and share one dimension.
+    Shards must be numbered 0..S-1 without gaps and share one dimension. With ``checksums`` each
+    shard's entry carries the sha256 of its file, so the index digests the vectors' content.
     """
-    from refface.manifests.atomic import write_json
+    from refface.manifests.atomic import sha256_file, write_json
 
     folder = Path(folder)
     files = sorted(folder.glob("shard-*.npy"))
@@ -97,7 +98,10 @@ def finish_shards(folder: str | os.PathLike, meta: dict | None = None) -> dict:
             dim = int(mm.shape[1])
         elif mm.shape[1] != dim:
             raise ValueError(f"{f} has dim {mm.shape[1]}, other shards {dim}")
-        shards.append({"name": f.stem, "start": start, "rows": int(mm.shape[0])})
+        entry = {"name": f.stem, "start": start, "rows": int(mm.shape[0])}
+        if checksums:
+            entry["sha256"] = sha256_file(f)
+        shards.append(entry)
         start += int(mm.shape[0])
     index = {
         "version": SHARDS_VERSION,
@@ -134,6 +138,12 @@ def shard_embeddings(
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path} not found; run `refface embed IMAGES --out {root}` first")
     meta = json.loads(meta_path.read_text())
+    if meta.get("layout") == "sharded":
+        # Mined with `refface embed --shard-rows`: the shards are already there.
+        existing = root / meta["shards"]
+        if out.resolve() != existing.resolve():
+            raise ValueError(f"{root} already holds sharded embeddings in {existing}; read that folder")
+        return ShardedEmbeddings(existing)
     vectors = np.load(root / "embeddings.npy", mmap_mode="r")
     table = pd.read_parquet(root / "embeddings.parquet", columns=["image_id", "path"])
     if len(table) != len(vectors):
@@ -808,5 +818,7 @@ def write_synthetic_shards(
             vec[rows] += g[lo - b * block : hi - b * block] * (sigma_all[ids[rows]] / np.sqrt(dim))[:, None]
         vec /= np.linalg.norm(vec, axis=1, keepdims=True)
         write_shard(folder, s, vec)
-    finish_shards(folder, {"model": "synthetic", "metric": "cosine", "identity_threshold": 0.4, "seed": seed})
+    # No checksums: the bytes are a function of the seed, which the index records.
+    meta = {"model": "synthetic", "metric": "cosine", "identity_threshold": 0.4, "seed": seed}
+    finish_shards(folder, meta, checksums=False)
     return ShardedEmbeddings(folder), labels

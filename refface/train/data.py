@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import json
 import logging
 import math
 import os
@@ -769,7 +770,9 @@ def infer_embedding_dim(source, split: str = "train") -> int:
     from refface.builders.shards import decode_member, iter_tar_samples
 
     if not isinstance(source, (list, tuple)) and is_dataset_root(source, split):
-        path = Path(source) / "embeddings.npy"
+        meta, path = Path(source) / "embeddings.json", Path(source) / "embeddings.npy"
+        if meta.exists():
+            return int(json.loads(meta.read_text())["dim"])
         return int(np.load(path, mmap_mode="r").shape[1]) if path.exists() else DEFAULT_EMBEDDING_DIM
     try:
         urls, _ = resolve_shards(source, split, skip_bad_shards=True)
