@@ -59,6 +59,8 @@ def run_one(n: int, args: argparse.Namespace) -> dict:
     work = Path(args.work) / f"n{n}"
     shutil.rmtree(work, ignore_errors=True)
     out: dict = {"n": n, "dim": args.dim, "k": args.k, "threshold": args.threshold}
+    # Wall times on a shared machine depend on what else runs: record the load beside them.
+    out["load_average_start"] = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
     shards, labels = write_synthetic_shards(work / "emb", n, args.dim, rows_per_shard=args.rows_per_shard)
     out["generate_s"] = round(time.perf_counter() - t0, 2)
@@ -109,6 +111,7 @@ def run_one(n: int, args: argparse.Namespace) -> dict:
         2,
     )
     out["peak_rss_mb"] = peak_rss_mb()
+    out["load_average_end"] = round(os.getloadavg()[0], 2)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return out

@@ -201,6 +201,34 @@ def test_mine_folder_identical_local_and_ray(ray_session, faces_dir, faces_label
         faces_dir, tmp_path / "ray", MiningConfig(workers=1, chunk_size=5, executor="local"), relpaths=subset
     )
     assert again.ran is False
+    # Ray writing shards (one per partition of 2 chunks) holds the rows of the local single file.
+    sharded = tmp_path / "ray-sharded"
+    mine_folder(
+        faces_dir, sharded, MiningConfig(workers=2, chunk_size=5, executor="ray", shard_rows=10), relpaths=subset
+    )
+    _same_rows_then_downstream(tmp_path / "local", sharded)
+
+
+def _same_rows_then_downstream(single, sharded):
+    """A sharded root reads as the single-file one, clusters alike, and feeds `refface knn-graph`."""
+    import numpy as np
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from refface.cli import app
+    from refface.mining.cluster import cluster_root
+    from refface.mining.sharded import ShardedEmbeddings
+
+    reader = ShardedEmbeddings(sharded / "embeddings_shards")
+    assert reader.n_shards == 3 and not (sharded / "embeddings.npy").exists()
+    np.testing.assert_array_equal(reader.take(np.arange(len(reader))), np.load(single / "embeddings.npy"))
+    cluster_root(single)
+    cluster_root(sharded)
+    assert (sharded / "identities.parquet").read_bytes() == (single / "identities.parquet").read_bytes()
+    result = CliRunner().invoke(app, ["knn-graph", str(sharded), "--k", "5", "--recall-sample", "10"])
+    assert result.exit_code == 0, result.output
+    graph = pd.read_parquet(sharded / "knn" / "identities.parquet")
+    assert graph["path"].tolist() == reader.paths()
 
 
 def test_mining_config_rejects_unknown_executor():

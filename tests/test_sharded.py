@@ -50,6 +50,14 @@ def test_write_read_take(tmp_path):
     assert reader.paths()[:2] == ["a0.jpg", "a1.jpg"] and reader.paths()[10] == "b0.jpg"
     with pytest.raises(IndexError):
         reader.take(np.array([25]))
+    # Pair scores read rows in id order but come back in the caller's order.
+    queries = _unit(len(ids), 8, seed=5)
+    np.testing.assert_array_equal(reader.dot(ids, queries), np.einsum("cd,cd->c", x[ids], queries))
+    assert reader.dot(np.empty(0, np.int64), np.empty((0, 8), np.float32)).shape == (0,)
+    with pytest.raises(IndexError):
+        reader.dot(np.array([-1]), queries[:1])
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert [len(s["sha256"]) for s in index["shards"]] == [64, 64]
 
 
 def test_incomplete_or_foreign_folders_are_refused(tmp_path):
