@@ -204,7 +204,10 @@ def test_mine_folder_identical_local_and_ray(ray_session, faces_dir, faces_label
     # Ray writing shards (one per partition of 2 chunks) holds the rows of the local single file.
     sharded = tmp_path / "ray-sharded"
     mine_folder(
-        faces_dir, sharded, MiningConfig(workers=2, chunk_size=5, executor="ray", shard_rows=10), relpaths=subset
+        faces_dir,
+        sharded,
+        MiningConfig(workers=2, chunk_size=5, executor="ray", shard_rows=10),
+        relpaths=subset,
     )
     _same_rows_then_downstream(tmp_path / "local", sharded)
 

@@ -132,19 +132,24 @@ class _Boom(RuntimeError):
     pass
 
 
-def test_killed_run_resumes_to_identical_bytes_whatever_the_workers(mined, photos, tmp_path, monkeypatch):
-    reference, _ = mined
-    real = pipeline._mine_chunk
+def _dies_on_third_chunk(real):
+    """The chunk function, killed at its third call (as a run is when its machine goes away)."""
     calls = {"n": 0}
 
-    def dies_on_third_chunk(items):
+    def chunk(items):
         calls["n"] += 1
         if calls["n"] == 3:
             raise _Boom("killed")
         return real(items)
 
+    return chunk
+
+
+def test_killed_run_resumes_to_identical_bytes_whatever_the_workers(mined, photos, tmp_path, monkeypatch):
+    reference, _ = mined
+    real = pipeline._mine_chunk
     root = tmp_path / "resumed"
-    monkeypatch.setattr(pipeline, "_mine_chunk", dies_on_third_chunk)
+    monkeypatch.setattr(pipeline, "_mine_chunk", _dies_on_third_chunk(real))
     with pytest.raises(_Boom):
         mine_folder(photos, root, _config())
     parts = sorted((root / ".parts" / "mine").rglob("chunk-*.pkl"))
@@ -298,16 +303,9 @@ def test_sharded_embeddings_hold_the_same_rows_one_shard_per_partition(mined, ph
         embeddings_digest(root) == hashlib.sha256((root / embeddings_files(root)[0]).read_bytes()).hexdigest()
     )
     # A killed run resumes, and any worker count ends with the same shard bytes.
-    real, calls = pipeline._mine_chunk, {"n": 0}
-
-    def dies_on_third_chunk(items):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise _Boom("killed")
-        return real(items)
-
+    real = pipeline._mine_chunk
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(pipeline, "_mine_chunk", dies_on_third_chunk)
+    monkeypatch.setattr(pipeline, "_mine_chunk", _dies_on_third_chunk(real))
     with pytest.raises(_Boom):
         mine_folder(photos, resumed, _config(shard_rows=3))
     monkeypatch.setattr(pipeline, "_mine_chunk", real)

@@ -271,39 +271,29 @@ def concat_embeddings(parts: list[Embeddings]) -> Embeddings:
 
 
 def save_embedding_tables(
-    root: str | os.PathLike, emb: Embeddings | EmbeddingsInfo, layout: dict | None = None
+    root: str | os.PathLike,
+    paths: list[str],
+    image_ids: list[int] | None,
+    norms: np.ndarray | None,
+    meta: dict,
 ) -> list[str]:
     """Write ``embeddings.parquet`` (row, image_id, path[, norm]) and ``embeddings.json`` (last).
 
-    ``layout`` is added to the JSON when the vectors are not in ``embeddings.npy`` (see
-    :data:`SHARDED_LAYOUT`). Returns the relative paths written.
+    ``meta``: model, dim, fingerprint, metric, identity_threshold, and for vectors kept outside
+    ``embeddings.npy`` the layout (see :data:`SHARDED_LAYOUT`). Returns the relative paths written.
     """
     import pandas as pd
 
     from refface.manifests.atomic import write_json, write_parquet
 
     root = Path(root)
-    table = {"row": np.arange(len(emb), dtype=np.int64)}
-    table["image_id"] = np.asarray(
-        emb.image_ids if emb.image_ids is not None else [-1] * len(emb), dtype=np.int64
-    )
-    table["path"] = list(emb.paths)
-    if emb.norms is not None:
-        table["norm"] = np.asarray(emb.norms, dtype=np.float32)
+    table = {"row": np.arange(len(paths), dtype=np.int64)}
+    table["image_id"] = np.asarray(image_ids if image_ids is not None else [-1] * len(paths), dtype=np.int64)
+    table["path"] = list(paths)
+    if norms is not None:
+        table["norm"] = np.asarray(norms, dtype=np.float32)
     write_parquet(root / "embeddings.parquet", pd.DataFrame(table))
-    write_json(
-        root / "embeddings.json",
-        {
-            "model": emb.model,
-            "dim": emb.dim,
-            "count": len(emb),
-            "fingerprint": emb.fingerprint,
-            "metric": emb.metric,
-            "identity_threshold": emb.identity_threshold,
-            "normalized": True,
-            **(layout or {}),
-        },
-    )
+    write_json(root / "embeddings.json", {**meta, "count": len(paths), "normalized": True})
     return ["embeddings.parquet", "embeddings.json"]
 
 
@@ -316,24 +306,14 @@ def save_embeddings(root: str | os.PathLike, emb: Embeddings) -> list[str]:
 
     root = Path(root)
     write_npy(root / "embeddings.npy", np.ascontiguousarray(emb.vectors, dtype=np.float32))
-    return ["embeddings.npy", *save_embedding_tables(root, emb)]
-
-
-@dataclass
-class EmbeddingsInfo:
-    """Everything of :class:`Embeddings` but the vectors (they live in shard files)."""
-
-    paths: list[str]
-    dim: int
-    model: str
-    fingerprint: str
-    metric: str = "cosine"
-    identity_threshold: float = ARCFACE_THRESHOLD
-    image_ids: list[int] | None = None
-    norms: np.ndarray | None = field(default=None, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.paths)
+    meta = {
+        "model": emb.model,
+        "dim": emb.dim,
+        "fingerprint": emb.fingerprint,
+        "metric": emb.metric,
+        "identity_threshold": emb.identity_threshold,
+    }
+    return ["embeddings.npy", *save_embedding_tables(root, emb.paths, emb.image_ids, emb.norms, meta)]
 
 
 # embeddings.json of a root whose vectors are sharded: {"layout": "sharded", "shards": <folder>}.

@@ -404,7 +404,6 @@ def mine_folder(
     from refface.mining.embed import (
         SHARDED_LAYOUT,
         Embeddings,
-        EmbeddingsInfo,
         save_embedding_tables,
         save_embeddings,
     )
@@ -463,32 +462,30 @@ def mine_folder(
         write_parquet(root / "images.parquet", images)
         write_parquet(root / "faces.parquet", faces_df)
         outputs = ["images.parquet", "faces.parquet"]
-        info = dict(
-            paths=faces_df["path"].tolist(),
-            model=models["embedder_model"],
-            fingerprint=models["embedder_fingerprint"],
-            metric=models["metric"],
-            identity_threshold=models["identity_threshold"],
-            image_ids=faces_df["image_id"].tolist(),
-            norms=norms,
-        )
+        paths, image_ids = faces_df["path"].tolist(), faces_df["image_id"].tolist()
+        meta = {
+            "model": models["embedder_model"],
+            "fingerprint": models["embedder_fingerprint"],
+            "metric": models["metric"],
+            "identity_threshold": models["identity_threshold"],
+        }
         # Vectors derived from an earlier run (a split of embeddings.npy, or older shards) are stale now.
         shards_dir = root / DEFAULT_FOLDER
         shutil.rmtree(shards_dir, ignore_errors=True)
         if cfg.shard_rows:
-            meta = {k: info[k] for k in ("model", "fingerprint", "metric", "identity_threshold")}
             per_shard = max(1, -(-cfg.shard_rows // cfg.chunk_size))
             outputs += _write_vector_shards(shards_dir, n_chunks, per_shard, part_path, meta)
-            layout = {"layout": SHARDED_LAYOUT, "shards": DEFAULT_FOLDER}
-            outputs += save_embedding_tables(root, EmbeddingsInfo(dim=dim, **info), layout)
+            layout = {"dim": dim, "layout": SHARDED_LAYOUT, "shards": DEFAULT_FOLDER}
+            outputs += save_embedding_tables(root, paths, image_ids, norms, {**meta, **layout})
             (root / "embeddings.npy").unlink(missing_ok=True)
         else:
-            vectors = _stream_vectors(parts_dir / "vectors.npy", (len(faces_df), dim), n_chunks, part_path)
-            outputs += save_embeddings(root, Embeddings(vectors=vectors, **info))
+            vectors = _stream_vectors(parts_dir / "vectors.npy", (len(paths), dim), n_chunks, part_path)
+            emb = Embeddings(vectors=vectors, paths=paths, image_ids=image_ids, norms=norms, **meta)
+            outputs += save_embeddings(root, emb)
         errors.write(root)
         outputs += ["errors.parquet", "errors.csv"]
         if cfg.save_crops:
-            outputs += [crop_relpath(p) for p in info["paths"]]
+            outputs += [crop_relpath(p) for p in paths]
         by_reason: dict[str, int] = {}
         for row in errors.rows:
             by_reason[_short(row.reason)] = by_reason.get(_short(row.reason), 0) + 1
