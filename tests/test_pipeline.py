@@ -326,3 +326,29 @@ def test_single_file_layout_keeps_its_fingerprint():
     assert MiningConfig(shard_rows=1000).stage_config()["shard_rows"] == 1000
     with pytest.raises(ValueError, match="shard_rows must be 0"):
         MiningConfig(shard_rows=-1).validate()
+
+
+def test_embed_command_writes_shards(photos, tmp_path):
+    from typer.testing import CliRunner
+
+    from refface.cli import app
+
+    out = tmp_path / "cli-sharded"
+    args = [
+        "embed",
+        str(photos),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--chunk-size",
+        "3",
+        "--shard-rows",
+        "3",
+    ]
+    res = CliRunner().invoke(app, args, terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "3 shard(s)" in res.output
+    assert json.loads((out / "embeddings_shards" / "index.json").read_text())["count"] == len(FOUND)
+    bad = CliRunner().invoke(app, [*args[:-1], "-2"])
+    assert bad.exit_code == 2 and "shard_rows must be 0" in bad.output

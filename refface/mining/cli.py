@@ -119,8 +119,14 @@ def embed(
         ("errors", result.n_errors),
     ]
     rows += [(f"  {reason}", n) for reason, n in result.errors_by_reason.items()]
+    vectors = "embeddings.npy"
+    if shard_rows:
+        from refface.mining.sharded import DEFAULT_FOLDER, ShardedEmbeddings
+
+        vectors = f"{ShardedEmbeddings(out / DEFAULT_FOLDER).n_shards} shard(s) in {out / DEFAULT_FOLDER}"
     rows += [
         ("model", result.model),
+        ("embeddings", vectors),
         ("seconds", round(result.seconds, 1)),
         ("faces/s", round(result.faces_per_second, 2)),
         ("status", "computed" if result.ran else "up to date (nothing to do)"),
