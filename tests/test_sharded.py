@@ -95,6 +95,25 @@ def test_shard_a_dataset_root(tmp_path):
         shard_embeddings(tmp_path / "nowhere")
 
 
+def test_a_sharded_root_is_read_where_it_is(tmp_path):
+    from refface.mining.embed import load_embeddings, save_embedding_tables
+
+    x = _unit(12, 8, seed=2)
+    paths = [f"q/{i}.jpg" for i in range(12)]
+    for s, rows in enumerate((slice(0, 5), slice(5, 12))):
+        write_shard(tmp_path / "embeddings_shards", s, x[rows], paths[rows])
+    finish_shards(tmp_path / "embeddings_shards", {"model": "m", "fingerprint": "e" * 64})
+    meta = {"model": "m", "dim": 8, "fingerprint": "e" * 64, "metric": "cosine", "identity_threshold": 0.4}
+    layout = {"layout": "sharded", "shards": "embeddings_shards"}
+    save_embedding_tables(tmp_path, paths, None, None, {**meta, **layout})
+    assert shard_embeddings(tmp_path).n_shards == 2  # already sharded: nothing is split
+    with pytest.raises(ValueError, match="already holds sharded embeddings"):
+        shard_embeddings(tmp_path, tmp_path / "elsewhere")
+    loaded = load_embeddings(tmp_path)
+    np.testing.assert_array_equal(loaded.vectors, x)
+    assert loaded.paths == paths
+
+
 def test_index_choice_by_size_memory_and_gpu():
     gb = 1024**3
     assert plan_index(FLAT_MAX - 1, 512, gpu=False).kind == "flat"
