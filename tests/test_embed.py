@@ -157,7 +157,7 @@ def test_mixing_models_is_refused(tmp_path):
 def test_inconsistent_files_are_reported(tmp_path):
     save_embeddings(tmp_path, _emb())
     np.save(tmp_path / "embeddings.npy", np.zeros((2, 4), np.float32))
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="do not match"):
         load_embeddings(tmp_path)
     with pytest.raises(FileNotFoundError, match="refface embed"):
         load_embeddings(tmp_path / "empty")
