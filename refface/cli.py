@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "refface.mining.audit_cli",
     "refface.train.eval_cli",
     "refface.train.cli",
+    "refface.train.refldm.convert_cli",
     "refface.degradations.cli",
     "refface.demo",
 ]

@@ -43,6 +43,12 @@ def restore(
     references: Path | None = typer.Option(None, help="Folder of references named like the inputs."),
     sd: Path | None = typer.Option(None, help="MGFR: the local diffusers SD folder used in training."),
     prompt: str | None = typer.Option(None, help="MGFR: attribute prompt for every image."),
+    preset: str | None = typer.Option(
+        None,
+        help="ReF-LDM: sampling preset, 'official' (the release's inference: DDIM trailing 50 steps, CFG 1.5, "
+        "joint references, seed 2024) or 'refface' (100 leading steps); default: the model's "
+        "(official for converted release weights).",
+    ),
     steps: int | None = typer.Option(None, help="Sampling steps (model default when omitted)."),
     w_quality: float | None = typer.Option(None, help="MGFR: negative-quality guidance weight."),
     w_attribute: float | None = typer.Option(None, help="MGFR: negative-attribute guidance weight."),
@@ -50,7 +56,9 @@ def restore(
     embedder: str | None = typer.Option(None, help="MGFR: identity embedder for references (arcface, dlib)."),
     embedder_model: Path | None = typer.Option(None, help="MGFR: embedder weights (ArcFace ONNX path)."),
     batch_size: int | None = typer.Option(None, help="Images per sampling batch."),
-    seed: int = typer.Option(0, help="Base seed; each image's noise comes from (seed, its path)."),
+    seed: int | None = typer.Option(
+        None, help="Base seed (default: the model's; 0, or 2024 for the ReF-LDM official preset)."
+    ),
     device: str | None = typer.Option(None, help="torch device (default: cuda when available, else cpu)."),
 ) -> None:
     """Restore a folder of aligned LQ faces with a trained MGFR or ReF-LDM checkpoint.
@@ -72,6 +80,7 @@ def restore(
         ) from exc
     options = {
         "references": references,
+        "preset": preset,
         "sd": sd,
         "prompt": prompt,
         "steps": steps,

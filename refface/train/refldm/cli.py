@@ -22,6 +22,12 @@ def train_refldm(
     ),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Override loop.max_steps."),
     resume: str | None = typer.Option(None, "--resume", help="'latest', a checkpoint folder, or 'none'."),
+    init: Path | None = typer.Option(
+        None,
+        "--init",
+        help="Start from a model folder (unet/, vqgan/), e.g. one written by `refface convert refldm-official`: "
+        "its UNet initialises stage C (or B) and its autoencoder is used frozen.",
+    ),
 ) -> None:
     """Train ReF-LDM (VQGAN -> LQ-only LDM -> ReF-LDM with CacheKV and the identity loss).
 
@@ -36,6 +42,8 @@ def train_refldm(
         argv += ["--max-steps", str(max_steps)]
     if resume is not None:
         argv += ["--resume", resume]
+    if init is not None:
+        argv += ["--init", str(init)]
     try:
         main(parse_args(argv))
     except (FileNotFoundError, ValueError, ImportError) as e:

@@ -172,11 +172,43 @@ def make_train_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
     return DDPMScheduler(**_noise_schedule(cfg))
 
 
-def make_ddim_scheduler(cfg: NoiseConfig) -> DDIMScheduler:
-    # LDM's DDIM: "leading" spacing with offset 1 and ᾱ_prev of the last step = ᾱ_0 (not 1).
+SPACINGS = ("leading", "uniform_trailing")
+
+
+def official_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """The official sampler's ``uniform_trailing`` steps, from the noisiest down.
+
+    Every ``T // steps``-th step counted back from T - 1 (for 50 of 1000: 999, 979, ..., 19). When
+    ``steps`` does not divide T this gives one step more than asked (3 of 1000: 999, 666, 333, 0), as
+    the official sampler does.
+    """
+    c = num_train_timesteps // steps
+    return [int(t) - 1 for t in range(num_train_timesteps, 0, -c)]
+
+
+def make_ddim_scheduler(cfg: NoiseConfig, spacing: str = "leading") -> DDIMScheduler:
+    """DDIM with ᾱ_prev of the last step = ᾱ_0 (not 1), LDM's convention.
+
+    ``leading``: refface's default (steps 0, T/n, ... offset by 1). ``uniform_trailing``: the official
+    ReF-LDM sampler's (see :func:`official_timesteps`); apply it with :func:`set_sampling_timesteps`.
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"timestep spacing must be one of {SPACINGS}, got {spacing!r}")
     return DDIMScheduler(
         **_noise_schedule(cfg),
         set_alpha_to_one=False,
-        steps_offset=1,
-        timestep_spacing="leading",
+        steps_offset=1 if spacing == "leading" else 0,
+        timestep_spacing="leading" if spacing == "leading" else "trailing",
     )
+
+
+def set_sampling_timesteps(scheduler: DDIMScheduler, steps: int, spacing: str, device=None) -> None:
+    """``scheduler.set_timesteps`` with the official rule for ``uniform_trailing``.
+
+    Each DDIM step goes back ``T // steps`` training steps (below step 0: ᾱ_0), which is what the
+    official steps are spaced by, so only the list itself needs replacing.
+    """
+    scheduler.set_timesteps(steps, device=device)
+    if spacing == "uniform_trailing":
+        ts = official_timesteps(steps, scheduler.config.num_train_timesteps)
+        scheduler.timesteps = torch.tensor(ts, dtype=torch.long, device=device)

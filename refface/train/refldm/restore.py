@@ -164,17 +164,44 @@ def collect_items(input_path: Path, references: Path | None = None) -> list[Rest
     return items
 
 
-def _load(path: Path, size: int) -> np.ndarray:
+def _load(path: Path, size: int, resize: str = "cv2") -> np.ndarray:
+    """An RGB image at ``size x size``: ``pil`` resizes as the official script (PIL's default filter),
+    ``cv2`` bicubic when enlarging and area when shrinking."""
     import cv2
 
     from refface.manifests.io import read_image
 
     img = read_image(path)
-    if img.shape[:2] != (size, size):
-        img = cv2.resize(
-            img, (size, size), interpolation=cv2.INTER_CUBIC if img.shape[0] < size else cv2.INTER_AREA
-        )
-    return img
+    if img.shape[:2] == (size, size):
+        return img
+    if resize == "pil":
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(img).resize((size, size)))
+    return cv2.resize(
+        img, (size, size), interpolation=cv2.INTER_CUBIC if img.shape[0] < size else cv2.INTER_AREA
+    )
+
+
+def initial_noise(keys: list[str], shape: tuple[int, ...], preset, seed: int, device: str):
+    """The initial latents of a batch: per image from ``(seed, key)``, or the official single draw.
+
+    The official script seeds the global generator and draws ``randn(1, C, h, w)`` on the sampling
+    device; ``preset.noise == "seed"`` repeats that draw for every image.
+    """
+    import torch
+
+    from refface.seeding import item_seed
+
+    if preset.noise == "seed":
+        draws = []
+        for _ in keys:
+            g = torch.Generator(device).manual_seed(seed)
+            draws.append(torch.randn((1, *shape), generator=g, device=device)[0])
+        return torch.stack(draws)
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(item_seed(seed, k) >> 1)) for k in keys]
+    )
 
 
 def restore_folder(
@@ -183,10 +210,11 @@ def restore_folder(
     *,
     checkpoint: str | os.PathLike,
     references: str | os.PathLike | None = None,
+    preset: str | None = None,
     steps: int | None = None,
     guidance_scale: float | None = None,
     batch_size: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     device: str | None = None,
 ) -> dict[str, int]:
     """Restore LQ faces with ReF-LDM (DDIM, η = 0, CFG toward the references) and write PNGs.
@@ -196,11 +224,14 @@ def restore_folder(
         output_dir: restored PNGs go to ``<output_dir>/<key>.png``; ``errors.csv`` lists failures.
         checkpoint: see :func:`load_refldm`.
         references: reference CSV, or folder (``<stem>/`` subfolders or same-named files).
-        steps: DDIM steps (default 100).
-        guidance_scale: CFG scale (default: the training config's, 1.5).
+        preset: ``official`` or ``refface`` (:data:`refface.train.refldm.sampling.PRESETS`); default: the
+            model's ``task.sampling_preset`` (``official`` for converted release weights).
+        steps: DDIM steps (default: the preset's).
+        guidance_scale: CFG scale (default: the preset's, else the training config's).
         batch_size: images per sampling batch (default 4).
-        seed: base seed; each image's noise comes from ``(seed, key)``, so outputs do not depend on
-            batching or on which images were already done.
+        seed: the preset's seed by default. ``official``: every image starts from the same draw, as the
+            official script; ``refface``: each image's noise comes from ``(seed, key)``. Either way outputs
+            do not depend on batching or on which images were already done.
         device: torch device (default cuda when available).
 
     Returns:
@@ -211,8 +242,7 @@ def restore_folder(
     from refface.console import track
     from refface.manifests.errors import ErrorsTable, ImageError
     from refface.manifests.io import write_png
-    from refface.seeding import item_seed
-    from refface.train.refldm.sampling import restore
+    from refface.train.refldm.sampling import get_preset, restore, to_uint8
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(output_dir)
@@ -222,17 +252,21 @@ def restore_folder(
     counts = {"restored": 0, "skipped": len(items) - len(todo), "errors": 0}
     if todo:
         unet, vq, cfg = load_refldm(checkpoint, device)
+        chosen = get_preset(preset or cfg.task.sampling_preset)
         size = cfg.data.resolution
         factor = cfg.vqgan.factor
-        scale = cfg.task.guidance_scale if guidance_scale is None else guidance_scale
+        scale = guidance_scale if guidance_scale is not None else chosen.guidance_scale
+        scale = cfg.task.guidance_scale if scale is None else scale
+        encoding = chosen.ref_encoding or cfg.task.ref_encoding
+        base_seed = chosen.seed if seed is None else seed
         bs = batch_size or 4
         batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
         for batch in track(batches, "restoring (ReF-LDM)"):
             lqs, refs, masks, keys = [], [], [], []
             for it in batch:
                 try:
-                    lq = _load(it.lq, size)
-                    ref_imgs = [_load(r, size) for r in it.refs[:MAX_REFS]]
+                    lq = _load(it.lq, size, chosen.resize)
+                    ref_imgs = [_load(r, size, chosen.resize) for r in it.refs[:MAX_REFS]]
                 except ImageError as e:
                     errors.add(str(it.lq), "restore", str(e))
                     continue
@@ -251,20 +285,13 @@ def restore_folder(
             lq_t = to_t(np.stack(lqs)).permute(0, 3, 1, 2)
             ref_t = to_t(np.stack(refs)).permute(0, 1, 4, 2, 3)
             mask_t = torch.tensor(masks, device=device)
-            if not bool(mask_t.any()):
+            # Drop the padding columns no sample uses, so a batch of 4-reference images has K = 4.
+            used = int(mask_t.sum(1).max())
+            ref_t, mask_t = ref_t[:, :used], mask_t[:, :used]
+            if used == 0:
                 ref_t, mask_t = None, None  # no references at all: the LQ-only model
             h = size // factor
-            noise = torch.stack(
-                [
-                    torch.randn(
-                        cfg.unet.latent_channels,
-                        h,
-                        h,
-                        generator=torch.Generator().manual_seed(item_seed(seed, k) >> 1),
-                    )
-                    for k in keys
-                ]
-            )
+            noise = initial_noise(keys, (cfg.unet.latent_channels, h, h), chosen, base_seed, device)
             images = restore(
                 unet,
                 vq,
@@ -272,12 +299,14 @@ def restore_folder(
                 ref_t,
                 mask_t,
                 quantize=cfg.vqgan.quantize_on_decode,
+                ref_encoding=encoding,
                 noise=cfg.noise,
-                steps=steps or 100,
+                steps=steps or chosen.steps,
                 guidance_scale=scale,
                 init_noise=noise,
+                spacing=chosen.spacing,
             )
-            arr = ((images.cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+            arr = to_uint8(images.cpu(), chosen.to_uint8).numpy()
             for key, img in zip(keys, arr, strict=True):
                 write_png(out / f"{key}.png", img)
                 counts["restored"] += 1

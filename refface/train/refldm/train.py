@@ -28,6 +28,7 @@ from refface.train.refldm.vqgan import VQGANConfig
 logger = logging.getLogger(__name__)
 
 STAGES = ("vqgan", "ldm", "refldm")
+REF_ENCODINGS = ("separate", "joint")
 MODEL_DIR = "model"
 
 
@@ -51,6 +52,11 @@ class TaskConfig:
         val_steps: DDIM steps of the validation grids.
         guidance_scale: CFG scale toward the references at validation and restore time.
         val_samples: rows in a validation grid.
+        ref_encoding: ``separate`` (each reference through the VQGAN encoder alone) or ``joint`` (the
+            official model's: the K references side by side in one image, one encoder pass, the latent
+            split back into K pieces); used in training and at restore time.
+        sampling_preset: the restore default, ``refface`` or ``official`` (see
+            :data:`refface.train.refldm.sampling.PRESETS`).
     """
 
     stage: str = "refldm"
@@ -66,6 +72,8 @@ class TaskConfig:
     val_steps: int = 50
     guidance_scale: float = 1.5
     val_samples: int = 4
+    ref_encoding: str = "separate"
+    sampling_preset: str = "refface"
 
     def validate(self) -> None:
         if self.stage not in STAGES:
@@ -75,6 +83,8 @@ class TaskConfig:
                 raise ValueError(f"task.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.identity_weight < 0:
             raise ValueError("task.identity_weight must be >= 0")
+        if self.ref_encoding not in REF_ENCODINGS:
+            raise ValueError(f"task.ref_encoding must be one of {REF_ENCODINGS}, got {self.ref_encoding!r}")
 
 
 @dataclass
@@ -237,7 +247,7 @@ class LDMTask:
         """Encode GT, LQ and references with the frozen autoencoder (no gradients)."""
         import torch
 
-        from refface.train.refldm.vqgan import encode
+        from refface.train.refldm.vqgan import encode, encode_references
 
         dev, dt = self.device, self.weight_dtype
         with torch.no_grad():
@@ -246,11 +256,10 @@ class LDMTask:
             zref, mask = None, None
             if self.use_refs and "refs" in batch and batch["refs"].shape[1] > 0:
                 refs = batch["refs"].to(dev, dt)
-                b, k = refs.shape[:2]
-                flat = encode(self.vq, refs.flatten(0, 1)).float()
-                zref = flat.view(b, k, *flat.shape[1:])
                 mask = batch.get("ref_mask")
                 mask = None if mask is None else mask.to(dev).bool()
+                joint = self.cfg.task.ref_encoding == "joint"
+                zref = encode_references(self.vq, refs, mask, joint=joint).float()
         return z0, zlq, zref, mask
 
     def compute_loss(self, batch: dict, generator) -> tuple[Any, dict[str, float]]:
@@ -416,15 +425,18 @@ def build_task(cfg: RefLDMConfig, output: str | Path, gradient_accumulation_step
         cfg = dataclasses.replace(cfg, vqgan=dataclasses.replace(cfg.vqgan, pretrained=str(default)))
     vq = build_vqgan_for(cfg)
     unet = RefLDMUNet.from_unet_config(cfg.unet)
-    if stage == "refldm":
-        init = cfg.task.init_from
-        if init is None and (output.parent / "ldm" / MODEL_DIR / "unet" / "config.json").is_file():
-            init = str(output.parent / "ldm" / MODEL_DIR / "unet")
-        if init is not None:
-            kind = load_module_weights(init, "unet", unet)
-            logger.info("stage C starts from %s (%s weights)", init, kind)
-        else:
-            logger.warning("stage C starts from random weights: no stage B model found (task.init_from)")
+    init = cfg.task.init_from
+    if (
+        stage == "refldm"
+        and init is None
+        and (output.parent / "ldm" / MODEL_DIR / "unet" / "config.json").is_file()
+    ):
+        init = str(output.parent / "ldm" / MODEL_DIR / "unet")
+    if init is not None:
+        kind = load_module_weights(init, "unet", unet)
+        logger.info("stage %s starts from %s (%s weights)", stage, init, kind)
+    elif stage == "refldm":
+        logger.warning("stage C starts from random weights: no stage B model found (task.init_from)")
     arcface = None
     if stage == "refldm" and cfg.task.identity_weight > 0:
         from refface.train.refldm.identity import load_arcface
@@ -475,7 +487,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--resume", default=None, help="'latest' (default from config), a checkpoint folder, or 'none'"
     )
+    p.add_argument(
+        "--init",
+        default=None,
+        help="model folder (unet/, vqgan/; e.g. a converted official release) to start stage ldm/refldm from",
+    )
     return p.parse_args(argv)
+
+
+def apply_init(cfg: RefLDMConfig, init: str | Path) -> RefLDMConfig:
+    """Start from a model folder: its UNet as ``task.init_from``, its autoencoder as ``vqgan.pretrained``.
+
+    The folder's architecture (``refldm.json``) replaces the config's ``unet``/``vqgan`` architecture
+    fields, and its reference encoding is kept, so the weights load and see references as they were
+    trained to.
+    """
+    init = Path(init)
+    if not (init / "unet" / "config.json").is_file() or not (init / "vqgan" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--init {init}: expected a model folder with unet/ and vqgan/ (save_pretrained)"
+        )
+    if cfg.task.stage == "vqgan":
+        raise ValueError("--init applies to stages ldm and refldm (stage vqgan trains the autoencoder)")
+    meta = json.loads((init / "refldm.json").read_text()) if (init / "refldm.json").is_file() else {}
+    saved = RefLDMConfig.from_dict(meta["config"]) if "config" in meta else None
+    unet = saved.unet if saved else cfg.unet
+    vq_arch = {f: getattr(saved.vqgan, f) for f in _VQ_ARCH} if saved else {}
+    task = dataclasses.replace(cfg.task, init_from=str(init / "unet"))
+    if saved:
+        task = dataclasses.replace(task, ref_encoding=saved.task.ref_encoding)
+    vq = dataclasses.replace(cfg.vqgan, pretrained=str(init / "vqgan"), **vq_arch)
+    return dataclasses.replace(cfg, unet=unet, vqgan=vq, task=task)
+
+
+_VQ_ARCH = (
+    "block_out_channels",
+    "layers_per_block",
+    "latent_channels",
+    "num_vq_embeddings",
+    "norm_num_groups",
+)
 
 
 def make_dataloader(dataset: str, cfg: RefLDMConfig, seed: int):
@@ -507,6 +558,8 @@ def main(args: argparse.Namespace) -> list[dict[str, float]]:
 
     cfg, loop_raw = load_config(args.config)
     cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, stage=args.stage))
+    if getattr(args, "init", None):
+        cfg = apply_init(cfg, args.init)
     stage_dir = Path(args.output) / args.stage
     loop_raw = {**loop_raw, "output_dir": str(stage_dir)}
     if args.max_steps is not None:

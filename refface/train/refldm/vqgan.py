@@ -69,6 +69,39 @@ def encode(vq, images: torch.Tensor) -> torch.Tensor:
     return vq.encode(images).latents
 
 
+def encode_references(vq, refs: torch.Tensor, mask: torch.Tensor | None = None, joint: bool = False):
+    """Reference images ``(B, K, 3, H, W)`` -> latents ``(B, K, C, H/f, W/f)``.
+
+    ``joint=False``: each reference through the encoder alone. ``joint=True`` (the official model's
+    encoding): a sample's references side by side in one ``H x K·W`` image, one encoder pass, the latent
+    split back into K pieces of ``W/f`` columns; the encoder's convolutions and mid-block attention see
+    all K at once, so every piece differs from the reference encoded alone. With ``mask`` (``(B, K)``,
+    False = padding), only a sample's present references are placed side by side; missing ones get
+    zero latents.
+    """
+    b, k = refs.shape[:2]
+    if not joint:
+        flat = encode(vq, refs.flatten(0, 1))
+        return flat.view(b, k, *flat.shape[1:])
+    if mask is None or bool(mask.all()):
+        z = encode(vq, torch.cat(list(refs.unbind(1)), dim=-1))  # (B, C, h, K*w)
+        return torch.stack(z.chunk(k, dim=-1), dim=1)
+    out = None
+    for i in range(b):
+        present = mask[i].nonzero().flatten().tolist()
+        if not present:
+            continue
+        z = encode(vq, torch.cat([refs[i, j] for j in present], dim=-1)[None])[0]
+        if out is None:
+            out = z.new_zeros(b, k, z.shape[0], z.shape[1], z.shape[2] // len(present))
+        for piece, j in zip(z.chunk(len(present), dim=-1), present, strict=True):
+            out[i, j] = piece
+    if out is None:  # no reference at all: shapes from one encoder pass
+        z = encode(vq, refs[:1, 0])
+        out = z.new_zeros(b, k, *z.shape[1:])
+    return out
+
+
 def decode(vq, latents: torch.Tensor, quantize: bool = True) -> torch.Tensor:
     """Latents -> images in [-1, 1] (not clamped, so gradients stay informative)."""
     return vq.decode(latents, force_not_quantize=not quantize).sample
