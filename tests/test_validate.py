@@ -93,6 +93,28 @@ def test_each_defect_is_reported(tmp_path, defect, expected):
     assert any(expected in p for p in report.problems), report.problems
 
 
+def test_every_problem_of_a_csv_is_reported_not_only_the_first(tmp_path):
+    root, images = make_published(tmp_path)
+    (root / "reference_mapping" / "train_references.csv").write_text(
+        "gt_image,ref_image\n"
+        "00000.png,00001.png\n"  # row 2: not a list
+        "00001.png,\"['00000.png']\",extra\n"  # row 3: one field too many
+        "00002.png,\"['00002.png']\"\n"  # row 4: lists itself
+        "00003.png,\"['00000.png'\"\n"  # row 5: not a list
+        "00002.png,\"['00011.png']\"\n"  # row 6: a target twice; 00011.png is a test image
+    )
+    (images / "00011.png").unlink()
+    report = validate_root(root, image_root=images)
+    text = "\n".join(report.problems)
+    assert "train_references.csv: unreadable row: 3 - row 2: " in text, text
+    assert "row 3: 3 fields, the header has 2" in text and "row 5: ref_image" in text
+    assert "train_references.csv: target lists itself: 1 - 00002.png" in text
+    assert "train_references.csv: target listed twice: 1 - 00002.png" in text
+    assert "reference crosses splits: 1 - 00002.png (train) -> 00011.png (test)" in text
+    assert "missing file: 1 - " in text and "00011.png (train reference)" in text
+    assert report.counts["train_targets"] == 2  # the readable rows
+
+
 def test_identity_mismatch_is_reported(tmp_path):
     import pandas as pd
 

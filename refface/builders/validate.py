@@ -132,11 +132,14 @@ def validate_root(
         path = _find(root, f"{split}_references.csv", PUBLISHED_DIRS["references"])
         if path is None:
             continue
+        bad_rows: list[str] = []
         try:
-            df = read_references(path)
+            df = read_references(path, bad_rows=bad_rows)
         except (ValueError, pd.errors.ParserError) as e:
             report.problems.append(str(e))
             continue
+        # Rows that do not parse are reported together; the rest of the file is still checked.
+        report.add(f"{path.name}: unreadable row", bad_rows)
         if split != "train" and "lq_image" not in df.columns:
             report.problems.append(f"{path.name}: missing column lq_image (needed for {split})")
         empty_gt = df.index[df["gt_image"].astype(str).str.strip() == ""].tolist()

@@ -68,25 +68,68 @@ def write_references(path: str | os.PathLike, rows: Sequence[dict], with_lq: boo
     return df
 
 
-def read_references(path: str | os.PathLike) -> pd.DataFrame:
+def read_references(path: str | os.PathLike, bad_rows: list[str] | None = None) -> pd.DataFrame:
     """Read a reference CSV (built here or published) with ``ref_image`` parsed into lists.
 
+    Args:
+        path: the CSV file.
+        bad_rows: when given, a row that does not parse (more fields than the header, or a
+            ``ref_image`` cell that is not a list of strings) is left out of the frame and described here (``"row N: ..."``, N as in a spreadsheet: the header is row 1) instead
+            of raising, so a checker can go on and report the rest of the file.
+
+    Returns:
+        The frame; its index keeps each row's position in the file (row N has index N - 2).
+
     Raises:
-        ValueError: missing columns or a ``ref_image`` cell that is not a list of strings; the
-            message names the file and the row.
+        ValueError: missing columns, or (without ``bad_rows``) a ``ref_image`` cell that is not a list
+            of strings; the message names the file and the row.
     """
     path = Path(path)
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    problems: list[tuple[int, str]] = []
+    df = _read_csv(path, problems if bad_rows is not None else None)
     # Published files sometimes carry a saved pandas index as an unnamed first column.
     df = df.drop(columns=[c for c in df.columns if c.startswith("Unnamed:")])
     missing = [c for c in TRAIN_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(df.columns)}")
-    parsed = []
-    for i, cell in enumerate(df["ref_image"]):
+    parsed: list[list[str]] = []
+    unparsed = []
+    for i, cell in zip(df.index, df["ref_image"], strict=True):
         try:
             parsed.append(parse_ref_list(cell))
         except ValueError as e:
-            raise ValueError(f"{path}: row {i + 2}: {e}") from e
+            if bad_rows is None:
+                raise ValueError(f"{path}: row {i + 2}: {e}") from e
+            problems.append((i, str(e)))
+            unparsed.append(i)
+            parsed.append([])
     df["ref_image"] = parsed
-    return df
+    if bad_rows is not None:
+        bad_rows.extend(f"row {i + 2}: {text}" for i, text in sorted(problems))
+    return df.drop(index=unparsed)
+
+
+# Stands in the gt_image cell of a row with more fields than the header (see _read_csv).
+_TOO_MANY_FIELDS = "\0too many fields\0"
+
+
+def _read_csv(path: Path, problems: list[tuple[int, str]] | None) -> pd.DataFrame:
+    """The CSV as strings; with ``problems``, rows with too many fields become ``(index, text)`` there."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.ParserError:
+        if problems is None:
+            raise
+    # Read again, keeping each malformed row's place (so later row numbers stay true), then report
+    # and drop those rows.
+    seen: list[int] = []
+
+    def mark(fields: list[str]) -> list[str]:
+        seen.append(len(fields))
+        return [_TOO_MANY_FIELDS]
+
+    df = pd.read_csv(path, dtype=str, keep_default_na=False, engine="python", on_bad_lines=mark)
+    marked = df.index[df.iloc[:, 0] == _TOO_MANY_FIELDS]
+    for i, n in zip(marked, seen, strict=True):
+        problems.append((int(i), f"{n} fields, the header has {len(df.columns)}"))
+    return df.drop(index=marked)
