@@ -8,13 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from common.outputs import dataset_files
 
 REPO = Path(__file__).resolve().parents[1]
+KILL_AFTER = REPO / "tests" / "common" / "kill_after.py"
 # Small subset of the shared photos: three LFW people, two singletons and one web-photo person.
 SUBSET = {
     "lfw/Alejandro_Toledo": 6,
@@ -36,39 +36,47 @@ def make_subset(faces_dir: Path, dest: Path) -> Path:
 
 
 def command(images: Path, out: Path, workers: int) -> list[str]:
+    """The ``refface`` arguments of the build."""
     return [
-        sys.executable, "-m", "refface.cli", "build", "ffhq-ref", str(images), "--out", str(out),
+        "build", "ffhq-ref", str(images), "--out", str(out),
         "--detector", "dlib", "--workers", str(workers), "--chunk-size", "4",
     ]  # fmt: skip
 
 
 def run(cmd: list[str]) -> None:
     env = {**os.environ, "REFFACE_PROGRESS": "0"}
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "refface.cli", *cmd],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
 
 
-def kill_at(cmd: list[str], marker, timeout: float = 300) -> bool:
-    """Start the build, SIGKILL its whole process group as soon as ``marker()`` is true.
+def kill_at(cmd: list[str], out: Path, pattern: str, timeout: float = 600) -> bool:
+    """Run the build and SIGKILL its whole process group right after a file matching ``pattern`` lands.
 
-    Returns True when the kill happened before the build finished on its own.
+    Returns True when the build was killed there, False when it finished without writing such a file.
     """
     env = {**os.environ, "REFFACE_PROGRESS": "0"}
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        [sys.executable, str(KILL_AFTER), str(out), pattern, *cmd],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
-    deadline = time.monotonic() + timeout
     try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            if marker():
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                return True
-            time.sleep(0.005)
+        _, err = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    return False
+    assert proc.returncode in (0, -signal.SIGKILL), err.decode(errors="replace")
+    return proc.returncode == -signal.SIGKILL
 
 
 def build_json_without_timings(root: Path) -> dict:
@@ -86,17 +94,18 @@ def test_sigkill_at_several_points_then_resume_is_byte_identical(faces_dir, tmp_
     run(command(images, reference, workers=1))
 
     killed = tmp_path / "killed"
-    markers = [
-        ("first mining part", lambda: any((killed / ".parts").rglob("chunk-*.pkl"))),
-        ("mining done", lambda: (killed / ".stages" / "mine.json").exists()),
-        ("identities done", lambda: (killed / ".stages" / "identities.json").exists()),
-        ("splits done", lambda: (killed / ".stages" / "splits.json").exists()),
-        ("references written", lambda: (killed / "test_references.csv").exists()),
+    # Each run dies right after one more of these lands, so every stage boundary is crossed by a kill.
+    kill_points = [
+        ".parts/*chunk-*.pkl",  # the first mining part
+        ".stages/mine.json",  # mining done
+        ".stages/identities.json",
+        ".stages/splits.json",
+        "test_references.csv",
     ]
-    kills = 0
-    for _name, marker in markers:
-        kills += kill_at(command(images, killed, workers=2), marker)
-    assert kills >= 3  # most kill points landed mid-build
+    for pattern in kill_points:
+        assert kill_at(command(images, killed, workers=2), killed, pattern), (
+            f"the build never wrote {pattern}"
+        )
     run(command(images, killed, workers=2))
 
     assert dataset_files(killed) == dataset_files(reference)
