@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -352,3 +353,25 @@ def test_embed_command_writes_shards(photos, tmp_path):
     assert json.loads((out / "embeddings_shards" / "index.json").read_text())["count"] == len(FOUND)
     bad = CliRunner().invoke(app, [*args[:-1], "-2"])
     assert bad.exit_code == 2 and "shard_rows must be 0" in bad.output
+
+
+def test_cached_faces_root_is_keyed_by_every_module_mining_runs(photos, tmp_path):
+    # tests/common/faces_root.py keys its cache by the sources mining can import (read from the
+    # code); every refface module a real mining run loads must be among them.
+    import subprocess
+    import sys
+
+    from common.faces_root import REPO, mining_sources
+
+    script = (
+        "import sys\n"
+        "from refface.mining.pipeline import MiningConfig, mine_folder\n"
+        f"mine_folder({str(photos)!r}, {str(tmp_path / 'root')!r}, MiningConfig(workers=1, save_crops=True))\n"
+        "for name, module in sorted(sys.modules.items()):\n"
+        "    if name.split('.')[0] == 'refface':\n"
+        "        print(module.__file__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, cwd=REPO)
+    loaded = {Path(line).resolve().relative_to(REPO).as_posix() for line in out.stdout.split()}
+    assert "refface/mining/embed.py" in loaded and "refface/manifests/atomic.py" in loaded
+    assert loaded <= set(mining_sources())

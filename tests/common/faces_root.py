@@ -5,12 +5,14 @@ Use in a test module::
     from common.faces_root import faces_root  # noqa: F401  (session fixture)
 
 or call :func:`build_faces_root` directly. The cache folder is keyed by a fingerprint of the
-mining code and config, so editing detection/alignment/embedding code rebuilds it, and an
+mining code (every refface module the mining pipeline imports, found by reading the sources) and
+config, so editing any code mining runs rebuilds it, and an
 unchanged tree reuses it across test sessions (the mining stage itself also skips when done).
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
 import hashlib
@@ -21,16 +23,56 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-# Source files whose changes alter what mining writes.
-MINING_SOURCES = [
-    "refface/mining/detect.py",
-    "refface/mining/align.py",
-    "refface/mining/embed.py",
-    "refface/mining/pipeline.py",
-    "refface/manifests/io.py",
-    "refface/manifests/errors.py",
-    "refface/stages.py",
-]
+# Mining starts here; every refface module it can import (at module top or inside a function) can
+# change what it writes, so all of them key the cache.
+MINING_ENTRY = "refface.mining.pipeline"
+
+
+def _module_file(name: str) -> Path | None:
+    base = REPO.joinpath(*name.split("."))
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_refface_modules(path: Path, module: str) -> set[str]:
+    """Names of the refface modules (and their packages) that ``path`` imports anywhere in its body."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)
+            # ``from refface.mining import align`` imports a module, not only a name.
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    names = set()
+    for name in found:
+        parts = name.split(".")
+        if parts[0] == "refface":
+            names.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+    return names
+
+
+def mining_sources(entry: str = MINING_ENTRY) -> list[str]:
+    """Repository paths of every refface source file ``entry`` can reach through its imports."""
+    seen: dict[str, Path] = {}
+    todo = [".".join(entry.split(".")[: i + 1]) for i in range(entry.count(".") + 1)]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = _module_file(name)
+        if path is None:  # a name imported from a module, not a module
+            continue
+        seen[name] = path
+        todo.extend(_imported_refface_modules(path, name) - seen.keys())
+    return sorted(p.relative_to(REPO).as_posix() for p in seen.values())
 
 
 def cache_base() -> Path:
@@ -42,9 +84,8 @@ def cache_base() -> Path:
 def code_fingerprint(faces_dir: Path, **config) -> str:
     """sha256 over the mining sources, the photo folder's labels file and the mining config."""
     h = hashlib.sha256()
-    for rel in MINING_SOURCES:
-        path = REPO / rel
-        h.update(rel.encode() + b"\0" + (path.read_bytes() if path.exists() else b"missing") + b"\0")
+    for rel in mining_sources():
+        h.update(rel.encode() + b"\0" + (REPO / rel).read_bytes() + b"\0")
     labels = Path(faces_dir) / "labels.csv"
     h.update(str(Path(faces_dir).resolve()).encode() + b"\0")
     h.update(labels.read_bytes() if labels.exists() else b"no labels")
