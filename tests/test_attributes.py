@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from refface.mining import attributes as attr  # noqa: E402
-from refface.mining.attributes import (  # noqa: E402
+from refface.mining import attributes as attr
+from refface.mining.attributes import (
     ATTRIBUTE_COLUMNS,
     EMOTIONS,
     NEGATIVE_QUALITY_PROMPT,
@@ -75,7 +74,7 @@ def test_run_attributes_with_stand_in_model(root: Path, tiny_backend: str):
     manifest, ran = run_attributes(root, AttributesConfig(backend=tiny_backend, batch_size=5))
     assert ran and manifest["rows"] == 13
     df = pd.read_parquet(root / "attributes.parquet")
-    assert list(df.columns) == ATTRIBUTE_COLUMNS
+    assert list(df.columns) == ATTRIBUTE_COLUMNS and len(df) == 13
     assert sorted(df["path"]) == sorted(pd.read_parquet(root / "images.parquet")["path"])
     assert df["age"].between(20, 60).all()
     assert set(df["gender"]) <= {"Man", "Woman"} and set(df["race"]) <= set(RACES)
@@ -108,12 +107,16 @@ def test_attributes_flow_into_shards(root: Path, tiny_backend: str, tmp_path: Pa
     run_attributes(root, AttributesConfig(backend=tiny_backend))
     write_shards(root, tmp_path / "s", ShardsConfig())
     df = pd.read_parquet(root / "attributes.parquet").set_index("path")
+    targets = pd.read_csv(root / "train_references.csv")["gt_image"]
+    seen = []
     for sample in iter_tar_samples(tmp_path / "s" / "train-000000.tar"):
         meta = decode_member("meta.json", sample["meta.json"])
+        seen.append(meta["path"])
         attrs = decode_member("attrs.json", sample["attrs.json"])
         assert attrs["prompt"] == df.loc[meta["path"], "prompt"]
         assert attrs["negative_attribute_prompt"] == df.loc[meta["path"], "negative_attribute_prompt"]
         assert attrs["negative_quality_prompt"] == NEGATIVE_QUALITY_PROMPT
+    assert sorted(seen) == sorted(targets)  # every train target was checked, none skipped
 
 
 def test_deepface_weights_missing_is_a_clear_error(tmp_path: Path, monkeypatch):
