@@ -9,13 +9,12 @@ from unittest import mock
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from refface.builders.shards import ShardError, ShardsConfig, write_shards  # noqa: E402
-from refface.manifests.io import read_image  # noqa: E402
-from refface.manifests.shard_index import index_path, read_shard_index  # noqa: E402
-from refface.train.data import (  # noqa: E402
+from refface.builders.shards import ShardError, ShardsConfig, write_shards
+from refface.manifests.io import read_image
+from refface.manifests.shard_index import index_path, read_shard_index
+from refface.train.data import (
     RefAugment,
     augment_reference,
     color_jitter,
@@ -27,22 +26,6 @@ from refface.train.data import (  # noqa: E402
     resize_square,
     resolve_shards,
     to_tensor,
-)
-
-
-def _degrader_available() -> bool:
-    try:
-        from refface.builders.shards import make_degrader
-
-        make_degrader("refldm-train", 0, 64)
-    except ImportError:
-        return False
-    return True
-
-
-needs_degrader = pytest.mark.skipif(
-    not _degrader_available(),
-    reason="on-the-fly LQ needs refface.degradations (Degrader, get_preset), not present in this tree yet",
 )
 
 
@@ -215,7 +198,6 @@ def test_corrupt_shard_content_named_or_skipped(data, tmp_path: Path):
     assert len(keys) == 9 and len(set(keys)) == 9
 
 
-@needs_degrader
 def test_refldm_training_batches_are_seeded(data):
     def batch(epoch: int):
         loader = make_refldm_dataloader(
@@ -233,13 +215,11 @@ def test_refldm_training_batches_are_seeded(data):
     assert not torch.equal(a["lq"], a["gt"])
 
 
-@needs_degrader
 def test_refldm_training_from_root(data):
     loader = make_refldm_dataloader(data["root"], 2, 0, resolution=32, seed=1)
     _check_refldm_batch(next(iter(loader)), 2, 5, 32)
 
 
-@needs_degrader
 @pytest.mark.parametrize("fraction", [0.0, 1.0])
 def test_mgfr_negative_quality_fraction(data, fraction: float):
     from refface.mining.attributes import NEGATIVE_QUALITY_PROMPT
@@ -257,7 +237,6 @@ def test_mgfr_negative_quality_fraction(data, fraction: float):
         assert NEGATIVE_QUALITY_PROMPT not in batch["prompt"]
 
 
-@needs_degrader
 def test_sample_content_depends_on_key_not_on_workers(data):
     def by_key(workers: int) -> dict:
         loader = make_refldm_dataloader(
@@ -300,7 +279,6 @@ def _epoch_loader(data, source: str, workers: int, epoch: int = 0):
     )
 
 
-@needs_degrader
 @pytest.mark.parametrize("source", ["shards", "root"])
 def test_set_epoch_redraws_lq_and_augmentation_reproducibly(data, source: str):
     loader = _epoch_loader(data, source, 0)
@@ -323,7 +301,6 @@ def test_set_epoch_redraws_lq_and_augmentation_reproducibly(data, source: str):
             assert torch.equal(second[key][name], resumed[key][name])
 
 
-@needs_degrader
 @pytest.mark.parametrize("source", ["shards", "root"])
 def test_epoch_draws_do_not_depend_on_workers(data, source: str):
     def run(workers: int) -> tuple[list[str], dict[str, dict]]:
@@ -342,7 +319,6 @@ def test_epoch_draws_do_not_depend_on_workers(data, source: str):
             assert torch.equal(zero[key][name], two[key][name])
 
 
-@needs_degrader
 def test_resampled_stream_is_a_function_of_the_epoch(data):
     def keys_and_lq(loader):
         batches = list(loader)
@@ -391,10 +367,8 @@ class _RecordingTask:
         return {"name": "recording"}
 
 
-@needs_degrader
 @pytest.mark.parametrize("source", ["shards", "root"])
 def test_training_loop_sets_the_epoch_and_resume_sees_the_same_data(data, source: str, tmp_path: Path):
-    pytest.importorskip("accelerate")
     from accelerate.state import AcceleratorState, GradientState
 
     from refface.train.loop import LoopConfig, train

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import pytest
+import torch
+from common.tiny_refldm import _one_thread  # noqa: F401  (autouse fixture)
 
-torch = pytest.importorskip("torch")
-cv2 = pytest.importorskip("cv2")
-
-from common.tiny_refldm import _one_thread  # noqa: E402, F401  (autouse fixture)
-
-from refface.manifests.io import write_png  # noqa: E402
-from refface.train.evaluate import (  # noqa: E402
+from refface.manifests.io import write_png
+from refface.train.evaluate import (
     EvalModels,
     EvalWeights,
     evaluate_folders,
@@ -21,8 +19,8 @@ from refface.train.evaluate import (  # noqa: E402
     frechet_distance,
     markdown_table,
 )
-from refface.train.refldm.identity import iresnet  # noqa: E402
-from refface.train.refldm.lpips import LPIPS  # noqa: E402
+from refface.train.refldm.identity import iresnet
+from refface.train.refldm.lpips import LPIPS
 
 SIZE = 128
 

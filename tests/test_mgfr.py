@@ -8,13 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from common.tiny_root import make_tiny_root
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
-
-from refface.train.mgfr.tiny_sd import IMAGE_SIZE, save_tiny_sd  # noqa: E402
+from refface.builders.shards import ShardsConfig, write_shards
+from refface.train.mgfr.tiny_sd import IMAGE_SIZE, save_tiny_sd
 
 ID_DIM = 128  # dlib's size (configs/mgfr_tiny.yaml): references can be embedded offline
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mgfr_tiny.yaml"
@@ -333,7 +331,6 @@ def test_restore_command_stage1_and_rerun_skips(sd_dir, trained_run, tmp_path):
 
 
 def test_restore_stage2_embeds_references_deterministically(sd_dir, trained_run, tmp_path):
-    pytest.importorskip("dlib")
     from refface.train.mgfr.restore import restore_folder
 
     _write_faces(tmp_path / "lq", 2, seed=5)
@@ -426,12 +423,6 @@ def test_gradient_checkpointing_same_gradients_and_bf16_accumulation_runs(sd_dir
 
 def test_entry_point_on_real_shards_both_stages(sd_dir, tmp_path):
     # The whole path with the shared input pipeline: dataset root -> WebDataset shards -> both stages.
-    try:
-        from common.tiny_root import make_tiny_root
-
-        from refface.builders.shards import ShardsConfig, write_shards
-    except ImportError as exc:
-        pytest.skip(f"shard builder not available: {exc}")
     from accelerate.state import AcceleratorState, GradientState
 
     from refface.train.mgfr.train import main, parse_args

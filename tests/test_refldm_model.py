@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from common.tiny_refldm import _one_thread  # noqa: F401  (autouse fixture)
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-
-from common.tiny_refldm import _one_thread  # noqa: E402, F401  (autouse fixture)
-
-from refface.train.refldm.identity import identity_loss, iresnet  # noqa: E402
-from refface.train.refldm.model import RefLDMUNet  # noqa: E402
-from refface.train.refldm.sampling import ddim_sample  # noqa: E402
+from refface.train.refldm.identity import identity_loss, iresnet
+from refface.train.refldm.model import RefLDMUNet
+from refface.train.refldm.sampling import ddim_sample
 
 
 def tiny_unet(seed: int = 0) -> RefLDMUNet:

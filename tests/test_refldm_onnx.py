@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+import torch
+from common.tiny_refldm import _one_thread  # noqa: F401  (autouse fixture)
+from onnx import TensorProto, helper, numpy_helper
 
-torch = pytest.importorskip("torch")
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-
-from common.tiny_refldm import _one_thread  # noqa: E402, F401  (autouse fixture)
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-
-from refface.train.refldm.identity import load_arcface  # noqa: E402
-from refface.train.refldm.onnx_torch import OnnxGraphModule  # noqa: E402
+from refface.train.refldm.identity import load_arcface
+from refface.train.refldm.onnx_torch import OnnxGraphModule
 
 
 def iresnet_like_onnx(path, seed: int = 0) -> None:

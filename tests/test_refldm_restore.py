@@ -6,18 +6,15 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
+from common.tiny_refldm import TINY, _one_thread  # noqa: F401  (autouse fixtures)
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-
-from common.tiny_refldm import TINY, _one_thread  # noqa: E402, F401  (autouse fixtures)
-
-from refface.manifests.atomic import write_json  # noqa: E402
-from refface.manifests.io import read_image, write_png  # noqa: E402
-from refface.train.refldm.model import RefLDMUNet  # noqa: E402
-from refface.train.refldm.restore import collect_items, restore_folder  # noqa: E402
-from refface.train.refldm.train import load_config  # noqa: E402
-from refface.train.refldm.vqgan import build_vqgan  # noqa: E402
+from refface.manifests.atomic import write_json
+from refface.manifests.io import read_image, write_png
+from refface.train.refldm.model import RefLDMUNet
+from refface.train.refldm.restore import collect_items, restore_folder
+from refface.train.refldm.train import load_config
+from refface.train.refldm.vqgan import build_vqgan
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from common.tiny_refldm import TINY, _fresh_accelerate_state, _one_thread  # noqa: F401  (autouse fixtures)
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-pytest.importorskip("accelerate")
-
-from common.tiny_refldm import TINY, _fresh_accelerate_state, _one_thread  # noqa: E402, F401  (autouse fixtures)
-
-from refface.train.loop import LoopConfig, list_checkpoints, train  # noqa: E402
-from refface.train.refldm import train as refldm_train  # noqa: E402
-from refface.train.refldm.identity import iresnet  # noqa: E402
-from refface.train.refldm.model import RefLDMUNet  # noqa: E402
-from refface.train.refldm.train import LDMTask, load_config  # noqa: E402
-from refface.train.refldm.vqgan import build_vqgan  # noqa: E402
+from refface.train.loop import LoopConfig, list_checkpoints, train
+from refface.train.refldm import train as refldm_train
+from refface.train.refldm.identity import iresnet
+from refface.train.refldm.model import RefLDMUNet
+from refface.train.refldm.train import LDMTask, load_config
+from refface.train.refldm.vqgan import build_vqgan
 
 
 def tiny_items(n: int = 4, size: int = 32, k: int = 2) -> list[dict]:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from common.tiny_refldm import _one_thread  # noqa: F401  (autouse fixture)
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-
-from common.tiny_refldm import _one_thread  # noqa: E402, F401  (autouse fixture)
-
-from refface.train.refldm.vqgan import PatchDiscriminator, VQGANConfig, build_vqgan, vqgan_losses  # noqa: E402
+from refface.train.refldm.vqgan import PatchDiscriminator, VQGANConfig, build_vqgan, vqgan_losses
 
 
 def tiny():

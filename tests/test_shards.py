@@ -205,7 +205,6 @@ def test_cli_write_and_verify(tiny_root: Path, tmp_path: Path):
 
 
 def test_val_without_lq_files_degrades_with_preset(tmp_path: Path):
-    pytest.importorskip("refface.degradations")
     root = make_tiny_root(tmp_path / "root")
     refs = pd.read_csv(root / "val_references.csv")
     refs["lq_image"] = refs["gt_image"]  # no LQ built yet: the CSV names the target itself

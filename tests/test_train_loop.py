@@ -6,13 +6,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from common.tiny_refldm import _fresh_accelerate_state  # noqa: F401  (autouse fixture)
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("accelerate")
-
-from common.tiny_refldm import _fresh_accelerate_state  # noqa: E402, F401  (autouse fixture)
-
-from refface.train.loop import (  # noqa: E402
+from refface.train.loop import (
     LoopConfig,
     TrainTask,
     find_checkpoint,
