@@ -12,7 +12,7 @@ export REFFACE_SAMPLE_DIR
 OUT ?= out
 WORKERS ?= 2
 
-.PHONY: help install test lint format demo build-ffhq-ref degrade-test audit-leakage train-mgfr train-refldm bench clean
+.PHONY: help install test test-fast lint format demo build-ffhq-ref degrade-test audit-leakage train-mgfr train-refldm bench clean
 
 help:  ## list the entry points
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -37,9 +37,12 @@ format: install
 	$(BIN)/ruff format refface tests bench
 	$(BIN)/ruff check --fix refface tests bench
 
-test: install  ## lint, then the full test suite
+test: install  ## lint, then the full test suite (the 25 slowest tests listed at the end)
 	$(MAKE) --no-print-directory lint
-	$(BIN)/pytest -q -ra -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/pytest -q -ra -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
+
+test-fast: install  ## the quick tier: every test not marked slow or faces (no lint)
+	REFFACE_TEST_NO_FACES=1 $(BIN)/pytest -q -ra -p no:cacheprovider -m "not slow and not faces" --durations=10 $(PYTEST_ARGS)
 
 demo: install  ## the whole pipeline on the default input (DATA=<folder> to override)
 	$(BIN)/refface demo --out $(OUT)/demo $(if $(DATA),--data $(DATA)) --workers $(WORKERS)

@@ -48,7 +48,8 @@ def _values(results: list[dict]) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray = pytest.importorskip("ray", reason='ray is not installed: pip install "ray[data]"')
+    import ray
+
     if not ray.is_initialized():
         # Workers import this module's chunk functions by name, as a stage's module would be.
         here = os.path.dirname(os.path.abspath(__file__))
@@ -144,6 +145,7 @@ def test_missing_ray_raises_with_install_line(monkeypatch):
         list(RayExecutor().run(_gpu_chunk, [(0, [1])]))
 
 
+@pytest.mark.slow  # starts a Ray cluster
 def test_ray_matches_local(ray_session, tmp_path):
     items = list(range(29))
     local = map_chunks(_scale_chunk, items, 4, workers=1, initializer=_init, initargs=(5,))
@@ -169,6 +171,7 @@ def test_ray_matches_local(ray_session, tmp_path):
     assert map_chunks(_scale_chunk, [], 4, executor="ray") == []
 
 
+@pytest.mark.slow  # starts a Ray cluster
 def test_ray_failure_raises(ray_session):
     with pytest.raises(Exception, match="chunk with 7 failed"):
         map_chunks(_fail_on_seven, list(range(12)), 3, workers=2, executor="ray")
