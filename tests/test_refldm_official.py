@@ -11,17 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from common.tiny_refldm import _one_thread  # noqa: F401  (autouse fixture)
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
-
-from common.tiny_refldm import _one_thread  # noqa: E402, F401  (autouse fixture)
-
-from refface.train.refldm import official  # noqa: E402
-from refface.train.refldm.model import RefLDMUNet, UNetConfig, official_timesteps  # noqa: E402
-from refface.train.refldm.sampling import ddim_sample, guided_eps, to_uint8  # noqa: E402
-from refface.train.refldm.vqgan import VQGANConfig, build_vqgan, decode, encode, encode_references  # noqa: E402
+from refface.train.refldm import official
+from refface.train.refldm.model import RefLDMUNet, UNetConfig, official_timesteps
+from refface.train.refldm.sampling import ddim_sample, guided_eps, to_uint8
+from refface.train.refldm.vqgan import VQGANConfig, build_vqgan, decode, encode, encode_references
 
 GOLDEN = Path(__file__).parent / "data" / "refldm_parity_small.safetensors"
 
