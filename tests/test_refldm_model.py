@@ -142,3 +142,14 @@ def test_identity_loss_is_zero_for_identical_images():
 def test_gradient_checkpointing_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="CacheKV"):
         tiny_unet().enable_gradient_checkpointing()
+
+
+def test_identity_crop_resize_is_the_official_area_resize():
+    import torch.nn.functional as F
+
+    from refface.train.refldm.identity import arcface_input
+
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    official = F.interpolate(x[:, :, 4:60, 4:60], (112, 112), mode="area")
+    assert torch.equal(arcface_input(x), official)
+    assert not torch.equal(arcface_input(x, resize="bilinear"), official)

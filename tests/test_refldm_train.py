@@ -135,3 +135,32 @@ def test_entry_point_runs_the_three_stages(tmp_path, monkeypatch):
         )
     )
     assert again == []
+
+
+@pytest.mark.parametrize("frozen_fp32", [True, False])
+def test_frozen_models_stay_fp32_under_bf16(tmp_path, frozen_fp32):
+    task = tiny_task(identity=True)
+    task.cfg = dataclasses.replace(task.cfg, task=dataclasses.replace(task.cfg.task, frozen_fp32=frozen_fp32))
+    logs = train(
+        task,
+        tiny_loader(2),
+        loop_config(tmp_path, 1, mixed_precision="bf16", ema_decay=None, checkpoint_every=1000),
+    )
+    want = torch.float32 if frozen_fp32 else torch.bfloat16
+    assert next(task.vq.parameters()).dtype == want and next(task.arcface.parameters()).dtype == want
+    assert torch.isfinite(torch.tensor(logs[0]["loss"]))
+
+
+def test_joint_reference_encoding_in_training(tmp_path):
+    task = tiny_task(identity=False)
+    task.cfg = dataclasses.replace(task.cfg, task=dataclasses.replace(task.cfg.task, ref_encoding="joint"))
+    task.bind({"unet": task.unet}, torch.float32, torch.device("cpu"))
+    batch = torch.utils.data.default_collate(tiny_items(2))
+    _, _, zref, mask = task._latents(batch)
+    from refface.train.refldm.vqgan import encode_references
+
+    with torch.no_grad():
+        expected = encode_references(task.vq, batch["refs"], batch["ref_mask"], joint=True)
+    assert torch.allclose(zref, expected) and mask is not None
+    # the second sample's padding reference gets a zero latent
+    assert float(zref[1, 1].abs().max()) == 0.0

@@ -43,3 +43,25 @@ def test_gan_is_off_before_disc_start():
     assert float(after["loss"].detach()) != pytest.approx(float(plain.detach()))
     # The latent is f = 2 here and 8 channels in the paper config: 2 ** (levels - 1).
     assert cfg.factor == 2 and VQGANConfig().factor == 8
+
+
+def test_adaptive_adversarial_weight_is_taming_s_gradient_ratio():
+    import dataclasses
+
+    from refface.train.refldm.vqgan import adaptive_disc_weight
+
+    cfg, vq, disc = tiny()
+    cfg = dataclasses.replace(cfg, disc_weight=0.8, adaptive_disc_weight=True)
+    gt = torch.rand(2, 3, 32, 32) * 2 - 1
+    before = vqgan_losses(vq, disc, None, gt, step=0, cfg=cfg)
+    assert float(before["disc_weight"]) == pytest.approx(0.8)  # not computed before the start step
+    after = vqgan_losses(vq, disc, None, gt, step=cfg.disc_start, cfg=cfg)
+    last = vq.decoder.conv_out.weight
+    g_rec = torch.autograd.grad(after["l1"], last, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(after["g_adv"], last, retain_graph=True)[0]
+    expected = min(max(float(g_rec.norm() / (g_adv.norm() + 1e-4)), 0.0), 1e4) * 0.8
+    assert float(after["disc_weight"]) == pytest.approx(expected, rel=1e-5)
+    assert float(adaptive_disc_weight(vq, after["l1"], after["g_adv"], 1.0)) == pytest.approx(
+        expected / 0.8, rel=1e-5
+    )
+    after["loss"].backward()  # the graph is still usable after the weight's gradient probes

@@ -48,7 +48,7 @@ class RefAugment:
     translate: float = 0.05
     scale: tuple[float, float] = (0.95, 1.05)
     perspective: float = 0.2
-    perspective_p: float = 0.5
+    perspective_p: float = 1.0  # the official ReF-LDM dataset: RandomPerspective(0.2, p=1.0)
     hflip_p: float = 0.5
 
 
@@ -802,6 +802,7 @@ def make_refldm_dataloader(
     samples_per_epoch: int | None = None,
     skip_bad_shards: bool = False,
     drop_last: bool | None = None,
+    ref_augment: dict | None = None,
 ):
     """ReF-LDM batches ``{"gt", "lq", "refs" (B, K, 3, H, W), "ref_mask" (B, K), "key"}``.
 
@@ -824,9 +825,14 @@ def make_refldm_dataloader(
         samples_per_epoch: samples per epoch over all ranks (default: the index's sample count).
         skip_bad_shards: warn and skip unreadable shards instead of raising.
         drop_last: drop an incomplete last batch (default: ``train``).
+        ref_augment: :class:`RefAugment` fields to change (config ``data.extra.ref_augment``).
     """
+    augment = RefAugment(**(ref_augment or {}))
     sampler = RefLDMSampler(
-        SamplingConfig(resolution=resolution, seed=seed, epoch=epoch, train=train, preset=preset), num_refs
+        SamplingConfig(
+            resolution=resolution, seed=seed, epoch=epoch, train=train, preset=preset, augment=augment
+        ),
+        num_refs,
     )
     return _make_loader(
         source,

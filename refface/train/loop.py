@@ -139,6 +139,7 @@ class TrainTask(Protocol):
     The loop calls, in order: ``trainable_modules()`` / ``frozen_modules()`` (once, before
     ``accelerator.prepare``), ``bind(...)`` (after prepare, again around validation), then
     ``compute_loss`` per micro-batch and ``validation_grid`` every ``validate_every`` steps.
+    Optional: ``fp32_frozen_modules()`` -> names of frozen modules kept in fp32 under mixed precision.
     """
 
     def trainable_modules(self) -> dict[str, Any]:
@@ -281,10 +282,11 @@ def train(
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         accelerator.mixed_precision
     ]
-    for module in frozen.values():
+    keep_fp32 = set(task.fp32_frozen_modules()) if hasattr(task, "fp32_frozen_modules") else set()
+    for name, module in frozen.items():
         module.requires_grad_(False)
         module.eval()
-        _move(module, accelerator.device, weight_dtype)
+        _move(module, accelerator.device, torch.float32 if name in keep_fp32 else weight_dtype)
     for module in trainable.values():
         _move(module, accelerator.device, torch.float32)
         module.train()

@@ -120,18 +120,33 @@ def load_arcface(
     return model
 
 
-def arcface_input(images: torch.Tensor, size: int = ARCFACE_SIZE) -> torch.Tensor:
-    """Centre crop [0.0625, 0.9375] of aligned faces in [-1, 1], resized to ``size`` (differentiable)."""
+RESIZE_MODES = ("area", "bilinear")
+
+
+def arcface_input(images: torch.Tensor, size: int = ARCFACE_SIZE, resize: str = "area") -> torch.Tensor:
+    """Centre crop [0.0625, 0.9375] of aligned faces in [-1, 1], resized to ``size`` (differentiable).
+
+    ``resize``: ``area`` (the official identity loss: ``interpolate(mode="area")``) or ``bilinear``
+    (antialiased).
+    """
     h, w = images.shape[-2:]
-    y0, y1 = round(CROP_BOX[0] * h), round(CROP_BOX[1] * h)
-    x0, x1 = round(CROP_BOX[0] * w), round(CROP_BOX[1] * w)
+    y0, y1 = int(CROP_BOX[0] * h), int(CROP_BOX[1] * h)
+    x0, x1 = int(CROP_BOX[0] * w), int(CROP_BOX[1] * w)
     crop = images[..., y0:y1, x0:x1]
-    return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    if resize == "area":
+        return F.interpolate(crop, size=(size, size), mode="area")
+    if resize == "bilinear":
+        return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    raise ValueError(f"identity resize must be one of {RESIZE_MODES}, got {resize!r}")
 
 
-def embed(recognizer: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """L2-normalized identity embeddings of aligned faces ``(B, 3, H, W)`` in [-1, 1]."""
-    return F.normalize(recognizer(arcface_input(images)).float(), dim=-1)
+def embed(recognizer: nn.Module, images: torch.Tensor, resize: str = "area") -> torch.Tensor:
+    """L2-normalized identity embeddings of aligned faces ``(B, 3, H, W)`` in [-1, 1].
+
+    The images are cast to the recognizer's dtype (a frozen fp32 ArcFace stays fp32 under bf16).
+    """
+    dtype = next(recognizer.parameters(), images).dtype
+    return F.normalize(recognizer(arcface_input(images, resize=resize).to(dtype)).float(), dim=-1)
 
 
 def identity_loss(
@@ -140,6 +155,7 @@ def identity_loss(
     target_images: torch.Tensor,
     alphas_cumprod_t: torch.Tensor,
     weight: float = 0.1,
+    resize: str = "area",
 ) -> torch.Tensor:
     """Per-sample timestep-scaled identity loss ``weight·√ᾱ_t·(1 − cos(R(x̂0), R(x*)))``.
 
@@ -150,12 +166,13 @@ def identity_loss(
         alphas_cumprod_t: ``(B,)`` ᾱ at each sample's timestep: noisy steps, whose x̂0 is blurry,
             weigh less.
         weight: the loss weight (0.1 in the paper).
+        resize: how the crop is resized to 112 (see :func:`arcface_input`).
 
     Returns:
         ``(B,)`` loss per sample.
     """
     with torch.no_grad():
-        target = embed(recognizer, target_images)
-    pred = embed(recognizer, pred_images)
+        target = embed(recognizer, target_images, resize)
+    pred = embed(recognizer, pred_images, resize)
     cos = (pred * target).sum(dim=-1)
     return weight * alphas_cumprod_t.float().sqrt() * (1.0 - cos)

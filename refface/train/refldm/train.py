@@ -57,6 +57,10 @@ class TaskConfig:
             split back into K pieces); used in training and at restore time.
         sampling_preset: the restore default, ``refface`` or ``official`` (see
             :data:`refface.train.refldm.sampling.PRESETS`).
+        identity_resize: how the identity loss resizes the face crop to 112: ``area`` (the official
+            loss) or ``bilinear``.
+        frozen_fp32: keep the frozen VQGAN and ArcFace in fp32 under fp16/bf16 mixed precision (the
+            official setting); False casts them to the mixed-precision dtype.
     """
 
     stage: str = "refldm"
@@ -74,6 +78,8 @@ class TaskConfig:
     val_samples: int = 4
     ref_encoding: str = "separate"
     sampling_preset: str = "refface"
+    identity_resize: str = "area"
+    frozen_fp32: bool = True
 
     def validate(self) -> None:
         if self.stage not in STAGES:
@@ -237,6 +243,10 @@ class LDMTask:
             frozen["arcface"] = self.arcface
         return frozen
 
+    def fp32_frozen_modules(self) -> set[str]:
+        """Frozen modules the loop keeps in fp32 under mixed precision (``task.frozen_fp32``)."""
+        return {"vqgan", "arcface"} if self.cfg.task.frozen_fp32 else set()
+
     def bind(self, modules: dict[str, Any], weight_dtype, device) -> None:
         self.modules, self.weight_dtype, self.device = modules, weight_dtype, device
 
@@ -249,7 +259,7 @@ class LDMTask:
 
         from refface.train.refldm.vqgan import encode, encode_references
 
-        dev, dt = self.device, self.weight_dtype
+        dev, dt = self.device, next(self.vq.parameters()).dtype
         with torch.no_grad():
             z0 = encode(self.vq, batch["gt"].to(dev, dt)).float()
             zlq = encode(self.vq, batch["lq"].to(dev, dt)).float()
@@ -295,10 +305,13 @@ class LDMTask:
         if self.use_refs and self.arcface is not None and self.cfg.task.identity_weight > 0:
             x0_hat = (zt - (1 - a).sqrt() * eps) / a.sqrt()
             quant = self.cfg.vqgan.quantize_on_decode
-            pred = decode(self.vq, x0_hat.to(self.weight_dtype), quantize=quant).float()
+            vq_dtype = next(self.vq.parameters()).dtype
+            pred = decode(self.vq, x0_hat.to(vq_dtype), quantize=quant).float()
             with torch.no_grad():
-                target = decode(self.vq, z0.to(self.weight_dtype), quantize=quant).float()
-            ident = identity_loss(self.arcface, pred, target, acp, self.cfg.task.identity_weight).mean()
+                target = decode(self.vq, z0.to(vq_dtype), quantize=quant).float()
+            ident = identity_loss(
+                self.arcface, pred, target, acp, self.cfg.task.identity_weight, self.cfg.task.identity_resize
+            ).mean()
             loss = loss + ident
             logs["identity"] = float(ident.detach())
         return loss, logs
@@ -323,7 +336,8 @@ class LDMTask:
             guidance_scale=self.cfg.task.guidance_scale,
             generator=generator,
         )
-        out = decode(self.vq, latents.to(self.weight_dtype), quantize=self.cfg.vqgan.quantize_on_decode)
+        vq_dtype = next(self.vq.parameters()).dtype
+        out = decode(self.vq, latents.to(vq_dtype), quantize=self.cfg.vqgan.quantize_on_decode)
         refs = sub["refs"][:, 0] if "refs" in sub and sub["refs"].shape[1] else torch.zeros_like(sub["gt"])
         cols = [sub["lq"], refs, out.float().cpu(), sub["gt"]]
         rows = [np.concatenate([_to_uint8(c.cpu())[i] for c in cols], axis=1) for i in range(n)]

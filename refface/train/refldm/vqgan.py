@@ -23,12 +23,15 @@ class VQGANConfig:
     quantize_on_decode: bool = True
     # A saved diffusers VQModel folder (stage A output or an existing autoencoder); None = build new.
     pretrained: str | None = None
-    # Stage A losses (LDM's VQGAN recipe; fixed adversarial weight instead of the adaptive one).
+    # Stage A losses (the official vqgan.yaml: taming's VQLPIPSWithDiscriminator).
     l1_weight: float = 1.0
     perceptual_weight: float = 1.0
     codebook_weight: float = 1.0
-    disc_weight: float = 0.75
-    disc_start: int = 50001
+    # Adversarial weight: with adaptive_disc_weight, taming's ‖∇_last L_rec‖ / ‖∇_last L_adv‖ (last =
+    # the decoder's output conv) times disc_weight; else disc_weight alone.
+    disc_weight: float = 0.8
+    adaptive_disc_weight: bool = True
+    disc_start: int = 30001
     disc_channels: int = 64
     disc_layers: int = 3
 
@@ -127,6 +130,15 @@ class PatchDiscriminator(nn.Module):
         return self.main(x)
 
 
+def adaptive_disc_weight(vq, rec_loss: torch.Tensor, g_adv: torch.Tensor, scale: float) -> torch.Tensor:
+    """taming's adaptive adversarial weight: ``‖∇ rec‖ / (‖∇ adv‖ + 1e-4)`` at the decoder's last conv,
+    clamped to [0, 1e4], detached, times ``scale``."""
+    last = vq.decoder.conv_out.weight
+    g_rec = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
+    g_gen = torch.autograd.grad(g_adv, last, retain_graph=True)[0]
+    return (g_rec.norm() / (g_gen.norm() + 1e-4)).clamp(0.0, 1e4).detach() * scale
+
+
 def vqgan_losses(
     vq,
     disc: nn.Module,
@@ -159,6 +171,13 @@ def vqgan_losses(
     logits = disc(torch.cat([gt, rec.detach()]))
     real, fake = logits.chunk(2)
     parts["d_hinge"] = 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
-    loss = loss + factor * (cfg.disc_weight * parts["g_adv"] + parts["d_hinge"])
+    weight = torch.tensor(cfg.disc_weight, device=gt.device)
+    if cfg.adaptive_disc_weight and factor > 0 and torch.is_grad_enabled():
+        rec_loss = cfg.l1_weight * parts["l1"]
+        if "perceptual" in parts:
+            rec_loss = rec_loss + cfg.perceptual_weight * parts["perceptual"]
+        weight = adaptive_disc_weight(getattr(vq, "module", vq), rec_loss, parts["g_adv"], cfg.disc_weight)
+    parts["disc_weight"] = weight
+    loss = loss + factor * (weight * parts["g_adv"] + parts["d_hinge"])
     parts["loss"] = loss
     return parts
