@@ -90,14 +90,14 @@ def test_identical_images_score_perfectly(folders, models):
     r = evaluate_folders(same, gt, models=models, out=root / "eval")
     assert r.metrics["psnr"] == math.inf
     assert r.metrics["ssim"] == pytest.approx(1.0)
-    assert r.metrics["lpips"] == 0.0 and r.metrics["flpips"] == 0.0
+    assert r.metrics["lpips"] == 0.0 and r.metrics["lpips_box"] == 0.0
     assert r.metrics["ids"] == pytest.approx(1.0, abs=1e-6)
     assert r.metrics["fid"] == pytest.approx(0.0, abs=1e-3)
     assert not r.unavailable and len(r.per_image) == 6
     md = (root / "eval" / "metrics.md").read_text()
-    assert "| Method | IDS↑ | LPIPS↓ | fLPIPS↓ | NIQE↓ | FID↓ | PSNR↑ | SSIM↑ |" in md
+    assert "| Method | IDS↑ | LPIPS↓ | LPIPS-box↓ | NIQE↓ | FID↓ | PSNR↑ | SSIM↑ |" in md
     assert "| same | 1.000 | 0.000 | 0.000 |" in md and "| inf | 1.000 |" in md
-    assert (root / "eval" / "metrics.csv").read_text().startswith("method,images,ids,lpips")
+    assert (root / "eval" / "metrics.csv").read_text().startswith("method,protocol,images,ids,lpips")
 
 
 def test_degradation_orders_the_metrics(folders, models):
@@ -110,7 +110,7 @@ def test_degradation_orders_the_metrics(folders, models):
     )
     m, h = mild.metrics, heavy.metrics
     assert m["psnr"] > h["psnr"] and m["ssim"] > h["ssim"]
-    assert 0 < m["lpips"] < h["lpips"] and 0 < m["flpips"] < h["flpips"]
+    assert 0 < m["lpips"] < h["lpips"] and 0 < m["lpips_box"] < h["lpips_box"]
     assert m["niqe"] < h["niqe"]
     assert m["fid"] < h["fid"]
     assert h["ids"] < 1.0
@@ -122,7 +122,7 @@ def test_missing_weights_are_reported_unavailable(folders, tmp_path):
     root, gt = folders
     noisy = write_set(root, "noisy", lambda i: degrade(face_like(i), 1.0, 5, i))
     r = evaluate_folders(noisy, gt, weights=EvalWeights.from_dir(tmp_path / "no_weights"), out=root / "e")
-    assert set(r.unavailable) == {"ids", "lpips", "flpips", "niqe", "fid"}
+    assert set(r.unavailable) == {"ids", "lpips", "lpips_box", "niqe", "fid"}
     assert "w600k_r50.onnx" in r.unavailable["ids"] and "vgg16-397923af.pth" in r.unavailable["lpips"]
     assert "inception-2015-12-05.pt" in r.unavailable["fid"]
     assert math.isnan(r.metrics["ids"]) and 10 < r.metrics["psnr"] < 60

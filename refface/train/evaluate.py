@@ -1,4 +1,4 @@
-"""Restoration metrics (IDS, LPIPS, fLPIPS, NIQE, FID, PSNR, SSIM) over a restored folder vs. its GT folder."""
+"""Restoration metrics (IDS, LPIPS, fLPIPS, NIQE, MUSIQ, FID, PSNR, SSIM) of a restored folder vs. its GT, per protocol."""
 
 from __future__ import annotations
 
@@ -14,25 +14,46 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-# ReF-LDM Table 7 column order; arrows say which way is better.
-TABLE_COLUMNS = [("ids", "IDS↑"), ("lpips", "LPIPS↓"), ("flpips", "fLPIPS↓"), ("niqe", "NIQE↓")]
-TABLE_COLUMNS += [("fid", "FID↓"), ("psnr", "PSNR↑"), ("ssim", "SSIM↑")]
-# fLPIPS region of an FFHQ-aligned face (x0, y0, x1, y1 as fractions): brows to chin, cheek to cheek,
+PROTOCOLS = ("refldm", "refface")
+# Table columns per protocol (ReF-LDM Table 7 order); arrows say which way is better. Under the refface
+# protocol without a parsing model the face-region LPIPS is a fixed-box average, named for what it is.
+COLUMNS = {
+    "refldm": [("ids", "IDS↑"), ("lpips", "LPIPS↓"), ("flpips", "fLPIPS↓"), ("niqe", "NIQE↓")]
+    + [("musiq", "MUSIQ↑"), ("fid", "FID↓"), ("psnr", "PSNR↑"), ("ssim", "SSIM↑")],
+    "refface": [("ids", "IDS↑"), ("lpips", "LPIPS↓"), ("lpips_box", "LPIPS-box↓"), ("niqe", "NIQE↓")]
+    + [("fid", "FID↓"), ("psnr", "PSNR↑"), ("ssim", "SSIM↑")],
+}
+TABLE_COLUMNS = COLUMNS["refldm"]
+# LPIPS-box region of an FFHQ-aligned face (x0, y0, x1, y1 as fractions): brows to chin, cheek to cheek,
 # so hair and background do not count.
 FACE_BOX = (0.1875, 0.25, 0.8125, 0.9375)
 DEFAULT_WEIGHT_FILES = {
-    "arcface": "w600k_r50.onnx",
-    "lpips_backbone": "vgg16-397923af.pth",
-    "lpips_head": "lpips_vgg_v0.1.pth",
-    "inception": "inception-2015-12-05.pt",
-    "niqe_params": "niqe_pris_params.npz",
+    "refface": {
+        "arcface": "w600k_r50.onnx",
+        "lpips_backbone": "vgg16-397923af.pth",
+        "lpips_head": "lpips_vgg_v0.1.pth",
+        "inception": "inception-2015-12-05.pt",
+        "niqe_params": "niqe_pris_params.npz",
+    },
+    "refldm": {
+        "arcface": "insightface_webface_r50.onnx",
+        "lpips_backbone": "vgg16-397923af.pth",
+        "lpips_head": "lpips_vgg_v0.1.pth",
+        "inception": "pt_inception-2015-12-05-6726825d.pth",
+        "fid_stats": "ffhq_clean_trainval70k_512.npz",
+        "musiq": "musiq_koniq_ckpt-e95806b9.pth",
+    },
 }
 WEIGHT_SOURCES = {
-    "arcface": "insightface buffalo_l 'w600k_r50.onnx' (or an arcface_torch iresnet50 .pth)",
+    "arcface": "an insightface ArcFace ONNX ('insightface_webface_r50.onnx' in ReF-LDM's eval.py, "
+    "buffalo_l 'w600k_r50.onnx') or an arcface_torch iresnet50 .pth",
     "lpips_backbone": "torchvision's ImageNet VGG16 'vgg16-397923af.pth'",
     "lpips_head": "the lpips package's 'weights/v0.1/vgg.pth'",
-    "inception": "the TorchScript FID Inception 'inception-2015-12-05.pt' (clean-fid / StyleGAN metrics)",
+    "inception": "pytorch-fid's 'pt_inception-2015-12-05-6726825d.pth' (pyiqa) or the TorchScript FID "
+    "Inception 'inception-2015-12-05.pt' (clean-fid / StyleGAN metrics)",
     "niqe_params": "BasicSR's 'basicsr/metrics/niqe_pris_params.npz' (or pyiqa's NIQE .mat)",
+    "fid_stats": "clean-fid's 'ffhq_clean_trainval70k_512.npz' (pyiqa's FFHQ reference statistics)",
+    "musiq": "pyiqa's 'musiq_koniq_ckpt-e95806b9.pth'",
 }
 
 
@@ -40,7 +61,9 @@ WEIGHT_SOURCES = {
 class EvalWeights:
     """Local weight files of the learned metrics; a missing file makes its metric 'unavailable'.
 
-    Build with :meth:`from_dir` to take the default file names inside one folder.
+    Build with :meth:`from_dir` to take a protocol's default file names inside one folder. ``parsing``
+    is a folder of label maps or a face-parsing ONNX model (fLPIPS); ``niqe_params`` None under the
+    refldm protocol means the shipped pristine model.
     """
 
     arcface: str | None = None
@@ -48,23 +71,36 @@ class EvalWeights:
     lpips_head: str | None = None
     inception: str | None = None
     niqe_params: str | None = None
+    fid_stats: str | None = None
+    musiq: str | None = None
+    parsing: str | None = None
 
     @classmethod
-    def from_dir(cls, folder: str | os.PathLike | None, **overrides: str | None) -> EvalWeights:
+    def from_dir(
+        cls, folder: str | os.PathLike | None, protocol: str = "refface", **overrides: str | None
+    ) -> EvalWeights:
         base = Path(folder) if folder else None
-        values = {k: (str(base / v) if base else None) for k, v in DEFAULT_WEIGHT_FILES.items()}
+        names = DEFAULT_WEIGHT_FILES[protocol]
+        values = {k: (str(base / v) if base else None) for k, v in names.items()}
         values.update({k: v for k, v in overrides.items() if v})
         return cls(**values)
 
 
 @dataclass
 class EvalModels:
-    """The metric networks in use; None means the metric is unavailable (``reasons`` says why)."""
+    """The metric networks in use; None means the metric is unavailable (``reasons`` says why).
+
+    ``fid_stats`` holds the reference ``(mu, sigma)``; None compares against the GT set's features.
+    """
 
     arcface: Any = None
     lpips: Any = None
     feature_net: Any = None
     niqe_params: dict[str, np.ndarray] | None = None
+    musiq: Any = None
+    parser: Any = None
+    fid_stats: tuple[np.ndarray, np.ndarray] | None = None
+    fid_reference: str = "the GT set"
     reasons: dict[str, str] = field(default_factory=dict)
 
 
@@ -78,6 +114,12 @@ class EvalResult:
     unavailable: dict[str, str]
     errors: Any
     outputs: dict[str, str] = field(default_factory=dict)
+    protocol: str = "refldm"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def columns(self) -> list[tuple[str, str]]:
+        return COLUMNS[self.protocol]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -163,9 +205,10 @@ def _y_channel(rgb: np.ndarray) -> np.ndarray:
 
 
 def niqe_features(rgb: np.ndarray, block: int = 96, window: np.ndarray | None = None) -> np.ndarray:
-    """NIQE patch features ``(patches, 36)`` of one uint8 RGB image at two scales."""
-    import cv2
+    """NIQE patch features ``(patches, 36)`` of one uint8 RGB image at two scales (BasicSR's form)."""
     from scipy.ndimage import convolve
+
+    from refface.evaluation.imresize import imresize
 
     window = _gaussian_window() if window is None else window
     img = _y_channel(rgb).round()
@@ -188,11 +231,7 @@ def niqe_features(rgb: np.ndarray, block: int = 96, window: np.ndarray | None = 
         ]
         per_scale.append(np.array(feats))
         if scale == 1:
-            # Half scale: OpenCV's area resize stands in for MATLAB's antialiased bicubic imresize.
-            img = cv2.resize(
-                img / 255.0, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA
-            )
-            img = img * 255.0
+            img = imresize(img / 255.0, 0.5) * 255.0
     return np.concatenate(per_scale, axis=1)
 
 
@@ -279,8 +318,22 @@ class TorchScriptInception:
 # loading the networks
 
 
-def load_models(weights: EvalWeights) -> EvalModels:
-    """Load every metric network whose file exists; record a reason for each one that does not."""
+def load_models(
+    weights: EvalWeights, protocol: str = "refface", fid_reference: str | None = None
+) -> EvalModels:
+    """Load every metric network whose file exists; record a reason for each one that does not.
+
+    Args:
+        weights: local files.
+        protocol: ``refldm`` (ReF-LDM's eval.py definitions) or ``refface``.
+        fid_reference: ``stats`` (the ``fid_stats`` file) or ``gt`` (the GT set); default: ``stats``
+            under refldm, ``gt`` under refface.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    fid_reference = fid_reference or ("stats" if protocol == "refldm" else "gt")
+    if fid_reference not in ("stats", "gt"):
+        raise ValueError(f"fid_reference must be 'stats' or 'gt', got {fid_reference!r}")
     models = EvalModels()
 
     def attempt(key: str, fn):
@@ -293,7 +346,7 @@ def load_models(weights: EvalWeights) -> EvalModels:
     def need(attr: str) -> str:
         value = getattr(weights, attr)
         if not value:
-            raise FileNotFoundError(f"no {attr} weights given; pass the path to {WEIGHT_SOURCES[attr]}")
+            raise FileNotFoundError(f"no {attr} file given; pass the path to {WEIGHT_SOURCES[attr]}")
         return value
 
     from refface.train.refldm.identity import load_arcface
@@ -301,9 +354,37 @@ def load_models(weights: EvalWeights) -> EvalModels:
 
     models.arcface = attempt("ids", lambda: load_arcface(need("arcface")))
     models.lpips = attempt("lpips", lambda: LPIPS.from_files(need("lpips_backbone"), need("lpips_head")))
-    models.feature_net = attempt("fid", lambda: TorchScriptInception(need("inception")))
-    models.niqe_params = attempt("niqe", lambda: load_niqe_params(need("niqe_params")))
+    if weights.parsing:
+        models.parser = attempt("flpips", lambda: load_parser(weights.parsing))
+    elif protocol == "refldm":
+        models.reasons["flpips"] = (
+            "no face-parsing labels or model given (--parsing): fLPIPS needs a face mask"
+        )
+    if protocol == "refldm":
+        from refface.evaluation import fid, niqe
+        from refface.evaluation.musiq import load_musiq
+
+        models.niqe_params = attempt("niqe", lambda: niqe.load_params(weights.niqe_params))
+        models.musiq = attempt("musiq", lambda: load_musiq(need("musiq")))
+        models.feature_net = attempt("fid", lambda: fid.load_feature_network(need("inception")))
+        if fid_reference == "stats" and models.feature_net is not None:
+            models.fid_stats = attempt("fid", lambda: fid.load_statistics(need("fid_stats")))
+            if models.fid_stats is None:
+                models.feature_net = None
+                models.reasons["fid"] += " (or --fid-ref gt for FID against the GT set)"
+            else:
+                models.fid_reference = f"reference statistics {Path(weights.fid_stats).name}"
+    else:
+        models.feature_net = attempt("fid", lambda: TorchScriptInception(need("inception")))
+        models.niqe_params = attempt("niqe", lambda: load_niqe_params(need("niqe_params")))
     return models
+
+
+def load_parser(source: str | os.PathLike):
+    """Face-parsing labels for fLPIPS: a folder of ``<stem>.npy|png`` label maps or an ONNX parser."""
+    from refface.evaluation.parsing import LabelMaps, ParsingModel
+
+    return LabelMaps(source) if Path(source).is_dir() else ParsingModel(source)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -311,7 +392,7 @@ def load_models(weights: EvalWeights) -> EvalModels:
 
 
 def pair_images(restored: Path, gt: Path, refs_csv: str | os.PathLike | None = None):
-    """Match restored files to GT files by relative path without extension.
+    """Match restored files to GT files by relative path without extension (the refface protocol).
 
     Returns:
         ``(pairs, missing)``: ``[(key, restored_path, gt_path)]`` and GT-less restored keys.
@@ -342,13 +423,31 @@ def _tensor(rgb: np.ndarray):
     return torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1.0
 
 
-def _face_mask(h: int, w: int):
+def _face_box(h: int, w: int):
     import torch
 
     m = torch.zeros(1, 1, h, w)
     x0, y0, x1, y1 = FACE_BOX
     m[..., round(y0 * h) : round(y1 * h), round(x0 * w) : round(x1 * w)] = 1.0
     return m
+
+
+def _score_refface(models: EvalModels, key: str, a: np.ndarray, b: np.ndarray, errors, path: str) -> dict:
+    row: dict[str, Any] = {"key": key, "psnr": psnr(a, b), "ssim": ssim(a, b)}
+    ta, tb = _tensor(a), _tensor(b)
+    if models.arcface is not None:
+        from refface.train.refldm.identity import embed
+
+        row["ids"] = float((embed(models.arcface, ta) * embed(models.arcface, tb)).sum())
+    if models.lpips is not None:
+        row["lpips"] = float(models.lpips(ta, tb)[0])
+        row["lpips_box"] = float(models.lpips(ta, tb, mask=_face_box(*a.shape[:2]))[0])
+    if models.niqe_params is not None:
+        try:
+            row["niqe"] = niqe(a, models.niqe_params)
+        except ValueError as e:
+            errors.add(path, "evaluate/niqe", str(e))
+    return row
 
 
 def evaluate_folders(
@@ -359,18 +458,25 @@ def evaluate_folders(
     models: EvalModels | None = None,
     out: str | os.PathLike | None = None,
     name: str | None = None,
+    protocol: str = "refface",
+    fid_reference: str | None = None,
 ) -> EvalResult:
     """Score every restored image against its GT and write the tables.
 
     Args:
         restored: folder of restored images.
-        gt: folder of ground-truth images (matched by relative path, any extension).
-        refs_csv: a ReF-LDM reference CSV; only its ``gt_image`` targets are scored.
+        gt: folder of ground-truth images.
+        refs_csv: a ReF-LDM reference CSV; only its targets are scored.
         weights: local weight files (ignored when ``models`` is given).
         models: preloaded metric networks (tests pass tiny ones).
         out: folder for ``metrics.csv``, ``metrics.md``, ``per_image.csv`` and ``errors.csv``;
             None writes nothing.
         name: the method name in the table (default: the restored folder's name).
+        protocol: ``refldm``: ReF-LDM's ``scripts/eval.py`` (flat ``<stem>.png`` pairing, both images
+            PIL-resized to 512, pyiqa's metric definitions, FID against reference statistics);
+            ``refface``: relative-path pairing, no resizing (a size mismatch is an error row),
+            BasicSR-form PSNR/SSIM/NIQE, FID against the GT set. docs/evaluation.md lists both.
+        fid_reference: ``stats`` or ``gt`` (see :func:`load_models`); ignored when ``models`` is given.
 
     Returns:
         The means, the per-image rows, the unavailable metrics with reasons, and the errors table.
@@ -378,75 +484,87 @@ def evaluate_folders(
     import torch
 
     from refface.console import track
+    from refface.evaluation import protocol as refldm
     from refface.manifests.errors import ErrorsTable, ImageError
     from refface.manifests.io import read_image
 
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     restored, gt = Path(restored), Path(gt)
     for folder, what in ((restored, "restored"), (gt, "GT")):
         if not folder.is_dir():
             raise FileNotFoundError(f"{what} folder not found: {folder}")
-    models = models if models is not None else load_models(weights or EvalWeights())
+    if models is None:
+        models = load_models(weights or EvalWeights.from_dir(None, protocol), protocol, fid_reference)
     errors = ErrorsTable()
-    pairs, missing = pair_images(restored, gt, refs_csv)
+    pair = refldm.pair_flat if protocol == "refldm" else pair_images
+    pairs, missing = pair(restored, gt, refs_csv)
     for key in missing:
         errors.add(key, "evaluate", "no GT image with this name")
     rows: list[dict[str, Any]] = []
+    scored: list[tuple[Path, Path]] = []
     feats_r, feats_g = [], []
     with torch.no_grad():
         for key, rpath, gpath in track(pairs, "scoring"):
             try:
-                a, b = read_image(rpath), read_image(gpath)
-                if a.shape != b.shape:
-                    raise ImageError(
-                        f"size {a.shape[1]}x{a.shape[0]} differs from GT {b.shape[1]}x{b.shape[0]}"
-                    )
+                if protocol == "refldm":
+                    a, b = refldm.read_official(rpath), refldm.read_official(gpath)
+                else:
+                    a, b = read_image(rpath), read_image(gpath)
+                    if a.shape != b.shape:
+                        raise ImageError(
+                            f"size {a.shape[1]}x{a.shape[0]} differs from GT {b.shape[1]}x{b.shape[0]}"
+                        )
             except ImageError as e:
                 errors.add(str(rpath), "evaluate", str(e))
                 continue
-            row: dict[str, Any] = {"key": key, "psnr": psnr(a, b), "ssim": ssim(a, b)}
-            ta, tb = _tensor(a), _tensor(b)
-            if models.arcface is not None:
-                from refface.train.refldm.identity import embed
+            if protocol == "refldm":
+                rows.append(refldm.score_pair(models, key, a, b, errors, str(rpath)))
+            else:
+                rows.append(_score_refface(models, key, a, b, errors, str(rpath)))
+                if models.feature_net is not None:
+                    feats_r.append(np.asarray(models.feature_net(_tensor(a)), np.float64).reshape(1, -1))
+                    feats_g.append(np.asarray(models.feature_net(_tensor(b)), np.float64).reshape(1, -1))
+            scored.append((rpath, gpath))
 
-                row["ids"] = float((embed(models.arcface, ta) * embed(models.arcface, tb)).sum())
-            if models.lpips is not None:
-                row["lpips"] = float(models.lpips(ta, tb)[0])
-                row["flpips"] = float(models.lpips(ta, tb, mask=_face_mask(*a.shape[:2]))[0])
-            if models.niqe_params is not None:
-                try:
-                    row["niqe"] = niqe(a, models.niqe_params)
-                except ValueError as e:
-                    errors.add(str(rpath), "evaluate/niqe", str(e))
-            if models.feature_net is not None:
-                feats_r.append(np.asarray(models.feature_net(ta), dtype=np.float64).reshape(1, -1))
-                feats_g.append(np.asarray(models.feature_net(tb), dtype=np.float64).reshape(1, -1))
-            rows.append(row)
-
-    unavailable = {
-        "ids": models.reasons.get("ids", "no ArcFace model") if models.arcface is None else None,
-        "lpips": models.reasons.get("lpips", "no LPIPS model") if models.lpips is None else None,
-        "niqe": models.reasons.get("niqe", "no NIQE model") if models.niqe_params is None else None,
-        "fid": models.reasons.get("fid", "no FID feature network") if models.feature_net is None else None,
-    }
-    if unavailable["lpips"]:
-        unavailable["flpips"] = unavailable["lpips"]
-    unavailable = {k: v for k, v in unavailable.items() if v}
+    unavailable = {k: v for k, v in models.reasons.items() if v}
+    for key, model in (("ids", models.arcface), ("lpips", models.lpips), ("niqe", models.niqe_params)):
+        if model is None:
+            unavailable.setdefault(key, f"no {key} model")
+    if models.feature_net is None:
+        unavailable.setdefault("fid", "no FID feature network")
+    if protocol == "refldm" and models.musiq is None:
+        unavailable.setdefault("musiq", "no MUSIQ model")
+    if models.lpips is None:
+        unavailable["flpips" if protocol == "refldm" else "lpips_box"] = unavailable["lpips"]
+    columns = COLUMNS[protocol]
     metrics: dict[str, float] = {}
-    for col, _ in TABLE_COLUMNS:
-        if col == "fid":
-            continue
+    for col, _ in columns:
         values = [r[col] for r in rows if col in r]
         metrics[col] = float(np.mean(values)) if values else math.nan
     metrics["fid"] = math.nan
-    if models.feature_net is not None:
-        try:
+    try:
+        if protocol == "refldm":
+            metrics["fid"] = refldm.set_fid(models, [r for r, _ in scored], [g for _, g in scored])
+        elif models.feature_net is not None:
             metrics["fid"] = frechet_distance(np.concatenate(feats_r), np.concatenate(feats_g))
-        except ValueError as e:
-            unavailable["fid"] = str(e)
-    result = EvalResult(name or restored.name, metrics, rows, unavailable, errors)
+    except ValueError as e:
+        unavailable["fid"] = str(e)
+    notes = [f"protocol: {protocol} ({PROTOCOL_NOTES[protocol]})"]
+    if not math.isnan(metrics["fid"]):
+        notes.append(f"FID against {models.fid_reference if protocol == 'refldm' else 'the GT set'}")
+    result = EvalResult(
+        name or restored.name, metrics, rows, unavailable, errors, protocol=protocol, notes=notes
+    )
     if out is not None:
         result.outputs = write_tables(result, Path(out))
     return result
+
+
+PROTOCOL_NOTES = {
+    "refldm": "ReF-LDM scripts/eval.py: flat <stem>.png pairs, PIL resize to 512, pyiqa metric definitions",
+    "refface": "relative-path pairs at stored size, BasicSR-form PSNR/SSIM/NIQE",
+}
 
 
 def _fmt(col: str, value: float) -> str:
@@ -454,23 +572,25 @@ def _fmt(col: str, value: float) -> str:
         return "n/a"
     if math.isinf(value):
         return "inf"
-    return f"{value:.2f}" if col in ("fid", "psnr", "niqe") else f"{value:.3f}"
+    return f"{value:.2f}" if col in ("fid", "psnr", "niqe", "musiq") else f"{value:.3f}"
 
 
 def markdown_table(results: list[EvalResult]) -> str:
-    """Results in ReF-LDM Table 7 layout: one row per method, IDS | LPIPS | fLPIPS | NIQE | FID | PSNR | SSIM."""
-    head = "| Method | " + " | ".join(label for _, label in TABLE_COLUMNS) + " |"
-    sep = "|---|" + "---:|" * len(TABLE_COLUMNS)
+    """Results in ReF-LDM Table 7 layout, one row per method, with the protocol and FID reference noted."""
+    columns = results[0].columns if results else TABLE_COLUMNS
+    head = "| Method | " + " | ".join(label for _, label in columns) + " |"
+    sep = "|---|" + "---:|" * len(columns)
     lines = [head, sep]
     for r in results:
         lines.append(
-            f"| {r.name} | "
-            + " | ".join(_fmt(c, r.metrics.get(c, math.nan)) for c, _ in TABLE_COLUMNS)
-            + " |"
+            f"| {r.name} | " + " | ".join(_fmt(c, r.metrics.get(c, math.nan)) for c, _ in columns) + " |"
         )
-    notes = sorted({f"{k}: {v}" for r in results for k, v in r.unavailable.items()})
+    notes = list(dict.fromkeys(n for r in results for n in r.notes))
     if notes:
-        lines += ["", "n/a = unavailable:"] + [f"- {n}" for n in notes]
+        lines += [""] + [f"- {n}" for n in notes]
+    reasons = sorted({f"{k}: {v}" for r in results for k, v in r.unavailable.items()})
+    if reasons:
+        lines += ["", "n/a = unavailable:"] + [f"- {n}" for n in reasons]
     return "\n".join(lines) + "\n"
 
 
@@ -481,8 +601,8 @@ def write_tables(result: EvalResult, out: Path) -> dict[str, str]:
     from refface.manifests.atomic import write_text
 
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"method": result.name, "images": len(result.per_image)}
-    summary.update({c: result.metrics.get(c, math.nan) for c, _ in TABLE_COLUMNS})
+    summary = {"method": result.name, "protocol": result.protocol, "images": len(result.per_image)}
+    summary.update({c: result.metrics.get(c, math.nan) for c, _ in result.columns})
     files = {
         "metrics.csv": pd.DataFrame([summary]).to_csv(index=False),
         "metrics.md": markdown_table([result]),
