@@ -202,3 +202,102 @@ def test_cli_prints_and_writes_the_table(folders, tmp_path):
     assert (root / "o" / "metrics.md").is_file() and (root / "o" / "per_image.csv").is_file()
     res = CliRunner().invoke(app, ["evaluate", "--restored", str(root / "absent"), "--gt", str(gt)])
     assert res.exit_code == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# the refldm protocol (ReF-LDM scripts/eval.py)
+
+
+@pytest.fixture(scope="module")
+def refldm_models():
+    from common.tiny_inception import tiny_inception
+
+    from refface.evaluation import niqe
+
+    torch.manual_seed(0)
+    return EvalModels(
+        arcface=iresnet("r18", widths=(4, 8, 8, 8)).eval(),
+        lpips=LPIPS(widths=(4, 8, 8, 8, 8)).eval(),
+        feature_net=tiny_inception(),
+        niqe_params=niqe.load_params(),
+    )
+
+
+def big(i: int) -> np.ndarray:
+    return cv2.resize(face_like(i), (512, 512), interpolation=cv2.INTER_CUBIC)
+
+
+def test_refldm_pairs_flat_png_names_and_resizes_both_to_512(tmp_path, refldm_models):
+    gt, rest = tmp_path / "gt", tmp_path / "rest"
+    for i in range(4):
+        write_png(gt / f"{i:05d}.png", big(i))
+        write_png(rest / f"{i:05d}.png", big(i) if i < 3 else cv2.resize(big(i), (256, 256)))
+    write_png(rest / "nested" / "00001.png", big(1))  # eval.py globs the folder itself only
+    write_png(rest / "99999.png", big(9))  # no GT: an error row, where eval.py would assert
+    r = evaluate_folders(rest, gt, models=refldm_models, protocol="refldm", out=tmp_path / "e")
+    by_key = {row["key"]: row for row in r.per_image}
+    assert sorted(by_key) == ["00000", "00001", "00002", "00003"]
+    assert by_key["00000"]["psnr"] == pytest.approx(80.0)  # pyiqa's eps, not inf
+    assert by_key["00000"]["ssim"] == pytest.approx(1.0) and by_key["00000"]["ids"] == pytest.approx(1.0)
+    assert 20 < by_key["00003"]["psnr"] < 80  # the 256 px file was resized to 512, not rejected
+    assert list(r.errors.to_frame()["path"]) == ["99999"]
+    assert r.protocol == "refldm" and r.metrics["fid"] == pytest.approx(0.0, abs=0.05)
+    md = (tmp_path / "e" / "metrics.md").read_text()
+    assert "| Method | IDS↑ | LPIPS↓ | fLPIPS↓ | NIQE↓ | MUSIQ↑ | FID↓ | PSNR↑ | SSIM↑ |" in md
+    assert "protocol: refldm" in md and "FID against the GT set" in md
+
+
+def test_refldm_flpips_masks_both_images_with_the_parsing_labels(tmp_path, refldm_models):
+    from dataclasses import replace
+
+    from refface.evaluation.parsing import LabelMaps
+
+    gt, rest, labels = tmp_path / "gt", tmp_path / "rest", tmp_path / "labels"
+    labels.mkdir()
+    face = np.zeros((512, 512), np.uint8)
+    face[128:448, 160:352] = 2  # skin
+    face[:64] = 14  # hair: outside the fLPIPS mask
+    for i in range(3):
+        target = big(i)
+        changed = target.copy()
+        changed[face == 0] = 255 - changed[face == 0]  # edits outside the face only
+        write_png(gt / f"{i:05d}.png", target)
+        write_png(rest / f"{i:05d}.png", changed)
+        np.save(labels / f"{i:05d}.npy", face)
+    models = replace(refldm_models, parser=LabelMaps(labels))
+    r = evaluate_folders(rest, gt, models=models, protocol="refldm")
+    assert r.metrics["flpips"] == pytest.approx(0.0, abs=1e-6) and r.metrics["lpips"] > 0.01
+
+
+def test_refldm_fid_against_a_statistics_file(tmp_path, refldm_models):
+    from dataclasses import replace
+
+    from refface.evaluation import fid
+
+    gt = tmp_path / "gt"
+    for i in range(6):
+        write_png(gt / f"{i:05d}.png", big(i))
+    stats = fid.statistics(fid.image_features([big(i) for i in range(6)], refldm_models.feature_net))
+    models = replace(refldm_models, fid_stats=stats, fid_reference="reference statistics s.npz")
+    same = evaluate_folders(gt, gt, models=models, protocol="refldm")
+    blurred = write_set(tmp_path, "blur", lambda i: cv2.GaussianBlur(big(i), (0, 0), 4))
+    worse = evaluate_folders(blurred, gt, models=models, protocol="refldm")
+    # The tiny network's features are small, so are its distances: compare orders of magnitude.
+    assert abs(same.metrics["fid"]) < 1e-6 and worse.metrics["fid"] > 1e-4
+    assert "FID against reference statistics s.npz" in markdown_table([same])
+
+
+def test_refldm_missing_files_name_what_to_place(tmp_path):
+    gt = tmp_path / "gt"
+    for i in range(3):
+        write_png(gt / f"{i:05d}.png", big(i))
+    weights = EvalWeights.from_dir(tmp_path / "none", "refldm")
+    r = evaluate_folders(gt, gt, weights=weights, protocol="refldm")
+    why = r.unavailable
+    assert set(why) == {"ids", "lpips", "flpips", "musiq", "fid"}
+    assert "insightface_webface_r50.onnx" in why["ids"] and "musiq_koniq_ckpt-e95806b9.pth" in why["musiq"]
+    assert "pt_inception-2015-12-05-6726825d.pth" in why["fid"] and "face-parsing" in why["flpips"]
+    assert r.metrics["niqe"] > 0  # the shipped pristine model needs no file
+    stats_only = EvalWeights.from_dir(tmp_path / "none", "refldm", inception=str(tmp_path / "x.pt"))
+    with pytest.raises(ValueError, match="stats.*gt"):
+        evaluate_folders(gt, gt, weights=stats_only, protocol="refldm", fid_reference="both")

@@ -536,7 +536,7 @@ def evaluate_folders(
     if protocol == "refldm" and models.musiq is None:
         unavailable.setdefault("musiq", "no MUSIQ model")
     if models.lpips is None:
-        unavailable["flpips" if protocol == "refldm" else "lpips_box"] = unavailable["lpips"]
+        unavailable.setdefault("flpips" if protocol == "refldm" else "lpips_box", unavailable["lpips"])
     columns = COLUMNS[protocol]
     metrics: dict[str, float] = {}
     for col, _ in columns:
