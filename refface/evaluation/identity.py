@@ -5,22 +5,17 @@ from __future__ import annotations
 import numpy as np
 
 # ReF-LDM's IdentityLoss: rows/columns [int(0.0625 s), int(0.9375 s)) ([32:480] at 512), area-resized to
-# 112, the ONNX recognizer fed [-1, 1] RGB.
-CROP = (0.0625, 0.9375)
+# 112, the ONNX recognizer fed [-1, 1] RGB (the same input as refface's identity loss).
 SIZE = 112
 OFFICIAL_FILE = "insightface_webface_r50.onnx"
 
 
 def official_input(rgb: np.ndarray):
     """``(1, 3, 112, 112)`` recognizer input of a uint8 RGB face (float32 [0, 1] -> [-1, 1], crop, area)."""
-    import torch.nn.functional as F
-
     from refface.evaluation.iqa import unit_float
+    from refface.train.refldm.identity import arcface_input
 
-    x = unit_float(rgb) * 2.0 - 1.0
-    h, w = x.shape[-2:]
-    x = x[:, :, int(h * CROP[0]) : int(h * CROP[1]), int(w * CROP[0]) : int(w * CROP[1])]
-    return F.interpolate(x, (SIZE, SIZE), mode="area")
+    return arcface_input(unit_float(rgb) * 2.0 - 1.0, SIZE, resize="area")
 
 
 def ids(recognizer, pred: np.ndarray, gt: np.ndarray) -> float:
