@@ -36,9 +36,29 @@ def register(app: typer.Typer) -> None:
 
 
 def restore(
-    model: str = typer.Option(..., help=f"Which model restores: {', '.join(RESTORERS)}."),
-    input_dir: Path = typer.Option(..., "--input", help="Folder of aligned LQ face images."),
+    input_path: Path | None = typer.Argument(
+        None, help="Photo or folder to restore (same as --input); with --whole-photo, unaligned photos."
+    ),
+    model: str | None = typer.Option(
+        None, help=f"Which model restores: {', '.join(RESTORERS)} (--whole-photo: refldm)."
+    ),
+    input_dir: Path | None = typer.Option(None, "--input", help="Folder of aligned LQ face images."),
     output_dir: Path = typer.Option(..., "--output", help="Where restored PNGs go (same relative names)."),
+    whole_photo: bool = typer.Option(
+        False,
+        "--whole-photo",
+        help="ReF-LDM: detect and FFHQ-align every face of each photo, restore it, paste it back (soft mask).",
+    ),
+    refs: list[Path] | None = typer.Option(
+        None,
+        "--refs",
+        help="With --whole-photo: a reference photo (aligned or not) or folder of them; repeat for more. "
+        "Every face is restored with these references.",
+    ),
+    detector: str = typer.Option("dlib", help="With --whole-photo: face detector (dlib or scrfd)."),
+    detector_model: Path | None = typer.Option(
+        None, help="With --whole-photo: detector weights (scrfd ONNX)."
+    ),
     checkpoint: Path = typer.Option(..., help="Checkpoint folder, or a run folder (its latest checkpoint)."),
     references: Path | None = typer.Option(None, help="Folder of references named like the inputs."),
     sd: Path | None = typer.Option(None, help="MGFR: the local diffusers SD folder used in training."),
@@ -50,6 +70,9 @@ def restore(
         "(official for converted release weights).",
     ),
     steps: int | None = typer.Option(None, help="Sampling steps (model default when omitted)."),
+    guidance_scale: float | None = typer.Option(
+        None, help="ReF-LDM: CFG scale toward the references (default: the preset's)."
+    ),
     w_quality: float | None = typer.Option(None, help="MGFR: negative-quality guidance weight."),
     w_attribute: float | None = typer.Option(None, help="MGFR: negative-attribute guidance weight."),
     negative_attribute_prompt: str | None = typer.Option(None, help="MGFR: attributes to steer away from."),
@@ -61,12 +84,47 @@ def restore(
     ),
     device: str | None = typer.Option(None, help="torch device (default: cuda when available, else cpu)."),
 ) -> None:
-    """Restore a folder of aligned LQ faces with a trained MGFR or ReF-LDM checkpoint.
+    """Restore a folder of aligned LQ faces with a trained MGFR or ReF-LDM checkpoint, or whole photos.
 
+    `refface restore PHOTO_OR_FOLDER --whole-photo --refs REF [--refs REF ...] --checkpoint DIR --output OUT`
+    finds every face, aligns it to the FFHQ template, restores it with ReF-LDM and the references, and
+    pastes it back with a soft mask; the rest of the photo is unchanged.
     Reruns skip images already restored; unreadable inputs are listed in <output>/errors.csv.
     """
     from refface.console import print_summary
 
+    if input_path is not None and input_dir is not None and input_path != input_dir:
+        raise typer.BadParameter("give the input once: as an argument or with --input")
+    input_dir = input_path or input_dir
+    if input_dir is None:
+        raise typer.BadParameter("missing the photo or folder to restore (argument or --input)")
+    if whole_photo:
+        if model not in (None, "refldm"):
+            raise typer.BadParameter("--whole-photo restores with --model refldm", param_hint="--model")
+        from refface.train.refldm.whole_photo import restore_photos
+
+        try:
+            counts = restore_photos(
+                input_dir,
+                output_dir,
+                checkpoint=checkpoint,
+                refs=refs,
+                detector=detector,
+                detector_model=detector_model,
+                preset=preset,
+                steps=steps,
+                guidance_scale=guidance_scale,
+                seed=seed,
+                device=device,
+            )
+        except (FileNotFoundError, ValueError) as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        print_summary("refface restore --whole-photo", {"output": str(output_dir), **counts})
+        return
+    if refs:
+        raise typer.BadParameter("--refs applies to --whole-photo; use --references for aligned inputs")
+    if model is None:
+        raise typer.BadParameter(f"choose one of {', '.join(RESTORERS)}", param_hint="--model")
     if model not in RESTORERS:
         raise typer.BadParameter(
             f"unknown model {model!r}; choose one of {', '.join(RESTORERS)}", param_hint="--model"
@@ -84,6 +142,7 @@ def restore(
         "sd": sd,
         "prompt": prompt,
         "steps": steps,
+        "guidance_scale": guidance_scale,
         "w_quality": w_quality,
         "w_attribute": w_attribute,
         "negative_attribute_prompt": negative_attribute_prompt,

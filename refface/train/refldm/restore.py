@@ -165,13 +165,16 @@ def collect_items(input_path: Path, references: Path | None = None) -> list[Rest
 
 
 def _load(path: Path, size: int, resize: str = "cv2") -> np.ndarray:
+    from refface.manifests.io import read_image
+
+    return _resize(read_image(path), size, resize)
+
+
+def _resize(img: np.ndarray, size: int, resize: str = "cv2") -> np.ndarray:
     """An RGB image at ``size x size``: ``pil`` resizes as the official script (PIL's default filter),
     ``cv2`` bicubic when enlarging and area when shrinking."""
     import cv2
 
-    from refface.manifests.io import read_image
-
-    img = read_image(path)
     if img.shape[:2] == (size, size):
         return img
     if resize == "pil":
@@ -204,6 +207,96 @@ def initial_noise(keys: list[str], shape: tuple[int, ...], preset, seed: int, de
     )
 
 
+class Restorer:
+    """A loaded ReF-LDM with its sampling settings: restores aligned faces given as arrays.
+
+    Args:
+        checkpoint: see :func:`load_refldm`.
+        preset: ``official`` or ``refface`` (:data:`refface.train.refldm.sampling.PRESETS`); default: the
+            model's ``task.sampling_preset`` (``official`` for converted release weights).
+        steps: DDIM steps (default: the preset's).
+        guidance_scale: CFG scale (default: the preset's, else the training config's).
+        seed: the preset's seed by default. ``official``: every image starts from the same draw, as the
+            official script; ``refface``: each image's noise comes from ``(seed, key)``.
+        device: torch device (default cuda when available).
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike,
+        *,
+        preset: str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        device: str | None = None,
+    ):
+        import torch
+
+        from refface.train.refldm.sampling import get_preset
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.unet, self.vq, self.cfg = load_refldm(checkpoint, self.device)
+        self.preset = get_preset(preset or self.cfg.task.sampling_preset)
+        self.steps = steps or self.preset.steps
+        scale = guidance_scale if guidance_scale is not None else self.preset.guidance_scale
+        self.guidance_scale = self.cfg.task.guidance_scale if scale is None else scale
+        self.ref_encoding = self.preset.ref_encoding or self.cfg.task.ref_encoding
+        self.seed = self.preset.seed if seed is None else seed
+
+    @property
+    def size(self) -> int:
+        return self.cfg.data.resolution
+
+    def load(self, path: Path) -> np.ndarray:
+        """An image file at the model's size, resized as the preset says."""
+        return _load(path, self.size, self.preset.resize)
+
+    def resize(self, img: np.ndarray) -> np.ndarray:
+        """An RGB array at the model's size, resized as the preset says."""
+        return _resize(img, self.size, self.preset.resize)
+
+    def __call__(
+        self, lqs: list[np.ndarray], refs: list[list[np.ndarray]], keys: list[str]
+    ) -> list[np.ndarray]:
+        """Restore aligned LQ faces (uint8 RGB at the model's size), each with its references (up to 5)."""
+        import torch
+
+        from refface.train.refldm.sampling import restore, to_uint8
+
+        device = self.device
+        refs = [list(r[:MAX_REFS]) for r in refs]
+        used = max((len(r) for r in refs), default=0)
+        masks = [[True] * len(r) + [False] * (used - len(r)) for r in refs]
+        padded = [r + [np.zeros_like(lq)] * (used - len(r)) for lq, r in zip(lqs, refs, strict=True)]
+
+        def to_t(a):
+            return torch.from_numpy(np.asarray(a)).to(device).float() / 127.5 - 1.0
+
+        lq_t = to_t(np.stack(lqs)).permute(0, 3, 1, 2)
+        ref_t, mask_t = None, None  # no references at all: the LQ-only model
+        if used:
+            ref_t = to_t(np.stack([np.stack(r) for r in padded])).permute(0, 1, 4, 2, 3)
+            mask_t = torch.tensor(masks, device=device)
+        h = self.size // self.cfg.vqgan.factor
+        noise = initial_noise(keys, (self.cfg.unet.latent_channels, h, h), self.preset, self.seed, device)
+        images = restore(
+            self.unet,
+            self.vq,
+            lq_t,
+            ref_t,
+            mask_t,
+            quantize=self.cfg.vqgan.quantize_on_decode,
+            ref_encoding=self.ref_encoding,
+            noise=self.cfg.noise,
+            steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            init_noise=noise,
+            spacing=self.preset.spacing,
+        )
+        return list(to_uint8(images.cpu(), self.preset.to_uint8).numpy())
+
+
 def restore_folder(
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -224,90 +317,43 @@ def restore_folder(
         output_dir: restored PNGs go to ``<output_dir>/<key>.png``; ``errors.csv`` lists failures.
         checkpoint: see :func:`load_refldm`.
         references: reference CSV, or folder (``<stem>/`` subfolders or same-named files).
-        preset: ``official`` or ``refface`` (:data:`refface.train.refldm.sampling.PRESETS`); default: the
-            model's ``task.sampling_preset`` (``official`` for converted release weights).
-        steps: DDIM steps (default: the preset's).
-        guidance_scale: CFG scale (default: the preset's, else the training config's).
+        preset, steps, guidance_scale, seed, device: see :class:`Restorer`. Outputs do not depend on
+            batching or on which images were already done.
         batch_size: images per sampling batch (default 4).
-        seed: the preset's seed by default. ``official``: every image starts from the same draw, as the
-            official script; ``refface``: each image's noise comes from ``(seed, key)``. Either way outputs
-            do not depend on batching or on which images were already done.
-        device: torch device (default cuda when available).
 
     Returns:
         Counts: ``restored``, ``skipped`` (already there), ``errors``.
     """
-    import torch
-
     from refface.console import track
     from refface.manifests.errors import ErrorsTable, ImageError
     from refface.manifests.io import write_png
-    from refface.train.refldm.sampling import get_preset, restore, to_uint8
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(output_dir)
     items = collect_items(Path(input_dir), Path(references) if references else None)
     todo = [it for it in items if not (out / f"{it.key}.png").is_file()]
     errors = ErrorsTable()
     counts = {"restored": 0, "skipped": len(items) - len(todo), "errors": 0}
     if todo:
-        unet, vq, cfg = load_refldm(checkpoint, device)
-        chosen = get_preset(preset or cfg.task.sampling_preset)
-        size = cfg.data.resolution
-        factor = cfg.vqgan.factor
-        scale = guidance_scale if guidance_scale is not None else chosen.guidance_scale
-        scale = cfg.task.guidance_scale if scale is None else scale
-        encoding = chosen.ref_encoding or cfg.task.ref_encoding
-        base_seed = chosen.seed if seed is None else seed
+        restorer = Restorer(
+            checkpoint, preset=preset, steps=steps, guidance_scale=guidance_scale, seed=seed, device=device
+        )
         bs = batch_size or 4
         batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
         for batch in track(batches, "restoring (ReF-LDM)"):
-            lqs, refs, masks, keys = [], [], [], []
+            lqs, refs, keys = [], [], []
             for it in batch:
                 try:
-                    lq = _load(it.lq, size, chosen.resize)
-                    ref_imgs = [_load(r, size, chosen.resize) for r in it.refs[:MAX_REFS]]
+                    lq = restorer.load(it.lq)
+                    ref_imgs = [restorer.load(r) for r in it.refs[:MAX_REFS]]
                 except ImageError as e:
                     errors.add(str(it.lq), "restore", str(e))
                     continue
-                pad = MAX_REFS - len(ref_imgs)
-                masks.append([True] * len(ref_imgs) + [False] * pad)
-                ref_imgs += [np.zeros_like(lq)] * pad
                 lqs.append(lq)
-                refs.append(np.stack(ref_imgs))
+                refs.append(ref_imgs)
                 keys.append(it.key)
             if not keys:
                 continue
-
-            def to_t(a):
-                return torch.from_numpy(np.asarray(a)).to(device).float() / 127.5 - 1.0
-
-            lq_t = to_t(np.stack(lqs)).permute(0, 3, 1, 2)
-            ref_t = to_t(np.stack(refs)).permute(0, 1, 4, 2, 3)
-            mask_t = torch.tensor(masks, device=device)
-            # Drop the padding columns no sample uses, so a batch of 4-reference images has K = 4.
-            used = int(mask_t.sum(1).max())
-            ref_t, mask_t = ref_t[:, :used], mask_t[:, :used]
-            if used == 0:
-                ref_t, mask_t = None, None  # no references at all: the LQ-only model
-            h = size // factor
-            noise = initial_noise(keys, (cfg.unet.latent_channels, h, h), chosen, base_seed, device)
-            images = restore(
-                unet,
-                vq,
-                lq_t,
-                ref_t,
-                mask_t,
-                quantize=cfg.vqgan.quantize_on_decode,
-                ref_encoding=encoding,
-                noise=cfg.noise,
-                steps=steps or chosen.steps,
-                guidance_scale=scale,
-                init_noise=noise,
-                spacing=chosen.spacing,
-            )
-            arr = to_uint8(images.cpu(), chosen.to_uint8).numpy()
-            for key, img in zip(keys, arr, strict=True):
+            for key, img in zip(keys, restorer(lqs, refs, keys), strict=True):
                 write_png(out / f"{key}.png", img)
                 counts["restored"] += 1
     counts["errors"] = len(errors)
