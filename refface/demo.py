@@ -217,6 +217,19 @@ def step_restore_evaluate(images: Path, out: Path, workers: int) -> dict:
     }
 
 
+def step_whole_photo(images: Path, out: Path, workers: int) -> dict:
+    """Restore every face of one whole photo with the tiny ReF-LDM and paste them back."""
+    from refface.manifests.io import list_images
+    from refface.train.refldm.whole_photo import restore_photos
+
+    names = list_images(images)
+    several = [n for n in names if "whole_imgs" in n and "10045" in n]  # a photo of several people
+    photo = images / (several[0] if several else names[0])
+    refs = [images / n for n in names if n != str(photo.relative_to(images))][:2]
+    counts = restore_photos(photo, out / "whole_photo", checkpoint=out / "refldm", refs=refs, steps=4)
+    return {"whole photo (ReF-LDM)": f"{counts['faces']} faces pasted back into {out / 'whole_photo'}"}
+
+
 def step_train_mgfr(images: Path, out: Path, workers: int) -> dict:
     """Train MGFR stage 1 and 2 for a few steps on a tiny random Stable Diffusion."""
     from refface.train.mgfr.tiny_sd import save_tiny_sd
@@ -242,6 +255,7 @@ STEPS: list[tuple[str, Callable[[Path, Path, int], dict]]] = [
     ("scale-out: Ray, sharded embeddings, sharded k-NN graph", step_scale),
     ("train ReF-LDM (tiny)", step_train_refldm),
     ("restore and evaluate", step_restore_evaluate),
+    ("restore a whole photo", step_whole_photo),
     ("train MGFR (tiny)", step_train_mgfr),
 ]
 
@@ -259,7 +273,7 @@ def demo(
     has labels.csv), write the severe/moderate LQ test sets, audit train/test leakage, write
     WebDataset shards, run the scale-out path (Ray mining into embedding shards, sharded IVF-PQ
     k-NN graph, sparse clustering), and train tiny ReF-LDM and MGFR models for a few steps, then restore and
-    evaluate. Rerunning skips finished work.
+    evaluate, and restore every face of a whole photo. Rerunning skips finished work.
     """
     from refface.console import console, print_summary
     from refface.sample import SampleUnavailable, resolve_sample_dir
