@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "refface.mining.cluster_cli",
     "refface.mining.scale_cli",
     "refface.mining.audit_cli",
+    "refface.review.cli",
     "refface.train.eval_cli",
     "refface.train.cli",
     "refface.train.refldm.convert_cli",

@@ -161,13 +161,16 @@ def write_card(root: str | Path, config: Any, title: str) -> list[str]:
             ),
             "",
         ]
+    from refface.review.stage import card_lines, read_report
+
+    lines += card_lines(read_report(root))
     errors = ErrorsTable.read(root).counts_by_stage()
     lines += ["## Errors", ""]
     lines += [
         _md_table(["stage", "images"], [[k, v] for k, v in sorted(errors.items())]) if errors else "none",
         "",
     ]
-    rules = {k: v for k, v in asdict(config).items() if k not in ("workers", "chunk_size", "labels", "plots")}
+    rules = {k: v for k, v in asdict(config).items() if k not in ("workers", "chunk_size", "labels", "plots", "corrections")}
     lines += ["## Rules", "", _md_table(["field", "value"], [[k, v] for k, v in rules.items()]), ""]
     if outputs:
         lines += ["## Plots", ""] + [f"![{Path(o).stem}]({o})" for o in outputs] + [""]

@@ -32,6 +32,8 @@ class CelebATestRefConfig:
         min_refs / max_refs / near_duplicate_distance: reference rules (ReF-LDM: 2-9, 0.1 at ArcFace 0.4).
         lq: folder of existing LQ images; ``lq_image`` points at the file with the target's stem.
         labels: optional ``path, identity`` CSV (paths relative to the pool) for reporting precision.
+        corrections: optional reviewed ``corrections.csv``: ``drop`` removes a target (and the image from
+            the pool), ``singleton`` keeps a pool image from ever being a reference.
         plots: kept for card compatibility (CelebA-Test-Ref has no splits to plot).
     """
 
@@ -51,6 +53,7 @@ class CelebATestRefConfig:
     near_duplicate_distance: float | None = None
     lq: str | None = None
     labels: str | None = None
+    corrections: str | None = None
     plots: bool = False
 
     def __post_init__(self) -> None:
@@ -181,6 +184,15 @@ def build_celeba_test_ref(
             raise ValueError("targets and pool were embedded by different models; rebuild one of them")
         threshold = identity_threshold_of(emb_t, config)
         t_sha, p_sha = _sha_by_path(root / TARGETS_DIR), _sha_by_path(root / POOL_DIR)
+        correction_report = None
+        if config.corrections:
+            from refface.review.corrections import pool_exclusions, read_corrections
+
+            drop_t, drop_p, correction_report = pool_exclusions(read_corrections(config.corrections), tp, pp)
+            keep_t = [i for i, p in enumerate(tp) if p not in drop_t]
+            keep_p = [i for i, p in enumerate(pp) if p not in drop_p]
+            tp, tv = [tp[i] for i in keep_t], tv[keep_t]
+            pp, pv = [pp[i] for i in keep_p], pv[keep_p]
         refs = select_pool_references(
             tv,
             [t_sha.get(p, "") for p in tp],
@@ -199,7 +211,8 @@ def build_celeba_test_ref(
                 errors.add(path, "celeba_test_ref", f"no LQ file with stem {Path(path).stem!r} in {lq_root}")
                 continue
             rows.append({"gt_image": path, "lq_image": lq, "ref_image": [pp[r] for r in ref_rows]})
-        for path in sorted(set(t_paths) - set(tp)):
+        dropped = set(correction_report.dropped) if correction_report else set()
+        for path in sorted(set(t_paths) - set(tp) - dropped):
             errors.add(path, "celeba_test_ref", "target has no embedding (see mined/targets/errors.csv)")
         write_references(root / "test_references.csv", rows, with_lq=True)
         write_split_list(root / "test_image.txt", [r["gt_image"] for r in rows])
@@ -217,12 +230,14 @@ def build_celeba_test_ref(
             "outputs": ["test_references.csv", "test_image.txt", "reference_pairs.parquet", "errors.parquet"],
             "targets": len(tp),
             "targets_with_refs": len(rows),
+            "corrections": correction_report.to_dict() if correction_report else None,
         }
 
     inputs = {
         "targets": sha256_file(root / TARGETS_DIR / "embeddings.npy"),
         "pool": sha256_file(root / POOL_DIR / "embeddings.npy"),
         "lq_files": sorted(lq_lookup(lq_root).items()) if lq_root else None,
+        "corrections": sha256_file(config.corrections) if config.corrections else None,
     }
     cfg = {
         **asdict(config.reference_config()),
@@ -242,12 +257,18 @@ def build_celeba_test_ref(
         "mean_refs": round(float(df["ref_image"].map(len).mean()), 3) if len(df) else 0.0,
         "errors": len(ErrorsTable.read(root)),
     }
-    write_card_celeba(root, config, summary)
+    corrections = manifest.get("corrections")
+    if corrections:
+        corrections = {"file": str(Path(config.corrections).resolve()), **corrections}
+        corrections["sha256"] = sha256_file(config.corrections)
+    write_card_celeba(root, config, summary, corrections)
     extra = {
         "ref_root": str(pool_dir.resolve()),
         "lq_root": str(lq_root.resolve()) if lq_root else None,
         "pool_timings": stage_timings(root / POOL_DIR),
     }
+    if corrections:
+        extra["corrections"] = corrections
     write_build_json(
         root,
         "celeba-test-ref",
@@ -261,7 +282,9 @@ def build_celeba_test_ref(
     return summary
 
 
-def write_card_celeba(root: Path, config: CelebATestRefConfig, summary: dict) -> None:
+def write_card_celeba(
+    root: Path, config: CelebATestRefConfig, summary: dict, corrections: dict | None = None
+) -> None:
     """A short card: counts, reference-count distribution and the rules used."""
     from refface.manifests.atomic import write_text
     from refface.manifests.references import read_references
@@ -280,7 +303,15 @@ def write_card_celeba(root: Path, config: CelebATestRefConfig, summary: dict) ->
         lines += [
             f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in agree.items()
         ]
-    rules = {k: v for k, v in asdict(config).items() if k not in ("workers", "chunk_size", "labels", "plots")}
+    if corrections:
+        from refface.review.stage import card_lines
+
+        lines += ["", *card_lines(corrections)]
+    rules = {
+        k: v
+        for k, v in asdict(config).items()
+        if k not in ("workers", "chunk_size", "labels", "plots", "corrections")
+    }
     lines += ["", "## Rules", "", "| field | value |", "|---|---|"] + [
         f"| {k} | {v} |" for k, v in rules.items()
     ]

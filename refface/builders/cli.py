@@ -35,6 +35,10 @@ DETECTOR_HELP = (
 EMBEDDER_HELP = "Embedder: dlib (offline, 128-d) or arcface (insightface ONNX, 512-d; ReF-LDM's choice)."
 MODEL_HELP = "Embedder weights: an ArcFace .onnx (or a folder holding one) or a dlib .dat."
 THRESHOLD_HELP = "Same-identity cosine distance (default: the clustering's bar for the embedder; ArcFace 0.4, dlib 0.075 with average linkage)."
+CORRECTIONS_HELP = (
+    "Reviewed corrections.csv (path, action, value) from `refface review`, applied to the identities "
+    "before splits and references; rows that match nothing are listed in build.json and card.md."
+)
 NEAR_DUP_HELP = (
     "Val/test references closer than this to the target are near-duplicates (default: threshold/4)."
 )
@@ -92,6 +96,9 @@ def ffhq_ref(
         None, help="Known labels CSV (path, identity): the card reports precision."
     ),
     plots: bool = typer.Option(True, help="Draw the card's PNG plots."),
+    corrections: Path | None = typer.Option(
+        None, help=CORRECTIONS_HELP
+    ),
     workers: int = typer.Option(2, help="Worker processes for mining (outputs do not depend on it)."),
     chunk_size: int = typer.Option(32, help="Images per unit of work / resumable part file."),
 ) -> None:
@@ -132,6 +139,7 @@ def ffhq_ref(
             attributes=_opt(attributes),
             singleton_split=singleton_split,
             labels=_opt(labels),
+            corrections=_opt(corrections),
             plots=plots,
         )
         summary = build_ffhq_ref(images, out, config)
@@ -161,6 +169,9 @@ def celeba_test_ref(
     labels: Path | None = typer.Option(
         None, help="Known labels CSV (path, identity): the card reports precision."
     ),
+    corrections: Path | None = typer.Option(
+        None, help=CORRECTIONS_HELP
+    ),
     workers: int = typer.Option(2, help="Worker processes for mining (outputs do not depend on it)."),
 ) -> None:
     """Build a CelebA-Test-Ref-style test set: targets from TARGETS, references searched in POOL.
@@ -187,6 +198,7 @@ def celeba_test_ref(
             near_duplicate_distance=near_duplicate_distance,
             lq=_opt(lq),
             labels=_opt(labels),
+            corrections=_opt(corrections),
         )
         summary = build_celeba_test_ref(targets, pool, out, config)
     except (ValueError, FileNotFoundError) as e:
@@ -227,6 +239,9 @@ def reface_hq(
     labels: Path | None = typer.Option(
         None, help="Known labels CSV (path, identity): the card reports precision."
     ),
+    corrections: Path | None = typer.Option(
+        None, help=CORRECTIONS_HELP
+    ),
     workers: int = typer.Option(2, help="Worker processes for mining (outputs do not depend on it)."),
 ) -> None:
     """Build a Reface-HQ-style dataset from identity folders of web photos.
@@ -258,6 +273,7 @@ def reface_hq(
             min_refs=min_refs,
             max_refs=max_refs,
             labels=_opt(labels),
+            corrections=_opt(corrections),
             workers=workers,
         )
         summary = build_reface_hq(folders, out, config)

@@ -54,6 +54,8 @@ class FFHQRefConfig:
         attributes: table (parquet/CSV with ``path`` and ``balance_column``) used for balancing; default:
             ``attributes.parquet`` in the dataset root when present.
         labels: optional ``path, identity`` CSV of known labels: the card reports reference precision.
+        corrections: optional reviewed ``corrections.csv`` (``refface review``) applied to the identities
+            after clustering, before splits and references (see :mod:`refface.review.corrections`).
         plots: draw the card's PNG plots.
     """
 
@@ -84,6 +86,7 @@ class FFHQRefConfig:
     attributes: str | None = None
     singleton_split: str = "train"
     labels: str | None = None
+    corrections: str | None = None
     plots: bool = True
 
     def __post_init__(self) -> None:
@@ -192,6 +195,18 @@ def identities_stage(root: Path, config: Any) -> tuple[dict, bool]:
     return cluster_root(
         root, ClusterConfig(method=config.cluster_method, threshold=config.identity_threshold)
     )
+
+
+def corrected_paths(root: Path, config: Any, producer: str, all_paths: list[str]) -> tuple[list[str], dict]:
+    """Apply ``config.corrections`` to identities.parquet (stage ``corrections``); the paths left after
+    dropped images are removed, and what build.json records about the corrections."""
+    from refface.review.stage import corrections_stage
+
+    report = corrections_stage(root, getattr(config, "corrections", None), producer)
+    if report is None:
+        return all_paths, {}
+    dropped = set(report["dropped_paths"])
+    return [p for p in all_paths if p not in dropped], {"corrections": report}
 
 
 def covering_table(root: Path, all_paths: list[str]) -> pd.DataFrame:
@@ -338,7 +353,7 @@ def card_stage(root: Path, config: Any, title: str, extra_inputs: dict | None = 
         outputs = write_card(root, config, title)
         return {"outputs": outputs}
 
-    names = [IDENTITIES_FILE, SPLITS_FILE, "errors.parquet"]
+    names = [IDENTITIES_FILE, SPLITS_FILE, "errors.parquet", "corrections.json"]
     names += [f"{s}_references.csv" for s in SPLITS]
     inputs = {n: file_digest(root, n) for n in names}
     inputs["embeddings.npy"] = embeddings_digest(root)  # the key it always had, also for shards
@@ -458,10 +473,11 @@ def build_ffhq_ref(
     timings = {}
     timings["mine"] = run_mining(image_root, root, config)["seconds"]
     identities_stage(root, config)
-    splits_stage(root, config, all_paths)
+    kept, extra = corrected_paths(root, config, "identities", all_paths)
+    splits_stage(root, config, kept)
     references_stage(root, config)
     card_stage(root, config, "FFHQ-Ref-style dataset")
-    write_build_json(root, "ffhq-ref", config, image_root, all_paths, timings, {})
+    write_build_json(root, "ffhq-ref", config, image_root, all_paths, timings, extra)
     return build_summary(root)
 
 

@@ -324,6 +324,7 @@ def build_reface_hq(
     from refface.builders.ffhq_ref import (
         build_summary,
         card_stage,
+        corrected_paths,
         references_stage,
         remove_stale_temps,
         run_mining,
@@ -342,6 +343,8 @@ def build_reface_hq(
     # The output crop size is this builder's own; mining embeds from its default alignment.
     timings = {"mine": run_mining(folders, root / MINED_DIR, config, exclude=("crop_size",))["seconds"]}
     manifest, _ = curate_stage(folders, root, config)
+    # Dropped images leave identities.parquet, so the kept crops are read after the corrections.
+    _, corrections = corrected_paths(root, config, STAGE, [])
     kept = pd.read_parquet(root / "identities.parquet")["path"].tolist()
     splits_stage(root, config, kept)
     references_stage(root, config)
@@ -367,6 +370,7 @@ def build_reface_hq(
             "source_root": str(folders.resolve()),
             "mining_timings": stage_timings(root / MINED_DIR),
             "curation": {k: manifest.get(k) for k in ("kept", "dropped", "merged_identities")},
+            **corrections,
         },
     )
     summary = build_summary(root)

@@ -1,0 +1,1 @@
+"""Identity review page and hand corrections of clusters."""
