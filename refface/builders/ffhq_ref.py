@@ -472,12 +472,19 @@ def build_ffhq_ref(
         raise ValueError(f"no images found under {image_root}")
     timings = {}
     timings["mine"] = run_mining(image_root, root, config)["seconds"]
+    return build_mined(root, config, image_root, all_paths, timings)
+
+
+def build_mined(
+    root: Path, config: FFHQRefConfig, image_root: Path, all_paths: list[str], timings: dict | None = None
+) -> dict:
+    """The stages after mining: identities, corrections, splits, references, card, build.json."""
     identities_stage(root, config)
     kept, extra = corrected_paths(root, config, "identities", all_paths)
     splits_stage(root, config, kept)
     references_stage(root, config)
     card_stage(root, config, "FFHQ-Ref-style dataset")
-    write_build_json(root, "ffhq-ref", config, image_root, all_paths, timings, extra)
+    write_build_json(root, "ffhq-ref", config, image_root, all_paths, timings or {}, extra)
     return build_summary(root)
 
 

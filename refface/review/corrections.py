@@ -198,14 +198,13 @@ def apply_corrections(
     sizes = out.loc[out["identity"] >= 0, "identity"].value_counts()
     out["cluster_size"] = [int(sizes.get(i, 0)) if i >= 0 else 1 for i in out["identity"]]
     out = out.astype({"identity": "int64", "cluster_size": "int64"})
-    before = {p: clustered[p] for p in paths}
+    after = dict(zip(out["path"], out["identity"].astype(int), strict=True))
     changed = set()
     for p in paths:
-        after = final[p] if p not in dropped else None
-        if after != before[p] or p in dropped:
-            changed.update(i for i in (before[p], after) if i is not None and i >= 0)
+        if after.get(p) != clustered[p]:
+            changed.update(i for i in (clustered[p], after.get(p)) if i is not None and i >= 0)
     report.changed_identities = sorted(changed)
-    report.new_identities = sorted(new_keys.values())
+    report.new_identities = sorted(set(new_keys.values()) & set(after.values()))
     report.applied.sort(key=lambda r: r["row"])
     report.unmatched.sort(key=lambda r: r["row"])
     return out, report

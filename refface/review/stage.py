@@ -33,7 +33,7 @@ def _producer_fingerprint(root: Path, producer: str) -> str | None:
 def _clustered_is_current(root: Path, producer_fp: str | None) -> bool:
     """True when ``identities_clustered.parquet`` holds the producer's latest output."""
     marker = root / MARKER_FILE
-    if producer_fp is None or not marker.exists() or not (root / CLUSTERED_FILE).exists():
+    if not marker.exists() or not (root / CLUSTERED_FILE).exists():
         return False
     return json.loads(marker.read_text()).get("fingerprint") == producer_fp
 
