@@ -144,7 +144,7 @@ def test_review_data_orders_by_medoid_distance_and_finds_pairs_and_near_singleto
     assert pairs == {tuple(sorted((id3, id4)))}
     near = by_id[ident["id0"]]["singletons"]
     assert [path_of[i] for i, _ in near] == ["lone/near0.png"]
-    assert 0.4 < near[0][1] < 0.6
+    assert 0.4 < near[0][1] < 0.5
     # A wrong face planted into a cluster is flagged; the clean members are not.
     ids = pd.read_parquet(built / "identities.parquet")
     ids.loc[ids["path"] == "lone/far.png", "identity"] = ident["id2"]

@@ -15,11 +15,16 @@ def review(
     root: Path = typer.Argument(..., help="Built dataset root (identities.parquet + embeddings)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Page folder (default ROOT/review)."),
     near_ratio: float = typer.Option(
-        1.5, help="Show cluster pairs and singletons with average distance under this x threshold."
+        1.25, help="Show cluster pairs and singletons with average distance under this x threshold."
     ),
     max_pairs: int = typer.Option(3, help="Most 'possible same person' partners listed per identity."),
     thumb_size: int = typer.Option(96, help="Thumbnail side in pixels (JPEGs written once)."),
     workers: int = typer.Option(2, help="Processes writing thumbnails."),
+    labels: Path | None = typer.Option(
+        None,
+        help="Known labels CSV (path, identity): identities holding several labels are shown, and "
+        "ROOT/review/corrections_from_labels.csv gives every identity one label.",
+    ),
 ) -> None:
     """Write ROOT/review/index.html: one row per identity, faces ordered by distance to the medoid,
     outliers flagged, possible same-person pairs side by side, singletons near a cluster, reference
@@ -33,7 +38,11 @@ def review(
 
     try:
         config = ReviewConfig(
-            near_ratio=near_ratio, max_pairs=max_pairs, thumb_size=thumb_size, workers=workers
+            near_ratio=near_ratio,
+            max_pairs=max_pairs,
+            thumb_size=thumb_size,
+            workers=workers,
+            labels=str(labels) if labels else None,
         )
         summary = write_review(root, config, out)
     except (ValueError, FileNotFoundError) as e:

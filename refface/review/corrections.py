@@ -251,3 +251,35 @@ def pool_exclusions(
             drop_p.add(c.path)
         report.applied.append({"row": c.row, "path": c.path, "action": c.action, "value": c.value})
     return drop_t, drop_p, report
+
+
+def corrections_from_labels(table: pd.DataFrame, labels: dict[str, str]) -> list[tuple[str, str, str]]:
+    """Corrections that make every identity hold one known label (``path, action, value`` rows).
+
+    In an identity holding several labels, the largest label group stays (ties: the first label in
+    sorted order); every other group moves to the identity where its label is the largest group, else
+    to ``new:<label>``. Unlabeled images are not touched.
+    """
+    table = table.drop_duplicates("path")
+    groups: dict[int, dict[str, list[str]]] = {}
+    for path, ident in zip(table["path"].astype(str), table["identity"].astype(int), strict=True):
+        label = labels.get(path)
+        if ident >= 0 and label:
+            groups.setdefault(ident, {}).setdefault(label, []).append(path)
+    head_of: dict[int, str] = {}
+    home: dict[str, int] = {}
+    for ident in sorted(groups):
+        by_label = groups[ident]
+        head = sorted(by_label, key=lambda k: (-len(by_label[k]), k))[0]
+        head_of[ident] = head
+        size = len(by_label[head])
+        if head not in home or size > len(groups[home[head]][head]):
+            home[head] = ident
+    rows = []
+    for ident in sorted(groups):
+        for label, members in sorted(groups[ident].items()):
+            if label == head_of[ident]:
+                continue
+            value = str(home[label]) if label in home else NEW_PREFIX + label
+            rows += [(p, "move", value) for p in sorted(members)]
+    return rows

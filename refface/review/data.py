@@ -7,7 +7,9 @@ flagged only when it is both farther than the same-identity bar and unusual for 
 
 Cluster pairs whose average cross distance (exactly ``1 - mean_a . mean_b`` for unit vectors) lies under
 ``near_ratio x threshold`` are "possible same person" pairs; singletons whose average distance to a
-cluster lies under the same bar are listed under the nearest such cluster.
+cluster lies under the same bar are listed under the nearest such cluster. With known labels
+(``path, identity`` CSV, partial is fine), a cluster holding faces of two or more labels shows each
+label's group side by side: the same person under two sources' names, or two people joined.
 """
 
 from __future__ import annotations
@@ -34,13 +36,15 @@ class ReviewConfig:
         max_refs_shown: longest reference list kept per target (train targets of a large identity list
             every other image of it).
         workers: processes writing thumbnails.
+        labels: optional ``path, identity`` CSV of known labels (empty identity = unknown).
     """
 
-    near_ratio: float = 1.5
+    near_ratio: float = 1.25
     max_pairs: int = 3
     thumb_size: int = 96
     max_refs_shown: int = 24
     workers: int = 2
+    labels: str | None = None
 
     def __post_init__(self) -> None:
         if self.near_ratio <= 0 or self.max_pairs < 0 or self.thumb_size < 16 or self.workers < 1:
@@ -155,6 +159,9 @@ def review_data(root: str | Path, config: ReviewConfig | None = None) -> dict:
                 clusters[c]["singletons"].append([int(row), round(d, 4)])
     for c in clusters:
         c["singletons"].sort(key=lambda s: (s[1], s[0]))
+    known = read_labels(config.labels) if config.labels else {}
+    for c in clusters:
+        c["labels"] = label_groups(c["faces"], paths, known, vectors)
     index = {p: i for i, p in enumerate(paths)}
     refs: dict[str, list] = {}
     for split in SPLITS:
@@ -180,7 +187,35 @@ def review_data(root: str | Path, config: ReviewConfig | None = None) -> dict:
         "clusters": clusters,
         "singletons": [int(s) for s in singles],
         "refs": refs,
+        "face_labels": [known.get(p, "") for p in paths] if known else [],
     }
+
+
+def read_labels(path: str | Path) -> dict[str, str]:
+    """{path: label} of a ``path, identity`` CSV; rows with an empty identity are left out."""
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "path" not in table.columns or "identity" not in table.columns:
+        raise ValueError(f"{path} needs columns path and identity")
+    table = table[table["identity"].str.len() > 0]
+    return dict(zip(table["path"], table["identity"], strict=True))
+
+
+def label_groups(faces: list[int], paths: list[str], known: dict[str, str], vectors: np.ndarray) -> list:
+    """``[[label, [faces]], ...]`` (largest first) plus the groups' average distance to the largest,
+    when the cluster holds two or more known labels; else ``[]``."""
+    groups: dict[str, list[int]] = {}
+    for i in faces:
+        label = known.get(paths[i])
+        if label:
+            groups.setdefault(label, []).append(i)
+    if len(groups) < 2:
+        return []
+    ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    head = vectors[ordered[0][1]].mean(axis=0)
+    return [
+        [label, members, round(float(1.0 - head @ vectors[members].mean(axis=0)), 4) if k else 0.0]
+        for k, (label, members) in enumerate(ordered)
+    ]
 
 
 def _group(labels: np.ndarray) -> dict[int, np.ndarray]:

@@ -24,6 +24,7 @@ REVIEW_DIR = "review"
 THUMBS_DIR = "thumbs"
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_FILES = ("index.html", "review.js", "review.css")
+LABEL_CORRECTIONS = "corrections_from_labels.csv"
 
 
 def thumb_name(path: str, sha256: str) -> str:
@@ -115,6 +116,14 @@ def write_review(root: str | Path, config: ReviewConfig | None = None, out: str 
     write_text(out / "data.js", "window.REFFACE_REVIEW = " + json.dumps(data, separators=(",", ":")) + ";\n")
     for name in STATIC_FILES:
         shutil.copyfile(STATIC / name, out / name)
+    extra = {}
+    if config.labels:
+        from .corrections import corrections_from_labels, format_corrections
+        from .data import clustered_identities, read_labels
+
+        rows = corrections_from_labels(clustered_identities(root), read_labels(config.labels))
+        write_text(out / LABEL_CORRECTIONS, format_corrections(rows))
+        extra = {"corrections from labels": f"{len(rows)} rows in {out / LABEL_CORRECTIONS}"}
     pairs = {tuple(sorted((c["id"], other))) for c in data["clusters"] for other, _ in c["near"]}
     after = len(list((out / THUMBS_DIR).glob("*.jpg"))) if (out / THUMBS_DIR).exists() else 0
     return {
@@ -124,6 +133,8 @@ def write_review(root: str | Path, config: ReviewConfig | None = None, out: str 
         "flagged faces": int(sum(data["flagged"])),
         "possible same person pairs": len(pairs),
         "singletons near a cluster": sum(len(c["singletons"]) for c in data["clusters"]),
+        "identities holding two or more labels": sum(len(c["labels"]) > 1 for c in data["clusters"]),
         "thumbnails written": after - before,
         "thumbnail errors": len(errors),
+        **extra,
     }

@@ -110,8 +110,8 @@ def card_lines(report: dict | None) -> list[str]:
     if "identities_before" in report:
         text += (
             f"; identities {report['identities_before']} -> {report['identities_after']}; "
-            f"{len(report['changed_identities'])} clustered identities changed, "
-            f"{len(report['new_identities'])} new"
+            f"{len(report['changed_identities'])} identities changed, "
+            f"{len(report['new_identities'])} of them new"
         )
     lines = ["## Corrections", "", text + ".", ""]
     if report["unmatched"]:

@@ -42,13 +42,13 @@ def make_review_root(path: Path, seed: int = 0) -> Path:
     """Images, images.parquet, embeddings (npy/parquet/json) and build.json; no identities yet."""
     rng = np.random.default_rng(seed)
     centres = _unit(rng.standard_normal((8, DIM)))
-    centres[4] = _mix(centres[3], centres[4], 0.52)  # id3 ~ id4: a near pair
+    centres[4] = _mix(centres[3], centres[4], 0.58)  # id3 ~ id4: a near pair
     rows: list[tuple[str, np.ndarray]] = []
     for ident in range(6):
         for j in range(4):
             v = _unit(centres[ident] + 0.09 * rng.standard_normal(DIM))
             rows.append((f"id{ident}/{j}.png", v))
-    rows.append(("lone/near0.png", _mix(centres[0], centres[6], 0.5)))
+    rows.append(("lone/near0.png", _mix(centres[0], centres[6], 0.58)))
     rows.append(("lone/far.png", centres[7]))
     images = path / "images"
     paths = []

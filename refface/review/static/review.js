@@ -41,7 +41,7 @@
     const sort = $("f-sort").value;
     let view = D.clusters.filter((c) =>
       (!flaggedOnly || c.flagged > 0) &&
-      (!nearOnly || c.near.length > 0 || c.singletons.length > 0) &&
+      (!nearOnly || c.near.length > 0 || c.singletons.length > 0 || (c.labels || []).length > 1) &&
       (isNaN(lo) || c.faces.length >= lo) &&
       (isNaN(hi) || c.faces.length <= hi) &&
       (!split || c.split === split));
@@ -87,7 +87,8 @@
     if (c.medoid === i) cls.push("medoid");
     if (d) cls.push(d.action);
     const refs = D.refs[String(i)];
-    const title = D.paths[i] + (lone ? " (singleton near this identity)" : "") + " - distance " + D.dist[i];
+    const label = D.face_labels && D.face_labels[i] ? " [" + D.face_labels[i] + "]" : "";
+    const title = D.paths[i] + label + (lone ? " (singleton near this identity)" : "") + " - distance " + D.dist[i];
     return '<div class="' + cls.join(" ") + '" data-face="' + i + '" data-pos="' + pos + '" title="' + esc(title) + '">' +
       thumb(i) + '<div class="d">' + D.dist[i].toFixed(3) + (D.flagged[i] && !lone ? " !" : "") + "</div>" +
       (d ? '<div class="act">' + decisionLabel(d) + "</div>" : "") +
@@ -103,6 +104,20 @@
       '<br><button data-merge-into="' + other + '">merge into ' + other + "</button></div>" + right +
       ' <span class="badge">' + o.faces.length + " faces</span></div>";
   }
+  function labelHTML(c, k) {
+    const head = c.labels[0], group = c.labels[k];
+    return '<div class="pair labels" data-label-group="' + k + '">' + head[1].slice(0, 4).map(thumb).join("") +
+      '<div class="mid">possible same person<br><b>' + esc(head[0]) + " &harr; " + esc(group[0]) + "</b><br>avg " +
+      group[2].toFixed(3) + ", both in identity " + c.id +
+      '<br><button data-split-label="' + k + '">split off ' + esc(group[0]) + "</button></div>" +
+      group[1].slice(0, 4).map(thumb).join("") + ' <span class="badge">' + group[1].length + " faces</span></div>";
+  }
+  function splitLabel(c, k) {
+    const group = c.labels[k];
+    group[1].forEach((i) => { state.faces[D.paths[i]] = { action: "move", value: "new:" + group[0] }; });
+    save();
+    rerenderRow();
+  }
   function rowHTML(c, r) {
     const merged = state.merges[String(c.id)];
     const all = c.faces;
@@ -113,7 +128,9 @@
       ? '<div class="sub singles">singletons near this identity:<div class="faces">' +
         c.singletons.map((s, k) => faceHTML(s[0], c, all.length + k, true)).join("") + "</div></div>"
       : "";
-    const pairs = c.near.length ? '<div class="sub">' + c.near.map((p) => pairHTML(c, p[0], p[1])).join("") + "</div>" : "";
+    const labelPairs = (c.labels || []).slice(1).map((g, k) => labelHTML(c, k + 1)).join("");
+    const pairs = c.near.length || labelPairs
+      ? '<div class="sub">' + labelPairs + c.near.map((p) => pairHTML(c, p[0], p[1])).join("") + "</div>" : "";
     return '<section class="row' + (r === ui.row ? " current" : "") + (merged ? " merged" : "") + '" data-row="' + r +
       '" data-id="' + c.id + '"><div class="row-head"><span class="id">identity ' + c.id + "</span>" +
       '<span class="badge">' + all.length + " faces</span>" +
@@ -351,6 +368,7 @@
     if (!rowEl) return;
     ui.row = parseInt(rowEl.dataset.row, 10);
     if (t.dataset.mergeInto) { mergeInto(t.dataset.mergeInto); return; }
+    if (t.dataset.splitLabel) { splitLabel(currentCluster(), parseInt(t.dataset.splitLabel, 10)); return; }
     if (t.dataset.expand) { ui.expanded.add(parseInt(t.dataset.expand, 10)); rerenderRow(); return; }
     if (t.dataset.refs) { showRefs(parseInt(t.dataset.refs, 10)); return; }
     const face = t.closest(".face");
