@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "refface.mining.scale_cli",
     "refface.mining.audit_cli",
     "refface.review.cli",
+    "refface.export.cli",
     "refface.train.eval_cli",
     "refface.train.cli",
     "refface.train.refldm.convert_cli",
