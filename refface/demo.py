@@ -127,6 +127,31 @@ def step_degrade(images: Path, out: Path, workers: int) -> dict:
     return {s["set"]: f"{s['images']} images in {s['folder']}" for s in result["sets"]}
 
 
+def step_review(images: Path, out: Path, workers: int) -> dict:
+    """Write the identity review page of the dataset root (with the input's labels when it has them)."""
+    from refface.review.data import ReviewConfig
+    from refface.review.page import write_review
+
+    labels = _labels_csv(images)
+    summary = write_review(
+        out / "dataset", ReviewConfig(workers=workers, labels=str(labels) if labels else None)
+    )
+    return {
+        "review page": summary["page"],
+        "possible same person": f"{summary['possible same person pairs']} cluster pairs, "
+        f"{summary['identities holding two or more labels']} identities holding two labels",
+    }
+
+
+def step_export_hf(images: Path, out: Path, workers: int) -> dict:
+    """Export the dataset root as a Hugging Face dataset folder (Parquet shards, README card)."""
+    from refface.export.hf import export_hf
+
+    summary = export_hf(out / "dataset", out / "hf")
+    rows = "/".join(str(summary.get(f"{s} rows", 0)) for s in ("train", "val", "test"))
+    return {"Hugging Face dataset": f"{out / 'hf'} ({rows} rows train/val/test, {summary['shards']} shards)"}
+
+
 def step_audit(images: Path, out: Path, workers: int) -> dict:
     """Audit identity leakage between the train and test splits."""
     from refface.mining.audit import AuditConfig, audit_sets
@@ -250,6 +275,8 @@ STEPS: list[tuple[str, Callable[[Path, Path, int], dict]]] = [
     ("build FFHQ-Ref-style dataset", step_build),
     ("score clusters", step_scores),
     ("degrade test sets", step_degrade),
+    ("identity review page", step_review),
+    ("export Hugging Face dataset", step_export_hf),
     ("audit leakage", step_audit),
     ("write WebDataset shards", step_shards),
     ("scale-out: Ray, sharded embeddings, sharded k-NN graph", step_scale),
@@ -270,7 +297,8 @@ def demo(
     """Run every pipeline stage on a small default input and print where the results are.
 
     Steps: mine identities and build an FFHQ-Ref-style dataset, score the clusters (when the input
-    has labels.csv), write the severe/moderate LQ test sets, audit train/test leakage, write
+    has labels.csv), write the severe/moderate LQ test sets, write the identity review page, export a
+    Hugging Face dataset folder, audit train/test leakage, write
     WebDataset shards, run the scale-out path (Ray mining into embedding shards, sharded IVF-PQ
     k-NN graph, sparse clustering), and train tiny ReF-LDM and MGFR models for a few steps, then restore and
     evaluate, and restore every face of a whole photo. Rerunning skips finished work.
