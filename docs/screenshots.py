@@ -18,7 +18,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--faces", type=Path, default=REPO.parent / "shared" / "data" / "faces")
     parser.add_argument("--work", type=Path, default=Path("/tmp/refface-docs"))
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img" / "review.png")

@@ -27,7 +27,12 @@ PRESETS = ("refldm-severe", "refldm-moderate")
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = make_review_root(tmp_path_factory.mktemp("export") / "root")
-    build_mined(root, FFHQRefConfig(plots=False, val_identities=1, test_identities=1), root / "images", image_paths(root))
+    build_mined(
+        root,
+        FFHQRefConfig(plots=False, val_identities=1, test_identities=1),
+        root / "images",
+        image_paths(root),
+    )
     degrade_target(root, DegradeConfig(presets=PRESETS, workers=1))
     # Attributes as the attributes stage writes them (a few images; the rest get the fallback prompt).
     pd.DataFrame(
@@ -54,7 +59,9 @@ def truth(root: Path) -> dict:
     lq = {}
     for folder in sorted((root / "lq").iterdir()):
         table = pd.read_parquet(folder / "params.parquet")
-        lq[folder.name] = {r["gt_image"]: (folder / r["lq_image"], params_record(r)) for r in table.to_dict("records")}
+        lq[folder.name] = {
+            r["gt_image"]: (folder / r["lq_image"], params_record(r)) for r in table.to_dict("records")
+        }
     return {
         "lists": lists,
         "identity": dict(zip(ids["path"], ids["identity"], strict=True)),
@@ -86,8 +93,10 @@ def test_hf_export_round_trips_through_the_datasets_package(root, tmp_path):
         for name in t["lq"]:
             raw = raw.cast_column(lq_column(name), datasets.Image(decode=False))
         paths = raw["path"]
-        assert sorted(t["lists"][split]) == [p for p, listed in zip(paths, raw["in_split_list"], strict=True) if listed]
-        for k, row in enumerate(raw):
+        assert sorted(t["lists"][split]) == [
+            p for p, listed in zip(paths, raw["in_split_list"], strict=True) if listed
+        ]
+        for row in raw:
             path = row["path"]
             assert row["image"]["bytes"] == (image_root / path).read_bytes()
             assert row["identity"] == t["identity"].get(path, -1)

@@ -29,7 +29,18 @@ def table(rows):
 
 
 CLUSTERED = table(
-    [("a0", 0), ("a1", 0), ("a2", 0), ("b0", 1), ("b1", 1), ("c0", 2), ("c1", 2), ("d0", 3), ("d1", 3), ("s", -1)]
+    [
+        ("a0", 0),
+        ("a1", 0),
+        ("a2", 0),
+        ("b0", 1),
+        ("b1", 1),
+        ("c0", 2),
+        ("c1", 2),
+        ("d0", 3),
+        ("d1", 3),
+        ("s", -1),
+    ]
 )
 
 
@@ -111,7 +122,10 @@ def built(tmp_path_factory):
 
 def config(corrections: Path | None = None) -> FFHQRefConfig:
     return FFHQRefConfig(
-        plots=False, val_identities=1, test_identities=1, corrections=str(corrections) if corrections else None
+        plots=False,
+        val_identities=1,
+        test_identities=1,
+        corrections=str(corrections) if corrections else None,
     )
 
 
@@ -226,9 +240,7 @@ def test_page_in_headless_chromium_produces_the_expected_corrections(built, tmp_
     assert paths[c0["singletons"][0][0]] == "lone/near0.png"
     with Browser(CHROMIUM, tmp_path / "profile") as browser:
         browser.open(page.as_uri())
-        status = browser.eval(
-            "new Promise(r => setTimeout(() => r(window.refface.status()), 500))"
-        )
+        status = browser.eval("new Promise(r => setTimeout(() => r(window.refface.status()), 500))")
         assert status["rows"] == 6 and status["broken"] == 0
         first_row = browser.eval(
             "Array.from(document.querySelectorAll('.row')[0].querySelectorAll('.faces img'))"

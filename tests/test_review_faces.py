@@ -19,7 +19,10 @@ from refface.review.page import LABEL_CORRECTIONS, write_review
 pytestmark = pytest.mark.faces
 SPLITS = ("train", "val", "test")
 # The same people under two sources' labels (deepface's neutral ids are LFW people).
-KNOWN_DUPLICATES = [{"lfw/Angelina_Jolie", "deepface/person01"}, {"lfw/Jennifer_Aniston", "deepface/person02"}]
+KNOWN_DUPLICATES = [
+    {"lfw/Angelina_Jolie", "deepface/person01"},
+    {"lfw/Jennifer_Aniston", "deepface/person02"},
+]
 
 
 def precision(root: Path, labels: pd.DataFrame) -> dict:

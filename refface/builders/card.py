@@ -170,7 +170,11 @@ def write_card(root: str | Path, config: Any, title: str) -> list[str]:
         _md_table(["stage", "images"], [[k, v] for k, v in sorted(errors.items())]) if errors else "none",
         "",
     ]
-    rules = {k: v for k, v in asdict(config).items() if k not in ("workers", "chunk_size", "labels", "plots", "corrections")}
+    rules = {
+        k: v
+        for k, v in asdict(config).items()
+        if k not in ("workers", "chunk_size", "labels", "plots", "corrections")
+    }
     lines += ["## Rules", "", _md_table(["field", "value"], [[k, v] for k, v in rules.items()]), ""]
     if outputs:
         lines += ["## Plots", ""] + [f"![{Path(o).stem}]({o})" for o in outputs] + [""]

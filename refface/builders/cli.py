@@ -96,9 +96,7 @@ def ffhq_ref(
         None, help="Known labels CSV (path, identity): the card reports precision."
     ),
     plots: bool = typer.Option(True, help="Draw the card's PNG plots."),
-    corrections: Path | None = typer.Option(
-        None, help=CORRECTIONS_HELP
-    ),
+    corrections: Path | None = typer.Option(None, help=CORRECTIONS_HELP),
     workers: int = typer.Option(2, help="Worker processes for mining (outputs do not depend on it)."),
     chunk_size: int = typer.Option(32, help="Images per unit of work / resumable part file."),
 ) -> None:
@@ -169,9 +167,7 @@ def celeba_test_ref(
     labels: Path | None = typer.Option(
         None, help="Known labels CSV (path, identity): the card reports precision."
     ),
-    corrections: Path | None = typer.Option(
-        None, help=CORRECTIONS_HELP
-    ),
+    corrections: Path | None = typer.Option(None, help=CORRECTIONS_HELP),
     workers: int = typer.Option(2, help="Worker processes for mining (outputs do not depend on it)."),
 ) -> None:
     """Build a CelebA-Test-Ref-style test set: targets from TARGETS, references searched in POOL.
@@ -239,9 +235,7 @@ def reface_hq(
     labels: Path | None = typer.Option(
         None, help="Known labels CSV (path, identity): the card reports precision."
     ),
-    corrections: Path | None = typer.Option(
-        None, help=CORRECTIONS_HELP
-    ),
+    corrections: Path | None = typer.Option(None, help=CORRECTIONS_HELP),
     workers: int = typer.Option(2, help="Worker processes for mining (outputs do not depend on it)."),
 ) -> None:
     """Build a Reface-HQ-style dataset from identity folders of web photos.

@@ -85,16 +85,30 @@ def export_basicsr(root: str | Path, out: str | Path, config: BasicSRExportConfi
     if "train" in source.splits:
         rows = source.splits["train"]
         meta = []
-        for path in track([p for p, listed in zip(rows.paths, rows.listed, strict=True) if listed], "basicsr train"):
+        for path in track(
+            [p for p, listed in zip(rows.paths, rows.listed, strict=True) if listed], "basicsr train"
+        ):
             name = keys[path] + ".png"
-            meta.append(_meta_line(name, _place(source.file_of(path), out / "train" / "gt" / name, config.copy)))
+            meta.append(
+                _meta_line(name, _place(source.file_of(path), out / "train" / "gt" / name, config.copy))
+            )
         write_text(out / "train" / "meta_info.txt", "".join(meta))
-        folders["train"] = {"gt": out / "train" / "gt", "meta": out / "train" / "meta_info.txt", "n": len(meta)}
+        folders["train"] = {
+            "gt": out / "train" / "gt",
+            "meta": out / "train" / "meta_info.txt",
+            "n": len(meta),
+        }
     for split, rows in source.splits.items():
         for path, ident, refs, listed in zip(rows.paths, rows.identity, rows.refs, rows.listed, strict=True):
             names.append(
-                {"key": keys[path], "path": path, "split": split, "identity": ident, "in_split_list": listed,
-                 "references": " ".join(keys[r] for r in refs)}
+                {
+                    "key": keys[path],
+                    "path": path,
+                    "split": split,
+                    "identity": ident,
+                    "in_split_list": listed,
+                    "references": " ".join(keys[r] for r in refs),
+                }
             )
         if split == "train":
             continue

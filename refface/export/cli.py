@@ -26,10 +26,13 @@ def _fail(e: Exception) -> None:
 @export_app.command("hf")
 def hf(
     root: Path = typer.Argument(..., help="Built dataset root (split lists, reference CSVs, build.json)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (README.md + data/*.parquet)."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Dataset folder to write (README.md + data/*.parquet)."
+    ),
     shard_rows: int = typer.Option(1000, help="Rows per Parquet shard."),
     push_to_hub: str | None = typer.Option(
-        None, help="Also upload the folder to this Hugging Face dataset repository (user/name); needs a token."
+        None,
+        help="Also upload the folder to this Hugging Face dataset repository (user/name); needs a token.",
     ),
     private: bool = typer.Option(True, help="Create the hub repository private (with --push-to-hub)."),
 ) -> None:
@@ -43,7 +46,9 @@ def hf(
     from refface.export.hf import HFExportConfig, export_hf
 
     try:
-        summary = export_hf(root, out, HFExportConfig(shard_rows=shard_rows, push_to_hub=push_to_hub, private=private))
+        summary = export_hf(
+            root, out, HFExportConfig(shard_rows=shard_rows, push_to_hub=push_to_hub, private=private)
+        )
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     print_summary("refface export hf", summary)
@@ -51,7 +56,9 @@ def hf(
 
 @export_app.command("basicsr")
 def basicsr(
-    root: Path = typer.Argument(..., help="Built dataset root, degraded with `refface degrade` for LQ pairs."),
+    root: Path = typer.Argument(
+        ..., help="Built dataset root, degraded with `refface degrade` for LQ pairs."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Folder that receives the GT/LQ folders."),
     copy: bool = typer.Option(False, help="Write real files instead of symbolic links."),
     out_size: int = typer.Option(512, help="out_size of the GFPGAN HQ-only dataset block."),

@@ -249,10 +249,16 @@ def dataset_card(source: ExportSource, cols, info: dict[str, dict[str, Any]]) ->
     ]
     for s in source.lq_sets:
         name = lq_column(s.name)
-        lines.append(f"| `{name}`, `{name}_params` | LQ image of set `{s.name}` and its degradation parameters (JSON) |")
+        lines.append(
+            f"| `{name}`, `{name}_params` | LQ image of set `{s.name}` and its degradation parameters (JSON) |"
+        )
     if source.attributes:
-        lines.append("| `attributes`, `prompt`, `negative_attribute_prompt`, `negative_quality_prompt` | face attributes (JSON) and text prompts |")
-    lines += ["", "| split | rows |", "|---|---|"] + [f"| {s} | {v['num_examples']} |" for s, v in info.items()]
+        lines.append(
+            "| `attributes`, `prompt`, `negative_attribute_prompt`, `negative_quality_prompt` | face attributes (JSON) and text prompts |"
+        )
+    lines += ["", "| split | rows |", "|---|---|"] + [
+        f"| {s} | {v['num_examples']} |" for s, v in info.items()
+    ]
     card = source.root / "card.md"
     if card.exists():
         body = card.read_text().partition("\n")[2]

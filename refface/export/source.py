@@ -89,7 +89,9 @@ def read_lq_sets(root: Path) -> list[LQSet]:
     lq = root / "lq"
     if not lq.is_dir():
         return sets
-    for folder in sorted(p for p in lq.iterdir() if (p / "params.parquet").exists() and (p / "manifest.json").exists()):
+    for folder in sorted(
+        p for p in lq.iterdir() if (p / "params.parquet").exists() and (p / "manifest.json").exists()
+    ):
         table = pd.read_parquet(folder / "params.parquet")
         if not len(table):
             continue

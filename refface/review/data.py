@@ -223,4 +223,6 @@ def _group(labels: np.ndarray) -> dict[int, np.ndarray]:
     sorted_labels = labels[order]
     starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
     ends = np.r_[starts[1:], len(order)]
-    return {int(sorted_labels[s]): order[s:e] for s, e in zip(starts, ends, strict=True) if sorted_labels[s] >= 0}
+    return {
+        int(sorted_labels[s]): order[s:e] for s, e in zip(starts, ends, strict=True) if sorted_labels[s] >= 0
+    }

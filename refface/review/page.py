@@ -65,7 +65,9 @@ def _thumb_chunk(items: list[tuple[str, list[float] | None, str, int]]) -> list[
     return errors
 
 
-def write_thumbs(root: Path, paths: list[str], out: Path, config: ReviewConfig) -> tuple[list[str], list[str]]:
+def write_thumbs(
+    root: Path, paths: list[str], out: Path, config: ReviewConfig
+) -> tuple[list[str], list[str]]:
     """Thumbnail file names (relative to the page) for ``paths``; writes the missing ones."""
     from refface.builders.shards import image_root_of
     from refface.stages import map_chunks
@@ -80,7 +82,9 @@ def write_thumbs(root: Path, paths: list[str], out: Path, config: ReviewConfig) 
     if (root / "faces.parquet").exists():
         faces = pd.read_parquet(root / "faces.parquet").drop_duplicates("path")
         if "lm" in faces.columns:
-            landmarks = {str(p): [float(v) for v in lm] for p, lm in zip(faces["path"], faces["lm"], strict=True)}
+            landmarks = {
+                str(p): [float(v) for v in lm] for p, lm in zip(faces["path"], faces["lm"], strict=True)
+            }
     size = config.thumb_size
     names = [f"{THUMBS_DIR}/{thumb_name(p, sha.get(p, ''))}" for p in paths]
     todo = [

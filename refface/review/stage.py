@@ -57,7 +57,12 @@ def corrections_stage(root: str | Path, corrections: str | Path | None, producer
     if corrections is None:
         if current:
             write_bytes(root / IDENTITIES_FILE, (root / CLUSTERED_FILE).read_bytes())
-        for path in (root / REPORT_FILE, manifest_path(root, STAGE), root / MARKER_FILE, root / CLUSTERED_FILE):
+        for path in (
+            root / REPORT_FILE,
+            manifest_path(root, STAGE),
+            root / MARKER_FILE,
+            root / CLUSTERED_FILE,
+        ):
             path.unlink(missing_ok=True)
         return None
     corrections = Path(corrections)

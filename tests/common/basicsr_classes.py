@@ -34,7 +34,12 @@ def _provide_torchvision() -> None:
         return
     except Exception:  # noqa: BLE001 - absent (the CPU test environment): provide the two names used
         pass
-    names = ["torchvision", "torchvision.utils", "torchvision.transforms", "torchvision.transforms.functional"]
+    names = [
+        "torchvision",
+        "torchvision.utils",
+        "torchvision.transforms",
+        "torchvision.transforms.functional",
+    ]
     mods = {n: types.ModuleType(n) for n in names}
     mods["torchvision.utils"].make_grid = _make_grid
     functional = mods["torchvision.transforms.functional"]

@@ -72,7 +72,13 @@ def make_review_root(path: Path, seed: int = 0) -> Path:
     pd.DataFrame({"row": range(len(paths)), "image_id": range(len(paths)), "path": paths}).to_parquet(
         path / "embeddings.parquet", index=False
     )
-    meta = {"model": "test", "dim": DIM, "fingerprint": "e" * 64, "metric": "cosine", "identity_threshold": 0.4}
+    meta = {
+        "model": "test",
+        "dim": DIM,
+        "fingerprint": "e" * 64,
+        "metric": "cosine",
+        "identity_threshold": 0.4,
+    }
     (path / "embeddings.json").write_text(json.dumps(meta))
     (path / "build.json").write_text(json.dumps({"image_root": str(images.resolve())}))
     return path
