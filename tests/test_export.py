@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pandas as pd
 import pytest
@@ -71,7 +72,6 @@ def truth(root: Path) -> dict:
 
 
 def test_hf_export_round_trips_through_the_datasets_package(root, tmp_path):
-    datasets = pytest.importorskip("datasets")
     out = tmp_path / "hf"
     summary = export_hf(root, out, HFExportConfig(shard_rows=5))
     assert summary["shards"] == 4 + 1 + 1  # 18 train rows in shards of 5; val and test fit in one
@@ -179,3 +179,22 @@ def test_basicsr_folders_load_with_basicsr_dataset_classes(root, tmp_path, copy)
     val = names[(names["split"] == "val") & (names["references"] != "")]
     for key, refs in zip(val["key"], val["references"], strict=True):
         assert [path_of[r] for r in refs.split()] == t["refs"]["val"][path_of[key]]
+
+
+def test_cli_exports(root, tmp_path):
+    from typer.testing import CliRunner
+
+    from refface.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["export", "hf", str(root), "--out", str(tmp_path / "hf"), "--shard-rows", "50"]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "hf" / "data").glob("*.parquet"))) == 3
+    assert "push-to-hub" in runner.invoke(app, ["export", "hf", "--help"]).output
+    result = runner.invoke(app, ["export", "basicsr", str(root), "--out", str(tmp_path / "bsr"), "--copy"])
+    assert result.exit_code == 0, result.output
+    assert not any(p.is_symlink() for p in (tmp_path / "bsr").rglob("*.png"))
+    result = runner.invoke(app, ["export", "hf", str(tmp_path / "empty"), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "error" in result.output

@@ -300,3 +300,26 @@ def test_page_in_headless_chromium_produces_the_expected_corrections(built, tmp_
     changed = {i for p, i in before["identity"].items() if after["identity"].get(p) != i and i >= 0}
     changed |= {i for p, i in after["identity"].items() if before["identity"].get(p) != i and i >= 0}
     assert changed == touched
+
+
+def test_cli_review_and_bad_corrections_file(built, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from refface.cli import app
+
+    root = tmp_path / "root"
+    shutil.copytree(built, root)
+    runner = CliRunner()
+    result = runner.invoke(app, ["review", str(root), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert (root / "review" / "index.html").exists() and (root / "review" / "data.js").exists()
+    for builder in ("ffhq-ref", "reface-hq", "celeba-test-ref"):
+        assert "--corrections" in runner.invoke(app, ["build", builder, "--help"]).output, builder
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,what\nx,drop\n")
+    with pytest.raises(ValueError, match="path, action, value"):
+        build_mined(root, config(bad), root / "images", image_paths(root))
+    result = runner.invoke(app, ["review", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "error" in result.output

@@ -15,6 +15,7 @@ label's group side by side: the same person under two sources' names, or two peo
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,14 +134,14 @@ def review_data(root: str | Path, config: ReviewConfig | None = None) -> dict:
         dist[rows] = d
         flagged[rows] = d > bar
         means[k] = vectors[rows].mean(axis=0)
-        splits = pd.Series([split_of.get(paths[r], "") for r in rows]).value_counts()
+        splits = Counter(split_of.get(paths[r], "") for r in rows).most_common(1)
         clusters.append(
             {
                 "id": ident,
                 "faces": [int(rows[j]) for j in order],
                 "medoid": int(rows[medoid]),
                 "bar": round(bar, 4),
-                "split": str(splits.index[0]) if len(splits) else "",
+                "split": splits[0][0] if splits else "",
                 "flagged": int(flagged[rows].sum()),
                 "near": [],
                 "singletons": [],
