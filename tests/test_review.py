@@ -97,6 +97,16 @@ def test_chained_merges_follow_through_and_are_order_independent():
     assert a["a0"] == a["b0"] == a["c0"] == 2
 
 
+def test_pool_builds_take_drop_and_singleton_and_report_moves():
+    from refface.review.corrections import pool_exclusions
+
+    rows = parse_corrections("path,action,value\nt1,drop,\np2,singleton,\np3,move,4\nzz,drop,\n")
+    drop_t, drop_p, report = pool_exclusions(rows, ["t1", "t2"], ["p1", "p2", "p3", "t1"])
+    assert drop_t == {"t1"} and drop_p == {"p2", "t1"}
+    reasons = {u["path"]: u["reason"] for u in report.unmatched}
+    assert "needs identity clusters" in reasons["p3"] and "not among" in reasons["zz"]
+
+
 def test_parse_rejects_a_file_without_the_columns():
     with pytest.raises(ValueError, match="path, action, value"):
         parse_corrections("file,what\nx,drop\n")
