@@ -335,3 +335,20 @@ def test_train_init_reads_a_converted_folder(tmp_path):
     converted = RefLDMUNet.from_pretrained(tmp_path / "model" / "unet")
     ours, theirs = task.unet.state_dict(), converted.state_dict()
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_convert_checks_the_stored_noise_schedule(tmp_path):
+    from refface.train.refldm.model import NoiseConfig, make_train_scheduler
+
+    ucfg, vcfg = small_cfgs()
+    _release(tmp_path, ucfg, vcfg, with_ema=False)
+    ck = torch.load(tmp_path / "refldm.ckpt")
+    good = make_train_scheduler(NoiseConfig()).betas
+    ck["state_dict"]["betas"] = good.double()
+    torch.save(ck, tmp_path / "refldm.ckpt")
+    kw = {"attention_head_dim": 16, "resolution": 32}
+    official.convert_release(tmp_path / "refldm.ckpt", tmp_path / "ok", tmp_path / "vqgan.ckpt", **kw)
+    ck["state_dict"]["betas"] = torch.linspace(1e-4, 2e-2, 1000, dtype=torch.float64)
+    torch.save(ck, tmp_path / "refldm.ckpt")
+    with pytest.raises(ValueError, match="noise schedule"):
+        official.convert_release(tmp_path / "refldm.ckpt", tmp_path / "bad", tmp_path / "vqgan.ckpt", **kw)
