@@ -11,6 +11,11 @@ REFFACE_SAMPLE_DIR ?= $(firstword $(wildcard ../shared/data/faces))
 export REFFACE_SAMPLE_DIR
 OUT ?= out
 WORKERS ?= 2
+# build-ffhq-ref: auto = ArcFace when its weights are found (MODEL= or insightface's model root), else dlib.
+EMBEDDER ?= auto
+# train-mgfr reads the dataset build-ffhq-ref wrote unless DATASET= says otherwise.
+DATASET_MGFR = $(or $(DATASET),$(OUT)/ffhq-ref)
+CONFIG_MGFR = $(or $(CONFIG),configs/mgfr_sd15.yaml)
 
 .PHONY: help install test test-fast lint format demo build-ffhq-ref degrade-test audit-leakage train-mgfr train-refldm bench clean
 
@@ -47,9 +52,9 @@ test-fast: install  ## the quick tier: every test not marked slow or faces (no l
 demo: install  ## the whole pipeline on the default input (DATA=<folder> to override)
 	$(BIN)/refface demo --out $(OUT)/demo $(if $(DATA),--data $(DATA)) --workers $(WORKERS)
 
-build-ffhq-ref: install  ## FFHQ-Ref-style dataset: make build-ffhq-ref FFHQ=<images dir> [OUT=...]
-	@test -n "$(FFHQ)" || { echo "usage: make build-ffhq-ref FFHQ=<folder of FFHQ-aligned images> [OUT=out]"; exit 2; }
-	$(BIN)/refface build ffhq-ref $(FFHQ) --out $(OUT)/ffhq-ref --workers $(WORKERS)
+build-ffhq-ref: install  ## FFHQ-Ref-style dataset: make build-ffhq-ref FFHQ=<images dir> [EMBEDDER=auto|arcface|dlib] [MODEL=<weights>] [OUT=...]
+	@test -n "$(FFHQ)" || { echo "usage: make build-ffhq-ref FFHQ=<folder of FFHQ-aligned images> [EMBEDDER=auto|arcface|dlib] [MODEL=<embedder weights>] [DETECTOR=prealigned|dlib|scrfd] [OUT=out]"; exit 2; }
+	$(BIN)/refface build ffhq-ref $(FFHQ) --out $(OUT)/ffhq-ref --embedder $(EMBEDDER) $(if $(MODEL),--model $(MODEL)) $(if $(DETECTOR),--detector $(DETECTOR)) --workers $(WORKERS)
 
 degrade-test: install  ## LQ test sets: make degrade-test DATASET=<dataset root>
 	@test -n "$(DATASET)" || { echo "usage: make degrade-test DATASET=<dataset root>"; exit 2; }
@@ -59,9 +64,9 @@ audit-leakage: install  ## leakage audit: make audit-leakage TRAIN=<set> TEST=<s
 	@test -n "$(TRAIN)" -a -n "$(TEST)" || { echo "usage: make audit-leakage TRAIN=<split list|csv|root|folder> TEST=<...>"; exit 2; }
 	$(BIN)/refface audit --set train=$(TRAIN) --set test=$(TEST) --out $(OUT)/audit
 
-train-mgfr: install  ## MGFR: make train-mgfr DATASET=<root> SD=<diffusers folder> [STAGE=1|2] [CONFIG=...]
-	@test -n "$(DATASET)" -a -n "$(SD)" || { echo "usage: make train-mgfr DATASET=<dataset root> SD=<diffusers folder> [STAGE=1]"; exit 2; }
-	$(BIN)/accelerate launch -m refface.train.mgfr.train --config $(or $(CONFIG),configs/mgfr_sd15.yaml) --dataset $(DATASET) --sd $(SD) --stage $(or $(STAGE),1) --output $(OUT)/mgfr
+train-mgfr: install  ## MGFR: make train-mgfr SD=<diffusers folder> [DATASET=<root>, default OUT/ffhq-ref] [STAGE=1|2] [CONFIG=...] [MAX_STEPS=n]
+	@test -n "$(SD)" || { echo "usage: make train-mgfr SD=<diffusers SD folder> [DATASET=<dataset root or shards>, default $(OUT)/ffhq-ref] [STAGE=1|2] [CONFIG=configs/mgfr_sd15.yaml] [MAX_STEPS=n]"; exit 2; }
+	$(BIN)/accelerate launch -m refface.train.mgfr.train --config $(CONFIG_MGFR) --dataset $(DATASET_MGFR) --sd $(SD) --stage $(or $(STAGE),1) --output $(OUT)/mgfr $(if $(MAX_STEPS),--max-steps $(MAX_STEPS))
 
 train-refldm: install  ## ReF-LDM: make train-refldm DATASET=<root> [STAGE=vqgan|ldm|refldm] [CONFIG=...]
 	@test -n "$(DATASET)" || { echo "usage: make train-refldm DATASET=<dataset root> [STAGE=refldm]"; exit 2; }

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from common.tiny_root import make_tiny_root
@@ -429,10 +430,8 @@ def test_entry_point_on_real_shards_both_stages(sd_dir, tmp_path):
 
     root = make_tiny_root(tmp_path / "root")
     write_shards(root, tmp_path / "shards", ShardsConfig(split="train"))
-    # The tiny root's embeddings are 8-d.
-    config = tmp_path / "tiny8.yaml"
-    config.write_text(TINY_CONFIG.read_text().replace("id_dim: 128", "id_dim: 8"))
-    argv = ["--config", str(config), "--dataset", str(tmp_path / "shards"), "--sd", str(sd_dir)]
+    # The tiny root's embeddings are 8-d: the config leaves id_dim to the data.
+    argv = ["--config", str(TINY_CONFIG), "--dataset", str(tmp_path / "shards"), "--sd", str(sd_dir)]
     argv += ["--output", str(tmp_path / "out"), "--max-steps", "2"]
     for stage in (1, 2):
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -476,3 +475,168 @@ def test_stage2_with_frozen_lca_trains_rca_only_and_ema_loads_strictly(sd_dir, t
     assert all(torch.equal(v, lca_before[k]) for k, v in task.adapters.lca.state_dict().items())
     fresh = MGFRAdapters.from_unet(sd.unet, use_rca=True, id_dim=ID_DIM, num_id_tokens=2, rlf_channels=32)
     assert load_trainable_weights(tmp_path / "checkpoints" / "step_000002", {"adapters": fresh}) == "ema"
+
+
+def test_id_dim_comes_from_the_dataset_and_a_mismatch_names_both_sides(tmp_path):
+    from common.tiny_root import EMB_DIM, make_tiny_root
+
+    from refface.train.mgfr.train import MGFRConfig, check_resume_id_dim, resolve_id_dim
+
+    root = make_tiny_root(tmp_path / "root")
+    assert resolve_id_dim(mgfr_cfg(2, id_dim=None), str(root)).id_dim == EMB_DIM
+    assert resolve_id_dim(mgfr_cfg(2, id_dim=EMB_DIM), str(root)).id_dim == EMB_DIM
+    with pytest.raises(ValueError) as err:
+        resolve_id_dim(mgfr_cfg(2, id_dim=512), str(root), config_path="configs/x.yaml")
+    text = str(err.value)
+    assert f"dataset {root} (test, embeddings.json) gives {EMB_DIM}-d" in text
+    assert "mgfr.id_dim in configs/x.yaml expects 512-d" in text
+    # Without a dataset, stage 2 reads the size from the batches it is given.
+    assert resolve_id_dim(mgfr_cfg(2, id_dim=None), None, make_loader()).id_dim == ID_DIM
+    # Stage 2 without any embeddings says what to do.
+    (root / "embeddings.json").unlink()
+    (root / "embeddings.npy").unlink()
+    with pytest.raises(ValueError, match="needs identity embeddings"):
+        resolve_id_dim(mgfr_cfg(2, id_dim=None), str(root))
+    assert resolve_id_dim(mgfr_cfg(1, id_dim=None), str(root)).id_dim is None
+    # Resuming a stage-2 run built for another size.
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text(json.dumps({"task": {"mgfr": {"id_dim": 512}}}))
+    with pytest.raises(ValueError, match=r"this run's data gives 128-d .* checkpoint it resumes"):
+        check_resume_id_dim(MGFRConfig(stage=2, id_dim=128), tmp_path / "run", "latest")
+    check_resume_id_dim(MGFRConfig(stage=2, id_dim=512), tmp_path / "run", "latest")
+
+
+def test_negative_attribute_samples_appear_at_the_configured_share():
+    from refface.train.data import MGFRSampler, SamplingConfig
+
+    nq, na, n = 0.2, 0.3, 400
+    sampler = MGFRSampler(
+        SamplingConfig(resolution=32, seed=3), negative_quality_fraction=nq, negative_attribute_fraction=na
+    )
+    rng = np.random.default_rng(0)
+    hq = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    counts = {"quality": 0, "attribute": 0, "positive": 0}
+    for i in range(n):
+        attrs = {"prompt": f"a photo of person {i}", "negative_attribute_prompt": f"not person {i}"}
+        raw = {"key": f"k{i}", "hq": hq, "refs": [hq], "id_embedding": np.ones(4, np.float32), "attrs": attrs}
+        out = sampler(raw)
+        if bool(out["negative_attribute"]):
+            counts["attribute"] += 1
+            assert out["prompt"] == f"not person {i}"
+            assert not bool(out["negative_quality"])
+        elif bool(out["negative_quality"]):
+            counts["quality"] += 1
+            assert "low-quality" in out["prompt"]
+        else:
+            counts["positive"] += 1
+            assert out["prompt"] == f"a photo of person {i}"
+        # Negative samples have a degraded target; positive ones the clean (possibly flipped) one.
+        clean = torch.from_numpy(hq).permute(2, 0, 1).float() / 127.5 - 1
+        is_clean = any(torch.allclose(out["gt"], c, atol=1e-5) for c in (clean, clean.flip(-1)))
+        positive = not bool(out["negative_attribute"]) and not bool(out["negative_quality"])
+        assert is_clean == positive
+    # Binomial spread at n=400 is about 8-9 samples; 4 standard deviations of slack.
+    for kind, share in (("quality", nq), ("attribute", na), ("positive", 1 - nq - na)):
+        sd = (n * share * (1 - share)) ** 0.5
+        assert abs(counts[kind] - n * share) < 4 * sd, (kind, counts)
+    # A sample without a negative-attribute prompt stays positive and is counted as missing.
+    drawn = next(f"k{i}" for i in range(n) if sampler.negative_kind(f"k{i}") == "attribute")
+    raw = {"key": drawn, "hq": hq, "refs": [], "id_embedding": None, "attrs": {"prompt": "p"}}
+    out = sampler(raw)
+    assert out["prompt"] == "p" and not bool(out["negative_attribute"]) and bool(out["attrs_missing"])
+    # Evaluation samplers make no negatives.
+    evaluation = MGFRSampler(SamplingConfig(resolution=16, train=False), 0.5, None, 0.5)
+    assert all(evaluation.negative_kind(f"k{i}") is None for i in range(50))
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        MGFRSampler(SamplingConfig(resolution=16), 0.6, None, 0.5)
+
+
+def test_negative_attribute_share_reaches_the_training_logs(sd_dir, tmp_path):
+    from refface.train.loop import train
+    from refface.train.mgfr.train import MGFRTask, build_adapters
+
+    sd = fresh_sd(sd_dir)
+    cfg = mgfr_cfg(1)
+    task = MGFRTask(sd, build_adapters(sd, cfg), cfg)
+    loader = make_loader()
+    batch = next(iter(loader))
+    assert "negative_attribute" not in batch  # the hand-made batches carry none: share 0
+    logs = train(task, loader, loop_cfg(tmp_path, max_steps=1, checkpoint_every=1))
+    assert logs[0]["negative_attribute_share"] == 0.0 and "negative_quality_share" in logs[0]
+
+
+def _spy_sampler(monkeypatch):
+    import refface.train.mgfr.model as model
+
+    calls = []
+    real = model.sample
+
+    def spy(*args, **kwargs):
+        calls.append(
+            {"prompts": list(args[3]), "negatives": list(kwargs.get("negative_attribute_prompts") or [])}
+        )
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "sample", spy)
+    return calls
+
+
+def test_per_image_prompts_reach_the_sampler(sd_dir, trained_run, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from refface.cli import app
+    from refface.train.mgfr.restore import restore_folder
+
+    calls = _spy_sampler(monkeypatch)
+    _write_faces(tmp_path / "lq", 3, seed=7)
+    table = pd.DataFrame(
+        {
+            "path": ["face_0.png", "face_1"],
+            "prompt": ["a woman with red hair", ""],
+            "negative_attribute_prompt": ["black hair", ""],
+            "attributes": ["", "green eyes, beard"],
+        }
+    )
+    table.to_csv(tmp_path / "attrs.csv", index=False)
+    kw = dict(checkpoint=trained_run["out"] / "stage1", sd=sd_dir, steps=1, device="cpu", batch_size=3)
+    counts = restore_folder(
+        tmp_path / "lq", tmp_path / "out", attributes=tmp_path / "attrs.csv", prompt="plain", **kw
+    )
+    assert counts["restored"] == 3 and counts["without attributes"] == 1
+    prompts = dict(zip(["face_0.png", "face_1.png", "face_2.png"], calls[0]["prompts"], strict=True))
+    negatives = dict(zip(["face_0.png", "face_1.png", "face_2.png"], calls[0]["negatives"], strict=True))
+    assert prompts["face_0.png"] == "a woman with red hair" and negatives["face_0.png"] == "black hair"
+    assert prompts["face_1.png"] == "a high-quality photo of a person, green eyes, beard"
+    assert "brown eyes" in negatives["face_1.png"] and "clean-shaven" in negatives["face_1.png"]
+    assert prompts["face_2.png"] == "plain" and negatives["face_2.png"] == ""
+
+    # One image, typed attributes, both guidance weights on the command line.
+    calls.clear()
+    args = ["restore", "--model", "mgfr", "--input", str(tmp_path / "lq" / "face_2.png")]
+    args += ["--output", str(tmp_path / "one"), "--checkpoint", str(trained_run["out"] / "stage1")]
+    args += ["--sd", str(sd_dir), "--steps", "1", "--attributes", "blue eyes, beard"]
+    args += ["--w-quality", "0.5", "--w-attribute", "2.0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["face_2.png"]
+    assert calls[0]["prompts"] == ["a high-quality photo of a person, blue eyes, beard"]
+    assert calls[0]["negatives"][0].startswith("brown eyes, green eyes")
+
+
+def test_sampler_negative_prompts_change_the_output(sd, tmp_path):
+    from refface.train.mgfr.model import GuidanceConfig, MGFRAdapters, sample
+
+    a = MGFRAdapters.from_unet(sd.unet, use_rca=False)
+    lq = make_batch(2)["lq"]
+    g = GuidanceConfig(steps=2, w_quality=0.0, w_attribute=3.0)
+
+    def run(negatives):
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        return sample(sd, a, lq, ["a face", "a face"], g, gens, negative_attribute_prompts=negatives)
+
+    base = run(["", ""])
+    changed = run(["", "blue eyes"])
+    assert torch.equal(base[0], changed[0]) and not torch.equal(base[1], changed[1])
+    with pytest.raises(ValueError, match="1 negative-attribute prompts for 2 images"):
+        run(["x"])

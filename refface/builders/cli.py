@@ -24,6 +24,12 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2) from e
 
 
+def resolve_embedder_name(name: str, model: Path | None) -> str:
+    from refface.mining.embed import resolve_embedder_name as resolve
+
+    return resolve(name, model)
+
+
 def _opt(path: Path | None) -> str | None:
     return str(path) if path else None
 
@@ -32,7 +38,10 @@ def _opt(path: Path | None) -> str | None:
 DETECTOR_HELP = (
     "Face detector: prealigned (FFHQ-aligned crops, no detection), dlib (offline) or scrfd (ONNX)."
 )
-EMBEDDER_HELP = "Embedder: dlib (offline, 128-d) or arcface (insightface ONNX, 512-d; ReF-LDM's choice)."
+EMBEDDER_HELP = (
+    "Embedder: dlib (offline, 128-d), arcface (insightface ONNX, 512-d; ReF-LDM's choice) or auto "
+    "(arcface when its weights are found with --model or in insightface's model root, else dlib)."
+)
 MODEL_HELP = "Embedder weights: an ArcFace .onnx (or a folder holding one) or a dlib .dat."
 THRESHOLD_HELP = "Same-identity cosine distance (default: the clustering's bar for the embedder; ArcFace 0.4, dlib 0.075 with average linkage)."
 CORRECTIONS_HELP = (
@@ -51,7 +60,7 @@ def ffhq_ref(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Dataset root that receives every output."),
     detector: str = typer.Option("prealigned", help=DETECTOR_HELP + " Use dlib for ordinary photos."),
-    embedder: str = typer.Option("dlib", help=EMBEDDER_HELP),
+    embedder: str = typer.Option("auto", help=EMBEDDER_HELP),
     model: Path | None = typer.Option(None, help=MODEL_HELP),
     model_root: Path | None = typer.Option(None, help="Folder holding det_10g.onnx for --detector scrfd."),
     dlib_detector: str = typer.Option("hog", help="dlib detector: hog (fast) or mmod (CNN)."),
@@ -112,7 +121,7 @@ def ffhq_ref(
     try:
         config = FFHQRefConfig(
             detector=detector,
-            embedder=embedder,
+            embedder=resolve_embedder_name(embedder, model),
             model_path=_opt(model),
             model_root=_opt(model_root),
             dlib_detector=dlib_detector,
@@ -155,7 +164,7 @@ def celeba_test_ref(
         None, help="Folder of existing LQ images, matched to targets by file stem."
     ),
     detector: str = typer.Option("dlib", help=DETECTOR_HELP),
-    embedder: str = typer.Option("dlib", help=EMBEDDER_HELP),
+    embedder: str = typer.Option("auto", help=EMBEDDER_HELP),
     model: Path | None = typer.Option(None, help=MODEL_HELP),
     model_root: Path | None = typer.Option(None, help="Folder holding det_10g.onnx for --detector scrfd."),
     dlib_detector: str = typer.Option("hog", help="dlib detector: hog (fast) or mmod (CNN)."),
@@ -182,7 +191,7 @@ def celeba_test_ref(
     try:
         config = CelebATestRefConfig(
             detector=detector,
-            embedder=embedder,
+            embedder=resolve_embedder_name(embedder, model),
             model_path=_opt(model),
             model_root=_opt(model_root),
             dlib_detector=dlib_detector,
@@ -209,7 +218,7 @@ def reface_hq(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Dataset root that receives every output."),
     detector: str = typer.Option("dlib", help=DETECTOR_HELP),
-    embedder: str = typer.Option("dlib", help=EMBEDDER_HELP),
+    embedder: str = typer.Option("auto", help=EMBEDDER_HELP),
     model: Path | None = typer.Option(None, help=MODEL_HELP),
     model_root: Path | None = typer.Option(None, help="Folder holding det_10g.onnx for --detector scrfd."),
     dlib_detector: str = typer.Option("hog", help="dlib detector: hog (fast) or mmod (CNN)."),
@@ -251,7 +260,7 @@ def reface_hq(
     try:
         config = RefaceHQConfig(
             detector=detector,
-            embedder=embedder,
+            embedder=resolve_embedder_name(embedder, model),
             model_path=_opt(model),
             model_root=_opt(model_root),
             dlib_detector=dlib_detector,

@@ -183,14 +183,20 @@ def attrs_record(attrs: dict[str, Any] | None) -> dict[str, Any]:
 
     record: dict[str, Any] = {"negative_quality_prompt": NEGATIVE_QUALITY_PROMPT}
     if attrs:
-        for name in ("age", "gender", "gender_score", "race", "race_score", "emotion", "emotion_score"):
-            if name in attrs:
-                value = attrs[name]
-                record[name] = float(value) if isinstance(value, (float, np.floating)) else value
+        # Every attribute column of the table (deepface's or the vocabulary's), JSON-ready.
+        for name, value in attrs.items():
+            if name in ("path", "scores", "prompt", "negative_attribute_prompt"):
+                continue
+            if isinstance(value, (float, np.floating)):
+                value = None if np.isnan(value) else float(value)
+            elif isinstance(value, np.integer):
+                value = int(value)
+            record[name] = value
         record["prompt"] = str(attrs.get("prompt") or FALLBACK_PROMPT)
-        record["negative_attribute_prompt"] = str(
-            attrs.get("negative_attribute_prompt") or build_negative_attribute_prompt(attrs)
-        )
+        negative = attrs.get("negative_attribute_prompt")
+        if not negative and {"age", "gender", "emotion"} <= set(attrs):
+            negative = build_negative_attribute_prompt(attrs)
+        record["negative_attribute_prompt"] = str(negative or "")
     else:
         record["prompt"] = FALLBACK_PROMPT
         record["negative_attribute_prompt"] = ""

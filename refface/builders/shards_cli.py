@@ -103,29 +103,51 @@ def shards(
 
 def attributes(
     root: Path = typer.Argument(..., help="Dataset root (images.parquet or reference CSVs, build.json)."),
-    backend: str = typer.Option("deepface", help="Analyzer: deepface, or torch (a TorchScript --model)."),
+    backend: str = typer.Option(
+        "deepface",
+        help="Analyzer: clip (zero-shot eye/hair colour, hair length, facial hair, glasses, makeup, age "
+        "group, expression, skin tone; needs --clip-model), deepface, or torch (a TorchScript --model).",
+    ),
+    clip_model: str | None = typer.Option(
+        None, help="clip backend: local transformers CLIP folder (config.json, weights, tokenizer)."
+    ),
+    thresholds: str | None = typer.Option(
+        None, help="clip backend: JSON {group: threshold} (from --calibrate); default: built-in values."
+    ),
+    calibrate: str | None = typer.Option(
+        None,
+        help="Write calibrated thresholds instead: a CSV of known labels (path + one column per group) "
+        "scored against ROOT's attributes.parquet; the JSON goes to --thresholds.",
+    ),
+    precision: float = typer.Option(0.9, help="--calibrate: share of stated labels that must be right."),
     deepface_home: str | None = typer.Option(
         None, help="Folder holding .deepface/weights/ (default: $DEEPFACE_HOME); nothing is downloaded."
     ),
     model: str | None = typer.Option(None, help="torch backend: TorchScript file of the attribute model."),
     template: str | None = typer.Option(
-        None, help="Prompt template; fields {age} {gender} {race} {emotion}."
+        None, help="deepface/torch prompt template; fields {age} {gender} {race} {emotion}."
     ),
+    device: str = typer.Option("cpu", help="clip backend: torch device."),
     batch_size: int = typer.Option(16, help="Crops per analyzer call."),
     force: bool = typer.Option(False, help="Recompute even when attributes.parquet is up to date."),
 ) -> None:
-    """Age, gender, race and emotion of every aligned crop, and its text prompts -> attributes.parquet."""
+    """Attributes of every aligned crop and its text prompts -> attributes.parquet (docs/shards.md)."""
     from refface.console import console, print_summary
     from refface.mining.attributes import DEFAULT_PROMPT_TEMPLATE, AttributesConfig, run_attributes
 
-    config = AttributesConfig(
-        backend=backend,
-        deepface_home=deepface_home,
-        model_path=model,
-        template=template or DEFAULT_PROMPT_TEMPLATE,
-        batch_size=batch_size,
-    )
     try:
+        if calibrate is not None:
+            return _calibrate(root, calibrate, thresholds, precision)
+        config = AttributesConfig(
+            backend=backend,
+            deepface_home=deepface_home,
+            model_path=model,
+            clip_model=clip_model,
+            thresholds=thresholds,
+            device=device,
+            template=template or DEFAULT_PROMPT_TEMPLATE,
+            batch_size=batch_size,
+        )
         manifest, ran = run_attributes(root, config, force=force)
     except (ValueError, FileNotFoundError, ImportError) as e:
         console.print(f"[red]{e}")
@@ -139,3 +161,32 @@ def attributes(
             "output": str(Path(root) / "attributes.parquet"),
         },
     )
+
+
+def _calibrate(root: Path, labels: str, out: str | None, precision: float) -> None:
+    import json
+
+    import pandas as pd
+
+    from refface.console import print_summary
+    from refface.manifests.atomic import write_text
+    from refface.mining.attributes import read_attributes
+    from refface.mining.vocabulary import calibrate_thresholds
+
+    if out is None:
+        raise ValueError("--calibrate writes its thresholds to --thresholds FILE; name the file")
+    table = read_attributes(root)
+    if table is None or "scores" not in table.columns:
+        raise FileNotFoundError(
+            f"{root}/attributes.parquet with clip scores not found; run --backend clip first"
+        )
+    truth = pd.read_csv(labels, dtype=str, keep_default_na=False)
+    result = calibrate_thresholds(table, truth, precision=precision)
+    if not result:
+        raise ValueError(f"{labels} labels no vocabulary group for the images of {root}")
+    write_text(Path(out), json.dumps({g: r["threshold"] for g, r in result.items()}, indent=2) + "\n")
+    rows = {
+        g: f"{r['threshold']:.3f} ({r['stated']}/{r['labeled']} stated, precision {r['precision']:.2f})"
+        for g, r in result.items()
+    }
+    print_summary("attribute thresholds", {**rows, "written": out})

@@ -1,4 +1,10 @@
-"""Face attributes (age, gender, race, emotion) on aligned crops, and the MGFR-style text prompts."""
+"""Face attributes on aligned crops, and the MGFR-style text prompts.
+
+Backends (:data:`ANALYZERS`): ``clip`` scores the attribute vocabulary MGFR is about (eye and hair
+colour, hair length, facial hair, glasses, makeup, age group, expression, skin tone; see
+:mod:`refface.mining.vocabulary`) zero-shot; ``deepface`` and ``torch`` give age, gender, race and
+emotion.
+"""
 
 from __future__ import annotations
 
@@ -184,10 +190,17 @@ class TorchAttributeAnalyzer:
         ]
 
 
+def _clip_analyzer(cfg: AttributesConfig):
+    from refface.mining.clip_attributes import ClipAttributeAnalyzer
+
+    return ClipAttributeAnalyzer(cfg.clip_model, device=cfg.device)
+
+
 # Backends by name; each is built from an AttributesConfig.
 ANALYZERS: dict[str, Callable[[AttributesConfig], Callable]] = {
     "deepface": lambda cfg: DeepFaceAnalyzer(cfg.deepface_home),
     "torch": lambda cfg: TorchAttributeAnalyzer(cfg.model_path),
+    "clip": _clip_analyzer,
 }
 
 
@@ -198,6 +211,9 @@ class AttributesConfig:
     backend: str = "deepface"
     deepface_home: str | None = None
     model_path: str | None = None
+    clip_model: str | None = None
+    thresholds: str | None = None
+    device: str = "cpu"
     template: str = DEFAULT_PROMPT_TEMPLATE
     batch_size: int = 16
 
@@ -214,8 +230,18 @@ class AttributesConfig:
             ) from e
 
 
-def summarize(path: str, raw: dict[str, Any], template: str) -> dict[str, Any]:
-    """One attributes row from an analyzer's raw scores: dominant labels, their scores, the prompts."""
+def summarize(
+    path: str, raw: dict[str, Any], template: str, thresholds: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """One attributes row from an analyzer's raw scores: dominant labels, their scores, the prompts.
+
+    ``raw`` is either vocabulary probabilities ``{"groups": {group: {label: p}}}`` (stated when they
+    reach ``thresholds``) or age plus gender/race/emotion scores.
+    """
+    if "groups" in raw:
+        from refface.mining.vocabulary import load_thresholds, summarize_scores
+
+        return summarize_scores(path, raw["groups"], thresholds or load_thresholds(None))
     row: dict[str, Any] = {"path": path, "age": float(raw["age"])}
     for name in ("gender", "race", "emotion"):
         label, score = max(raw[name].items(), key=lambda kv: kv[1])
@@ -241,7 +267,9 @@ def analyze_images(
     from refface.console import track
     from refface.manifests.errors import ImageError
     from refface.manifests.io import read_image
+    from refface.mining.vocabulary import load_thresholds
 
+    thresholds = load_thresholds(config.thresholds)
     rows: list[dict[str, Any]] = []
     batch_paths: list[str] = []
     batch: list[np.ndarray] = []
@@ -250,7 +278,9 @@ def analyze_images(
         if not batch:
             return
         results = analyzer(batch)
-        rows.extend(summarize(p, r, config.template) for p, r in zip(batch_paths, results, strict=True))
+        rows.extend(
+            summarize(p, r, config.template, thresholds) for p, r in zip(batch_paths, results, strict=True)
+        )
         batch.clear()
         batch_paths.clear()
 
@@ -265,7 +295,16 @@ def analyze_images(
         if len(batch) >= config.batch_size:
             flush()
     flush()
-    return pd.DataFrame(rows, columns=ATTRIBUTE_COLUMNS)
+    return pd.DataFrame(rows, columns=columns_of(config.backend))
+
+
+def columns_of(backend: str) -> list[str]:
+    """The attributes table's columns for a backend (the vocabulary's for ``clip``)."""
+    if backend == "clip":
+        from refface.mining.vocabulary import vocabulary_columns
+
+        return vocabulary_columns()
+    return ATTRIBUTE_COLUMNS
 
 
 def read_attributes(root: str | os.PathLike) -> pd.DataFrame | None:
@@ -298,6 +337,10 @@ def run_attributes(
     image_root = image_root_of(root)
     paths = dataset_image_paths(root)
     inputs = {"images": folder_fingerprint(image_root, paths)}
+    if config.thresholds:
+        from refface.mining.vocabulary import load_thresholds
+
+        inputs["thresholds"] = load_thresholds(config.thresholds)
 
     def work() -> dict:
         analyzer = ANALYZERS[config.backend](config)

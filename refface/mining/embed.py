@@ -194,6 +194,39 @@ def make_embedder(name: str, model_path: str | os.PathLike | None = None, **kwar
     return EMBEDDERS[name](model_path, **kwargs)
 
 
+AUTO_EMBEDDER = "auto"
+
+
+def resolve_embedder_name(name: str, model_path: str | os.PathLike | None = None) -> str:
+    """``auto`` -> ``arcface`` when ArcFace weights are found (``model_path`` or insightface's model
+    root), else ``dlib`` (offline); any other name is returned unchanged."""
+    if name != AUTO_EMBEDDER:
+        return name
+    if model_path is not None:
+        # Weights named explicitly decide: a dlib .dat, else ArcFace (whose loader names what is missing).
+        return "dlib" if str(model_path).endswith(".dat") else "arcface"
+    try:
+        resolve_arcface(None)
+    except FileNotFoundError:
+        return "dlib"
+    return "arcface"
+
+
+def check_embedding_dim(found: int, found_from: str, expected: int, expected_from: str, fix: str) -> None:
+    """Raise ``ValueError`` naming both sides when two identity-embedding sizes differ.
+
+    Args:
+        found / found_from: the size met and what it comes from (a dataset, a batch, an embedder).
+        expected / expected_from: the size required and what requires it (a config, a checkpoint).
+        fix: what to do about it.
+    """
+    if int(found) != int(expected):
+        raise ValueError(
+            f"identity embedding size mismatch: {found_from} gives {int(found)}-d embeddings but "
+            f"{expected_from} expects {int(expected)}-d; {fix}"
+        )
+
+
 def embedder_weights(name: str, model_path: str | os.PathLike | None = None) -> Path:
     """The weights file an embedder would load (raises the embedder's clear error when absent)."""
     if name == "dlib":

@@ -42,7 +42,9 @@ def restore(
     model: str | None = typer.Option(
         None, help=f"Which model restores: {', '.join(RESTORERS)} (--whole-photo: refldm)."
     ),
-    input_dir: Path | None = typer.Option(None, "--input", help="Folder of aligned LQ face images."),
+    input_dir: Path | None = typer.Option(
+        None, "--input", help="Folder of aligned LQ face images (MGFR: or one image)."
+    ),
     output_dir: Path = typer.Option(..., "--output", help="Where restored PNGs go (same relative names)."),
     whole_photo: bool = typer.Option(
         False,
@@ -69,12 +71,21 @@ def restore(
         "joint references, seed 2024) or 'refface' (100 leading steps); default: the model's "
         "(official for converted release weights).",
     ),
+    attributes: str | None = typer.Option(
+        None,
+        help='MGFR: typed attributes ("blue eyes, beard"; they also give the negative-attribute prompt) '
+        "or a per-image table (.parquet/.csv: path + prompt[, negative_attribute_prompt] or attributes).",
+    ),
     steps: int | None = typer.Option(None, help="Sampling steps (model default when omitted)."),
     guidance_scale: float | None = typer.Option(
         None, help="ReF-LDM: CFG scale toward the references (default: the preset's)."
     ),
-    w_quality: float | None = typer.Option(None, help="MGFR: negative-quality guidance weight."),
-    w_attribute: float | None = typer.Option(None, help="MGFR: negative-attribute guidance weight."),
+    w_quality: float | None = typer.Option(
+        None, help="MGFR: negative-quality guidance weight (default 1.5; 0 skips that pass)."
+    ),
+    w_attribute: float | None = typer.Option(
+        None, help="MGFR: negative-attribute guidance weight (default 1.0; 0 skips that pass)."
+    ),
     negative_attribute_prompt: str | None = typer.Option(None, help="MGFR: attributes to steer away from."),
     embedder: str | None = typer.Option(None, help="MGFR: identity embedder for references (arcface, dlib)."),
     embedder_model: Path | None = typer.Option(None, help="MGFR: embedder weights (ArcFace ONNX path)."),
@@ -141,6 +152,7 @@ def restore(
         "preset": preset,
         "sd": sd,
         "prompt": prompt,
+        "attributes": attributes,
         "steps": steps,
         "guidance_scale": guidance_scale,
         "w_quality": w_quality,

@@ -379,26 +379,52 @@ class RefLDMSampler(_Sampler):
 
 
 class MGFRSampler(_Sampler):
-    """MGFR sampling: one reference, the identity embedding of that reference, the attribute prompt;
-    a ``negative_quality_fraction`` of samples get a degraded target and the negative-quality prompt.
+    """MGFR sampling: one reference, the identity embedding of that reference, the attribute prompt.
+
+    Negative samples (their target degraded with the training preset): a ``negative_quality_fraction``
+    of samples get the negative-quality prompt, a ``negative_attribute_fraction`` the sample's
+    negative-attribute prompt (attributes the face does not have). One uniform draw per sample and
+    epoch decides, from its own generator, so the shares hold whatever the other draws are. A sample
+    drawn for a negative-attribute prompt that has none stays a positive sample (``attrs_missing``
+    counts them in the batch logs).
 
     The identity embedding is the reference's (what the identity extractor sees at inference), else
     the target's, else zeros. A sample without references gets a zero reference and zero embedding.
     """
 
     def __init__(
-        self, config: SamplingConfig, negative_quality_fraction: float = 0.1, embedding_dim: int | None = None
+        self,
+        config: SamplingConfig,
+        negative_quality_fraction: float = 0.1,
+        embedding_dim: int | None = None,
+        negative_attribute_fraction: float = 0.0,
     ):
         super().__init__(config)
-        if not 0.0 <= negative_quality_fraction <= 1.0:
-            raise ValueError("negative_quality_fraction must be within [0, 1]")
+        shares = (negative_quality_fraction, negative_attribute_fraction)
+        if min(shares) < 0.0 or sum(shares) > 1.0:
+            raise ValueError(
+                "negative_quality_fraction and negative_attribute_fraction must be >= 0 and sum to at most 1"
+            )
         self.negative_quality_fraction = negative_quality_fraction
+        self.negative_attribute_fraction = negative_attribute_fraction
         self.embedding_dim = embedding_dim
+
+    def negative_kind(self, key: str) -> str | None:
+        """``"quality"``, ``"attribute"`` or None (a positive sample) for ``key`` in this epoch."""
+        if not self.config.train:
+            return None
+        u = np.random.default_rng(item_seed(self.config.seed, f"{self.config.epoch}\0{key}\0negq")).random()
+        if u < self.negative_quality_fraction:
+            return "quality"
+        if u < self.negative_quality_fraction + self.negative_attribute_fraction:
+            return "attribute"
+        return None
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
         import torch
 
         from refface.mining.attributes import FALLBACK_PROMPT, NEGATIVE_QUALITY_PROMPT
+        from refface.mining.embed import check_embedding_dim
 
         rng = self.rng(raw["key"]) if self.config.train else None
         gt, lq = self.gt_and_lq(raw, rng)
@@ -416,26 +442,36 @@ class MGFRSampler(_Sampler):
         elif raw.get("id_embedding") is not None:
             emb = raw["id_embedding"]
         dim = self.embedding_dim or (len(emb) if emb is not None else DEFAULT_EMBEDDING_DIM)
+        if emb is not None:
+            check_embedding_dim(
+                len(emb),
+                f"sample {raw['key']}",
+                dim,
+                "this input pipeline (embedding_dim)",
+                "every sample of one dataset must carry embeddings of one model",
+            )
         emb = np.zeros(dim, np.float32) if emb is None else np.asarray(emb, np.float32)
-        prompt = (raw.get("attrs") or {}).get("prompt") or FALLBACK_PROMPT
-        # Own generator for the negative-quality draw: the fraction holds whatever the other draws are.
-        negative = bool(
-            self.config.train
-            and np.random.default_rng(
-                item_seed(self.config.seed, f"{self.config.epoch}\0{raw['key']}\0negq")
-            ).random()
-            < self.negative_quality_fraction
-        )
-        if negative:
+        attrs = raw.get("attrs") or {}
+        prompt = attrs.get("prompt") or FALLBACK_PROMPT
+        kind = self.negative_kind(raw["key"])
+        missing = kind == "attribute" and not attrs.get("negative_attribute_prompt")
+        if missing:
+            kind = None
+        if kind is not None:
             gt = self.degrade(gt, self.degrade_key(raw["key"], "negq"))
-            prompt = (raw.get("attrs") or {}).get("negative_quality_prompt") or NEGATIVE_QUALITY_PROMPT
+            if kind == "quality":
+                prompt = attrs.get("negative_quality_prompt") or NEGATIVE_QUALITY_PROMPT
+            else:
+                prompt = attrs["negative_attribute_prompt"]
         return {
             "gt": to_tensor(gt),
             "lq": to_tensor(lq),
             "ref": ref,
             "id_embedding": torch.from_numpy(emb),
             "prompt": prompt,
-            "negative_quality": torch.tensor(negative),
+            "negative_quality": torch.tensor(kind == "quality"),
+            "negative_attribute": torch.tensor(kind == "attribute"),
+            "attrs_missing": torch.tensor(missing),
             "key": raw["key"],
         }
 
@@ -764,16 +800,18 @@ def _make_loader(
     )
 
 
-def infer_embedding_dim(source, split: str = "train") -> int:
-    """D of the identity embeddings of a source: ``embeddings.npy`` of a root, else the first shard
-    sample that carries one, else :data:`DEFAULT_EMBEDDING_DIM`."""
+def infer_embedding_dim(
+    source, split: str = "train", default: int | None = DEFAULT_EMBEDDING_DIM
+) -> int | None:
+    """D of the identity embeddings of a source: ``embeddings.json`` / ``embeddings.npy`` of a root,
+    else the first shard sample that carries one, else ``default``."""
     from refface.builders.shards import decode_member, iter_tar_samples
 
     if not isinstance(source, (list, tuple)) and is_dataset_root(source, split):
         meta, path = Path(source) / "embeddings.json", Path(source) / "embeddings.npy"
         if meta.exists():
             return int(json.loads(meta.read_text())["dim"])
-        return int(np.load(path, mmap_mode="r").shape[1]) if path.exists() else DEFAULT_EMBEDDING_DIM
+        return int(np.load(path, mmap_mode="r").shape[1]) if path.exists() else default
     try:
         urls, _ = resolve_shards(source, split, skip_bad_shards=True)
         for sample in iter_tar_samples(urls[0]):
@@ -782,7 +820,7 @@ def infer_embedding_dim(source, split: str = "train") -> int:
                     return int(decode_member(name, sample[name]).shape[-1])
     except Exception as e:  # unreadable here: the loader reports it properly
         log.debug("embedding size not inferred from %s: %s", source, e)
-    return DEFAULT_EMBEDDING_DIM
+    return default
 
 
 def make_refldm_dataloader(
@@ -859,6 +897,7 @@ def make_mgfr_dataloader(
     negative_quality_fraction: float = 0.1,
     seed: int = 0,
     *,
+    negative_attribute_fraction: float = 0.0,
     epoch: int = 0,
     split: str = "train",
     train: bool = True,
@@ -870,17 +909,21 @@ def make_mgfr_dataloader(
     skip_bad_shards: bool = False,
     drop_last: bool | None = None,
 ):
-    """MGFR batches ``{"gt", "lq", "ref", "id_embedding" (B, D), "prompt", "negative_quality" (B,), "key"}``.
+    """MGFR batches ``{"gt", "lq", "ref", "id_embedding" (B, D), "prompt", "negative_quality" (B,),
+    "negative_attribute" (B,), "attrs_missing" (B,), "key"}``.
 
     Args are those of :func:`make_refldm_dataloader`, plus:
         negative_quality_fraction: share of samples whose target is degraded and whose prompt is the
             negative-quality prompt (0 in evaluation).
+        negative_attribute_fraction: share of samples whose target is degraded and whose prompt is the
+            sample's negative-attribute prompt (0 in evaluation).
         embedding_dim: D of ``id_embedding`` (default: :func:`infer_embedding_dim`); samples without
             an embedding get zeros of this size.
     """
     sampler = MGFRSampler(
         SamplingConfig(resolution=resolution, seed=seed, epoch=epoch, train=train, preset=preset),
         negative_quality_fraction=negative_quality_fraction,
+        negative_attribute_fraction=negative_attribute_fraction,
         # One D for every sample, so a sample without an embedding still collates with the others.
         embedding_dim=embedding_dim or infer_embedding_dim(source, split),
     )

@@ -419,8 +419,13 @@ def sample(
     generator: torch.Generator | list[torch.Generator],
     ref: torch.Tensor | None = None,
     id_embedding: torch.Tensor | None = None,
+    negative_attribute_prompts: list[str] | None = None,
 ) -> torch.Tensor:
-    """Restore ``lq`` (B, 3, H, W) in [-1, 1] with DDIM (eta 0) and the guidance above; returns [-1, 1]."""
+    """Restore ``lq`` (B, 3, H, W) in [-1, 1] with DDIM (eta 0) and the guidance above; returns [-1, 1].
+
+    ``prompts`` are per image; ``negative_attribute_prompts`` (per image) replace the guidance's one
+    negative-attribute prompt when given.
+    """
     from diffusers import DDIMScheduler
 
     device = lq.device
@@ -430,12 +435,18 @@ def sample(
     z_lq = encode_images(sd, lq).float()
     z_ref = encode_images(sd, ref).float() if ref is not None else None
     texts = list(prompts)
+    if len(texts) != b:
+        raise ValueError(f"got {len(texts)} prompts for {b} images")
+    if negative_attribute_prompts is None:
+        negative_attribute_prompts = [guidance.negative_attribute_prompt] * b
+    elif len(negative_attribute_prompts) != b:
+        raise ValueError(f"got {len(negative_attribute_prompts)} negative-attribute prompts for {b} images")
     passes = 1
     if guidance.w_quality > 0:
         texts += [guidance.negative_quality_prompt or default_negative_quality_prompt()] * b
         passes += 1
     if guidance.w_attribute > 0:
-        texts += [guidance.negative_attribute_prompt] * b
+        texts += list(negative_attribute_prompts)
         passes += 1
     ctx = encode_prompts(sd, texts, device)
     if isinstance(generator, list | tuple):

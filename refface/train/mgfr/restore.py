@@ -63,6 +63,76 @@ def _find_reference(references: Path, rel: str) -> Path | None:
     return matches[0] if matches else None
 
 
+def read_prompt_table(path: str | Path) -> dict[str, tuple[str, str]]:
+    """Per-image prompts from an attributes table (``attributes.parquet`` or a CSV).
+
+    Rows are keyed by ``path`` (relative image path). A row gives ``prompt`` and
+    ``negative_attribute_prompt`` directly, or typed attributes in an ``attributes`` column
+    ("blue eyes, beard"), composed with the vocabulary.
+
+    Returns:
+        ``{path: (prompt, negative-attribute prompt)}``; each path also under its name without extension.
+    """
+    import pandas as pd
+
+    from refface.mining.vocabulary import prompts_from_text
+
+    path = Path(path)
+    df = (
+        pd.read_parquet(path)
+        if path.suffix == ".parquet"
+        else pd.read_csv(path, dtype=str, keep_default_na=False)
+    )
+    if "path" not in df.columns or not ({"prompt", "attributes"} & set(df.columns)):
+        raise ValueError(
+            f"{path}: an attributes table needs a path column and a prompt (with optional "
+            "negative_attribute_prompt) or an attributes column"
+        )
+    out: dict[str, tuple[str, str]] = {}
+    for row in df.to_dict("records"):
+        if "attributes" in row and str(row["attributes"] or "").strip():
+            pair = prompts_from_text(str(row["attributes"]))
+        else:
+            pair = (str(row.get("prompt") or ""), str(row.get("negative_attribute_prompt") or ""))
+        rel = str(row["path"])
+        out[rel] = pair
+        out.setdefault(str(Path(rel).with_suffix("")), pair)
+    return out
+
+
+def resolve_prompts(
+    rels: list[str],
+    prompt: str | None,
+    negative_attribute_prompt: str,
+    attributes: str | Path | None,
+) -> tuple[list[tuple[str, str]], int]:
+    """``(prompt, negative-attribute prompt)`` per image, and how many images the table lacked.
+
+    ``attributes`` is a table file (per image, see :func:`read_prompt_table`) or typed attributes
+    for every image ("blue eyes, beard"). A table row wins over ``prompt`` / ``negative_attribute_prompt``,
+    which win over typed text's own composition only where given explicitly.
+    """
+    from refface.mining.attributes import FALLBACK_PROMPT
+    from refface.mining.vocabulary import prompts_from_text
+
+    base = (prompt or FALLBACK_PROMPT, negative_attribute_prompt)
+    table: dict[str, tuple[str, str]] = {}
+    if attributes is not None and Path(str(attributes)).suffix in (".csv", ".parquet"):
+        if not Path(attributes).is_file():
+            raise FileNotFoundError(f"attributes table {attributes} not found")
+        table = read_prompt_table(attributes)
+    elif attributes is not None:
+        typed, typed_negative = prompts_from_text(str(attributes))
+        base = (prompt or typed, negative_attribute_prompt or typed_negative)
+    pairs, missing = [], 0
+    for rel in rels:
+        row = table.get(rel) or table.get(str(Path(rel).with_suffix("")))
+        if table and row is None:
+            missing += 1
+        pairs.append(row if row is not None else base)
+    return pairs, missing
+
+
 def restore_folder(
     input_dir: str | Path,
     output_dir: str | Path,
@@ -71,6 +141,7 @@ def restore_folder(
     sd: str | Path,
     references: str | Path | None = None,
     prompt: str | None = None,
+    attributes: str | Path | None = None,
     steps: int = 50,
     w_quality: float = 1.5,
     w_attribute: float = 1.0,
@@ -82,7 +153,8 @@ def restore_folder(
     device: str | None = None,
     use_ema: bool = True,
 ) -> dict[str, int]:
-    """Restore every image under ``input_dir`` into ``output_dir`` (same relative path, ``.png``).
+    """Restore every image under ``input_dir`` (or the one image it names) into ``output_dir`` (same
+    relative path, ``.png``).
 
     Inputs are FFHQ-aligned LQ faces. A stage-2 checkpoint also needs ``references``: a folder with an
     aligned reference of the same person under the same relative name (any image extension); its
@@ -97,10 +169,14 @@ def restore_folder(
         sd: local diffusers Stable Diffusion folder used in training.
         references: folder of references (stage-2 checkpoints).
         prompt: attribute prompt for every image (default: the pipeline's neutral face prompt).
+        attributes: per-image prompts from an attributes table (``.parquet`` / ``.csv``, see
+            :func:`read_prompt_table`), or typed attributes for every image ("blue eyes, beard"), which
+            also give the negative-attribute prompt (the other labels of the named groups).
         steps: DDIM steps.
         w_quality: negative-quality guidance weight.
         w_attribute: negative-attribute guidance weight.
-        negative_attribute_prompt: attributes to steer away from ("" = unconditional).
+        negative_attribute_prompt: attributes to steer away from ("" = unconditional) for every image
+            without a table row.
         embedder: ``arcface`` or ``dlib`` (must match the training embeddings' size).
         embedder_model: path of the embedder's weights (ArcFace ONNX).
         batch_size: images per sampling batch.
@@ -109,7 +185,8 @@ def restore_folder(
         use_ema: use the EMA weights.
 
     Returns:
-        Counts ``{"restored", "skipped", "errors"}``.
+        Counts ``{"restored", "skipped", "errors"}``, plus ``"without attributes"`` when a table
+        lacked some inputs (they get ``prompt`` / the default prompt).
     """
     import numpy as np
     import torch
@@ -134,10 +211,6 @@ def restore_folder(
     size = int(cfg["resolution"])
     dev = frozen.unet.device
     dtype = frozen.unet.dtype
-    if prompt is None:
-        from refface.mining.attributes import FALLBACK_PROMPT
-
-        prompt = FALLBACK_PROMPT
 
     embed = None
     if stage2:
@@ -158,9 +231,15 @@ def restore_folder(
             return torch.from_numpy(vec[0])
 
     errors = ErrorsTable()
+    if input_dir.is_file():
+        input_dir, rels = input_dir.parent, [input_dir.name]
+    else:
+        rels = list_images(input_dir)
+    pairs, without = resolve_prompts(rels, prompt, negative_attribute_prompt, attributes)
+    prompt_of = dict(zip(rels, pairs, strict=True))
     todo = []
     skipped = 0
-    for rel in list_images(input_dir):
+    for rel in rels:
         out = output_dir / Path(rel).with_suffix(".png")
         if out.is_file():
             skipped += 1
@@ -195,11 +274,12 @@ def restore_folder(
                 frozen,
                 adapters,
                 torch.stack([it[2] for it in items]).to(dev, dtype),
-                [prompt] * len(items),
+                [prompt_of[it[0]][0] for it in items],
                 guidance,
                 gens,
                 ref=torch.stack([it[3] for it in items]).to(dev, dtype) if stage2 else None,
                 id_embedding=torch.stack([it[4] for it in items]).to(dev, torch.float32) if stage2 else None,
+                negative_attribute_prompts=[prompt_of[it[0]][1] for it in items],
             )
         for (_rel, out, *_), img in zip(items, imgs, strict=True):
             arr = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
@@ -207,4 +287,8 @@ def restore_folder(
             restored += 1
     if len(errors):
         errors.write(output_dir)
-    return {"restored": restored, "skipped": skipped, "errors": len(errors)}
+    counts = {"restored": restored, "skipped": skipped, "errors": len(errors)}
+    if without:
+        logger.warning("%d inputs have no row in %s: they get the default prompt", without, attributes)
+        counts["without attributes"] = without
+    return counts

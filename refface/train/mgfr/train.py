@@ -28,10 +28,14 @@ class MGFRConfig:
         resolution: training image size (512 for SD 1.x/2.x base).
         batch_size: per-process batch size.
         num_workers: dataloader workers per process.
-        id_dim: identity embedding size D (512 ArcFace, 128 dlib); must match the dataset.
+        id_dim: identity embedding size D (512 ArcFace, 128 dlib). ``None`` (the default): read from
+            the dataset (``embeddings.json`` of a root, the first shard sample otherwise); a value set
+            here must equal the dataset's.
         num_id_tokens: identity tokens appended to RCA's cross-attention context.
         rlf_channels: hidden channels of RLF's ResBlock.
         negative_quality_fraction: share of negative-quality samples the input pipeline makes.
+        negative_attribute_fraction: share of negative-attribute samples (degraded target + the
+            sample's negative-attribute prompt); with ``negative_quality_fraction`` at most 1.
         prompt_dropout: probability of replacing a prompt with "" (keeps unconditional guidance usable).
         train_lca_in_stage2: keep training LCA in stage 2 (else it is frozen at stage 1's weights).
         init_use_ema: stage 2 starts from stage 1's EMA weights when the checkpoint has them.
@@ -43,10 +47,11 @@ class MGFRConfig:
     resolution: int = 512
     batch_size: int = 4
     num_workers: int = 4
-    id_dim: int = 512
+    id_dim: int | None = None
     num_id_tokens: int = 4
     rlf_channels: int = 64
     negative_quality_fraction: float = 0.1
+    negative_attribute_fraction: float = 0.1
     prompt_dropout: float = 0.05
     train_lca_in_stage2: bool = True
     init_use_ema: bool = True
@@ -60,8 +65,14 @@ class MGFRConfig:
             raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
         if not 0.0 <= self.prompt_dropout <= 1.0:
             raise ValueError("prompt_dropout must be within [0, 1]")
-        if self.batch_size < 1 or self.id_dim < 1 or self.num_id_tokens < 1:
+        if self.batch_size < 1 or (self.id_dim is not None and self.id_dim < 1) or self.num_id_tokens < 1:
             raise ValueError("batch_size, id_dim and num_id_tokens must be >= 1")
+        shares = (self.negative_quality_fraction, self.negative_attribute_fraction)
+        if min(shares) < 0 or sum(shares) > 1:
+            raise ValueError(
+                "negative_quality_fraction and negative_attribute_fraction must be >= 0 and sum to at most 1, "
+                f"got {shares[0]} and {shares[1]}"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MGFRConfig:
@@ -148,8 +159,10 @@ class MGFRTask:
                 f"unsupported prediction_type {self.sd.prediction_type!r} (epsilon or v_prediction)"
             )
         loss = F.mse_loss(pred, target[self.sd.prediction_type]().float())
-        neg = batch.get("negative_quality")
-        extra = {"negative_quality_share": float(neg.float().mean()) if neg is not None else 0.0}
+        extra = {}
+        for name in ("negative_quality", "negative_attribute"):
+            flags = batch.get(name)
+            extra[f"{name}_share"] = float(flags.float().mean()) if flags is not None else 0.0
         return loss, extra
 
     def _noise_scheduler(self):
@@ -347,6 +360,8 @@ def main(args: argparse.Namespace, dataloader=None) -> list[dict[str, float]]:
         loop_raw["mixed_precision"] = args.mixed_precision
     loop_cfg = LoopConfig.from_dict(loop_raw)
     cfg = MGFRConfig.from_dict(mgfr_raw)
+    cfg = resolve_id_dim(cfg, args.dataset, dataloader, args.config)
+    check_resume_id_dim(cfg, out_dir, loop_cfg.resume)
 
     sd = load_frozen_sd(args.sd)
     init_from = None
@@ -358,6 +373,85 @@ def main(args: argparse.Namespace, dataloader=None) -> list[dict[str, float]]:
         dataloader = make_dataloader(args.dataset, cfg, loop_cfg.seed)
     task = MGFRTask(sd, adapters, cfg)
     return train(task, dataloader, loop_cfg)
+
+
+def dataset_id_dim(dataset: str) -> tuple[int | None, str]:
+    """``(D, description)`` of a dataset's identity embeddings; D is None when it holds none."""
+    import json
+
+    from refface.train.data import infer_embedding_dim
+
+    meta = Path(dataset) / "embeddings.json"
+    what = f"dataset {dataset}"
+    if meta.is_file():
+        what += f" ({json.loads(meta.read_text()).get('model', 'unknown model')}, embeddings.json)"
+    return infer_embedding_dim(dataset, default=None), what
+
+
+def _peek_id_dim(dataloader) -> int | None:
+    """D of ``id_embedding`` in a dataloader's first batch (global RNG state left as it was)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        batch = next(iter(dataloader))
+    emb = batch.get("id_embedding") if isinstance(batch, dict) else None
+    return int(emb.shape[-1]) if emb is not None else None
+
+
+def resolve_id_dim(cfg: MGFRConfig, dataset: str | None, dataloader=None, config_path=None) -> MGFRConfig:
+    """``cfg`` with ``id_dim`` read from the data when the config leaves it unset.
+
+    The data's size comes from the dataset (``embeddings.json`` of a root, the first shard sample),
+    else, in stage 2, from a given dataloader's first batch. A size set in the config that differs
+    from the data's raises one ``ValueError`` naming both.
+    """
+    found, what = None, "the data"
+    if dataset:
+        found, what = dataset_id_dim(dataset)
+    elif dataloader is not None and cfg.stage == 2:
+        found, what = _peek_id_dim(dataloader), "the dataloader's first batch"
+    if cfg.id_dim is None:
+        if found is None and cfg.stage == 2:
+            raise ValueError(
+                f"stage 2 needs identity embeddings but {what} holds none; build the dataset with "
+                "embeddings (`refface build ffhq-ref` writes them) or set mgfr.id_dim"
+            )
+        return dataclasses.replace(cfg, id_dim=found)
+    if found is not None:
+        from refface.mining.embed import check_embedding_dim
+
+        check_embedding_dim(
+            found,
+            what,
+            cfg.id_dim,
+            f"mgfr.id_dim in {config_path or 'the config'}",
+            "remove id_dim from the config (it is then read from the dataset) or rebuild the dataset with "
+            "the embedder that gives that size (--embedder arcface: 512, dlib: 128)",
+        )
+    return cfg
+
+
+def check_resume_id_dim(cfg: MGFRConfig, out_dir: Path, resume: str | None) -> None:
+    """A stage-2 run resumed from a checkpoint built for another identity size: one clear error."""
+    import json
+
+    from refface.mining.embed import check_embedding_dim
+    from refface.train.loop import find_checkpoint
+
+    if cfg.stage != 2 or cfg.id_dim is None:
+        return
+    ckpt = find_checkpoint(out_dir, resume) if resume else None
+    if ckpt is None:
+        return
+    saved = (json.loads((ckpt / "state.json").read_text()).get("task") or {}).get("mgfr") or {}
+    if saved.get("id_dim") is not None:
+        check_embedding_dim(
+            cfg.id_dim,
+            "this run's data",
+            saved["id_dim"],
+            f"the checkpoint it resumes ({ckpt})",
+            "resume with the dataset that run was trained on, or start a new --output (or --resume none)",
+        )
 
 
 def make_dataloader(dataset: str | None, cfg: MGFRConfig, seed: int):
@@ -377,6 +471,7 @@ def make_dataloader(dataset: str | None, cfg: MGFRConfig, seed: int):
         num_workers=cfg.num_workers,
         resolution=cfg.resolution,
         negative_quality_fraction=cfg.negative_quality_fraction,
+        negative_attribute_fraction=cfg.negative_attribute_fraction,
         seed=seed,
         embedding_dim=cfg.id_dim,
     )

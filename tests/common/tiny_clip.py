@@ -1,0 +1,48 @@
+"""A tiny random transformers CLIP saved in the folder layout the clip attribute backend loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MAX_LENGTH = 64
+
+
+def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """config.json + model.safetensors + a character-level CLIP tokenizer + preprocessor_config.json."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from refface.train.mgfr.tiny_sd import write_tokenizer
+
+    folder = Path(folder)
+    write_tokenizer(folder, max_length=MAX_LENGTH)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": MAX_LENGTH,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "crop_size": 32})
+    )
+    return folder
