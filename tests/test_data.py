@@ -162,7 +162,8 @@ def test_refldm_eval_batches_from_shards_and_root_agree(data):
 def test_mgfr_eval_batch_contract(data):
     loader = make_mgfr_dataloader(data["shards"], 3, 0, resolution=32, split="val", train=False)
     batch = next(iter(loader))
-    assert set(batch) == {"gt", "lq", "ref", "id_embedding", "prompt", "negative_quality", "key"}
+    keys = {"gt", "lq", "ref", "id_embedding", "prompt", "negative_quality", "negative_attribute", "key"}
+    assert set(batch) == keys | {"attrs_missing"}
     assert batch["ref"].shape == (3, 3, 32, 32) and batch["id_embedding"].shape == (3, 8)
     assert batch["id_embedding"].dtype == torch.float32
     assert batch["negative_quality"].dtype == torch.bool and not batch["negative_quality"].any()
