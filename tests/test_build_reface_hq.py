@@ -27,7 +27,10 @@ def built(faces_dir, tmp_path_factory):
     summary = build_reface_hq(
         faces_dir,
         root,
-        RefaceHQConfig(labels=str(faces_dir / "labels.csv"), identity_threshold=0.07, crop_size=CROP),
+        # LFW's 250 px photos are soft at any crop size: this build checks identity curation, not quality.
+        RefaceHQConfig(
+            labels=str(faces_dir / "labels.csv"), identity_threshold=0.07, crop_size=CROP, min_sharpness=None
+        ),
     )
     return root, summary
 
@@ -89,7 +92,8 @@ def test_curate_flags_outliers_merges_folders_and_drops_duplicates():
     faces.loc[2, ["x1", "y1"]] = 10.0  # a tiny face
     sha = [f"h{i}" for i in range(9)]
     sha[6] = sha[5]  # exact duplicate bytes
-    kept, dropped = curate(faces, np.asarray(vecs), sha, 0.3, RefaceHQConfig(near_duplicate_distance=0.01))
+    config = RefaceHQConfig(near_duplicate_distance=0.01, min_face_size=40)
+    kept, dropped = curate(faces, np.asarray(vecs), sha, 0.3, config)
     reasons = dict(zip(dropped["path"], dropped["reason"], strict=True))
     assert "too small" in reasons["x/2.jpg"]
     assert "far from its folder" in reasons["x/4.jpg"]
@@ -97,3 +101,57 @@ def test_curate_flags_outliers_merges_folders_and_drops_duplicates():
     assert "near-duplicate of x/0.jpg" in reasons["y/3.jpg"]
     assert set(kept["identity_name"]) == {"x"}  # y merged into x
     assert set(kept["folder"]) == {"x", "y"}
+
+
+def test_default_face_size_bar_is_half_the_crop():
+    assert RefaceHQConfig().face_size_bar == 256
+    assert RefaceHQConfig(crop_size=1024).face_size_bar == 512
+    assert RefaceHQConfig(min_face_size=100).face_size_bar == 100
+    with pytest.raises(ValueError, match="max_niqe needs niqe_params"):
+        RefaceHQConfig(max_niqe=5.0)
+
+
+@pytest.mark.slow
+def test_planted_small_and_blurred_faces_are_rejected_with_reasons(faces_dir, tmp_path):
+    import cv2
+
+    from refface.manifests.io import read_image, write_png
+
+    src = faces_dir / "deepface"
+    folders = tmp_path / "folders"
+    for person in ("person01", "person11"):
+        shutil.copytree(src / person, folders / person)
+    # A large face made small (its box falls under 512 / 2) and a large face blurred.
+    img = read_image(src / "person01" / "img1.jpg")
+    small = cv2.resize(img, (img.shape[1] // 4, img.shape[0] // 4), interpolation=cv2.INTER_AREA)
+    write_png(folders / "person01" / "planted_small.png", small)
+    img = read_image(src / "person11" / "img33.jpg")
+    write_png(folders / "person11" / "planted_blur.png", cv2.GaussianBlur(img, (0, 0), 12))
+    root = tmp_path / "root"
+    build_reface_hq(folders, root, RefaceHQConfig(plots=False))
+
+    errors = pd.read_parquet(root / "errors.parquet").set_index("path")
+    assert errors.loc["person01/planted_small.png", "stage"] == "hq/face_size"
+    assert "face too small" in errors.loc["person01/planted_small.png", "reason"]
+    assert "< 256 px" in errors.loc["person01/planted_small.png", "reason"]
+    assert errors.loc["person11/planted_blur.png", "stage"] == "hq/sharpness"
+    assert errors.loc["person11/planted_blur.png", "reason"].startswith("blurred: face sharpness")
+    # Every rejection is in dropped.csv too, and card.md counts them per kind.
+    dropped = pd.read_csv(root / "dropped.csv").set_index("path")
+    assert {"person01/planted_small.png", "person11/planted_blur.png"} <= set(dropped.index)
+    card = (root / "card.md").read_text()
+    for stage in ("hq/face_size", "hq/sharpness"):
+        assert f"| {stage} | {int((errors['stage'] == stage).sum())} |" in card
+
+    # The large, sharp originals are kept as aligned 512 crops.
+    sources = pd.read_parquet(root / "sources.parquet")
+    assert {"person01/img1.jpg", "person11/img33.jpg"} <= set(sources["source"])
+    faces = pd.read_parquet(root / "mined" / "faces.parquet").drop_duplicates("path").set_index("path")
+    quality = pd.read_parquet(root / "quality.parquet").set_index("path")
+    for rel, source in zip(sources["path"], sources["source"], strict=True):
+        with Image.open(root / "images" / rel) as im:
+            assert im.size == (512, 512)
+        box = faces.loc[source]
+        assert np.sqrt((box["x1"] - box["x0"]) * (box["y1"] - box["y0"])) >= 256
+        assert quality.loc[source, "sharpness"] >= 150
+    assert not (root / "images" / ".staging").exists()

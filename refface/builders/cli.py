@@ -224,11 +224,21 @@ def reface_hq(
     dlib_detector: str = typer.Option("hog", help="dlib detector: hog (fast) or mmod (CNN)."),
     face_policy: str = typer.Option("largest_central", help="Face kept when several are found."),
     crop_size: int = typer.Option(512, help="Side of the output FFHQ-style crops."),
-    min_face_size: float = typer.Option(
-        40.0, help="Drop faces whose box is smaller than this (pixels, sqrt(w*h))."
+    min_face_size: float | None = typer.Option(
+        None,
+        help="Reject faces whose box is smaller than this (source pixels, sqrt(w*h)); default crop size / 2.",
     ),
     min_det_score: float | None = typer.Option(
         None, help="Drop faces with a lower detector score (default: no bar)."
+    ),
+    min_sharpness: float | None = typer.Option(
+        150.0, help="Reject blurred crops: face-region Laplacian variance at 256 px below this (0 = off)."
+    ),
+    niqe_params: Path | None = typer.Option(
+        None, help="NIQE pristine model (niqe_pris_params.npz) for the --max-niqe filter."
+    ),
+    max_niqe: float | None = typer.Option(
+        None, help="Reject crops with a higher NIQE (needs --niqe-params)."
     ),
     identity_threshold: float | None = typer.Option(None, help=THRESHOLD_HELP),
     outlier_ratio: float = typer.Option(
@@ -249,10 +259,11 @@ def reface_hq(
 ) -> None:
     """Build a Reface-HQ-style dataset from identity folders of web photos.
 
-    Detects and aligns each photo's face to an FFHQ-style crop (OUT/images/<identity>/<n>.png), drops
-    small or low-score faces, photos far from their folder's other faces and exact/near duplicates (each
-    with a reason in dropped.csv), merges folders of the same person, then writes the reference CSVs,
-    split lists, card.md and build.json like ffhq-ref.
+    Detects and aligns each photo's face to an FFHQ-style crop (OUT/images/<identity>/<n>.png). Rejects
+    faces too small for the crop, blurred crops and (with --niqe-params) crops of poor NIQE, each an
+    errors-table row with its reason (counted in card.md); drops photos far from their folder's other
+    faces and exact/near duplicates (dropped.csv lists every removal with its reason), merges folders of
+    the same person, then writes the reference CSVs, split lists, card.md and build.json like ffhq-ref.
     """
     from refface.builders.reface_hq import RefaceHQConfig, build_reface_hq
     from refface.console import print_summary
@@ -268,6 +279,9 @@ def reface_hq(
             crop_size=crop_size,
             min_face_size=min_face_size,
             min_det_score=min_det_score,
+            min_sharpness=min_sharpness or None,
+            niqe_params=_opt(niqe_params),
+            max_niqe=max_niqe,
             identity_threshold=identity_threshold,
             outlier_ratio=outlier_ratio,
             merge_ratio=merge_ratio,

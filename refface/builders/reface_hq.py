@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Sequence
@@ -16,17 +17,35 @@ from refface.manifests.atomic import write_parquet, write_text
 
 MINED_DIR = "mined"
 IMAGES_DIR = "images"
+STAGING_DIR = ".staging"
 STAGE = "reface_curate"
+QUALITY_FILE = "quality.parquet"
+# Below this sharpness the face region is visibly soft: on the shared photos, faces of >= 256 px boxes
+# cropped at 512 measure 130-6900 (median ~2100), the same crops blurred with a 3 px Gaussian 20-130, and
+# LFW's 100 px faces upscaled to 512 measure 57-232 (docs/builders.md).
+DEFAULT_MIN_SHARPNESS = 150.0
+# Errors-table stage of each rejection kind (card.md counts rows per stage).
+REJECT_SIZE = "hq/face_size"
+REJECT_SCORE = "hq/detector_score"
+REJECT_SHARPNESS = "hq/sharpness"
+REJECT_NIQE = "hq/niqe"
+REJECT_CROP = "hq/crop"
 
 
 @dataclass(frozen=True)
 class RefaceHQConfig(FFHQRefConfig):
-    """FFHQ-Ref's rules plus the curation rules of identity folders.
+    """FFHQ-Ref's rules plus the curation and quality rules of identity folders.
 
     Attributes:
         detector: ``dlib`` by default (web photos need detection).
-        min_face_size: faces whose box is smaller (sqrt(w*h), source pixels) are dropped as too small.
+        min_face_size: faces whose box is smaller (sqrt(w*h), source pixels) are rejected as too small;
+            None (default) = ``crop_size / 2``, so no crop is upscaled much more than 2x.
         min_det_score: faces with a lower detector score are dropped; None = no score bar.
+        min_sharpness: aligned crops whose face region is less sharp (:func:`refface.mining.quality.sharpness`,
+            variance of the Laplacian at 256 px) are rejected as blurred; None = no blur filter.
+        niqe_params: NIQE pristine model (BasicSR ``niqe_pris_params.npz`` or pyiqa ``.mat``) for the
+            no-reference quality filter; None = that filter is off.
+        max_niqe: aligned crops with a higher NIQE (worse) are rejected; needs ``niqe_params``.
         outlier_ratio: in folders of 3+ faces, a photo whose median distance to the folder's other faces
             exceeds ``outlier_ratio * threshold`` is dropped (wrong person, or the wrong face of a group photo).
         merge_ratio: two folders whose mean cross distance is below ``merge_ratio * threshold`` are one
@@ -34,15 +53,27 @@ class RefaceHQConfig(FFHQRefConfig):
     """
 
     detector: str = "dlib"
-    min_face_size: float = 40.0
+    min_face_size: float | None = None
     min_det_score: float | None = None
+    min_sharpness: float | None = DEFAULT_MIN_SHARPNESS
+    niqe_params: str | None = None
+    max_niqe: float | None = None
     outlier_ratio: float = 1.0
     merge_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.min_face_size < 0 or self.outlier_ratio <= 0 or self.merge_ratio <= 0:
+        if (self.min_face_size is not None and self.min_face_size < 0) or self.outlier_ratio <= 0:
             raise ValueError("min_face_size must be >= 0; outlier_ratio and merge_ratio must be > 0")
+        if self.merge_ratio <= 0:
+            raise ValueError("min_face_size must be >= 0; outlier_ratio and merge_ratio must be > 0")
+        if self.max_niqe is not None and self.niqe_params is None:
+            raise ValueError("max_niqe needs niqe_params: a NIQE pristine model file (niqe_pris_params.npz)")
+
+    @property
+    def face_size_bar(self) -> float:
+        """The minimum face box side in source pixels (``min_face_size``, default ``crop_size / 2``)."""
+        return float(self.min_face_size) if self.min_face_size is not None else self.crop_size / 2
 
 
 def folder_of(path: str) -> str:
@@ -72,8 +103,33 @@ def _union_find(n: int, pairs: Sequence[tuple[int, int]]) -> list[int]:
     return [find(i) for i in range(n)]
 
 
+def screen(faces: pd.DataFrame, config: RefaceHQConfig) -> dict[int, tuple[str, str]]:
+    """Rows whose face box is too small or whose detector score is too low: ``{row: (stage, reason)}``."""
+    out: dict[int, tuple[str, str]] = {}
+    size = np.sqrt(
+        np.maximum(faces["x1"] - faces["x0"], 0) * np.maximum(faces["y1"] - faces["y0"], 0)
+    ).to_numpy()
+    bar = config.face_size_bar
+    for i in range(len(faces)):
+        if size[i] < bar:
+            out[i] = (
+                REJECT_SIZE,
+                f"face too small: box {size[i]:.0f} px < {bar:g} px (a {config.crop_size} crop would be "
+                f"upscaled {config.crop_size / max(size[i], 1.0):.1f}x)",
+            )
+        elif config.min_det_score is not None and faces["det_score"].iloc[i] < config.min_det_score:
+            score = faces["det_score"].iloc[i]
+            out[i] = (REJECT_SCORE, f"low detector score ({score:.3f} < {config.min_det_score:g})")
+    return out
+
+
 def curate(
-    faces: pd.DataFrame, vectors: np.ndarray, sha: Sequence[str], threshold: float, config: RefaceHQConfig
+    faces: pd.DataFrame,
+    vectors: np.ndarray,
+    sha: Sequence[str],
+    threshold: float,
+    config: RefaceHQConfig,
+    rejected: dict[int, str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decide which photos are kept and under which identity.
 
@@ -84,6 +140,7 @@ def curate(
         sha: content hash per row.
         threshold: same-identity cosine distance.
         config: curation rules.
+        rejected: rows already rejected (quality filters) with their reasons; they take no further part.
 
     Returns:
         (kept: ``path, folder, identity_name`` sorted by identity then path, dropped: ``path, reason``).
@@ -91,15 +148,8 @@ def curate(
     from refface.mining.references import distance_matrix
 
     paths = faces["path"].tolist()
-    dropped: dict[int, str] = {}
-    size = np.sqrt(
-        np.maximum(faces["x1"] - faces["x0"], 0) * np.maximum(faces["y1"] - faces["y0"], 0)
-    ).to_numpy()
-    for i in range(len(paths)):
-        if size[i] < config.min_face_size:
-            dropped[i] = f"face too small ({size[i]:.0f} px < {config.min_face_size:g})"
-        elif config.min_det_score is not None and faces["det_score"].iloc[i] < config.min_det_score:
-            dropped[i] = f"low detector score ({faces['det_score'].iloc[i]:.3f} < {config.min_det_score:g})"
+    dropped: dict[int, str] = {i: reason for i, (_, reason) in screen(faces, config).items()}
+    dropped.update(rejected or {})
     first_of: dict[str, int] = {}
     for i in range(len(paths)):
         if i in dropped:
@@ -172,20 +222,53 @@ def curate(
     return kept, drop_df
 
 
-def _crop_chunk(items: list[tuple[str, list[float], str, int]]) -> list[str]:
-    """Align and write crops: (source file, 10 landmark floats, target file, size) -> errors."""
+def _crop_chunk(items: list[tuple[int, str, list[float], str, int, str | None]]) -> list[tuple]:
+    """Align, measure and stage crops: (row, source file, 10 landmark floats, staged file, size, NIQE
+    model or None) -> (row, error or None, sharpness, NIQE)."""
     from refface.manifests.errors import ImageError
     from refface.manifests.io import read_image, write_png
     from refface.mining.align import ffhq_crop
+    from refface.mining.quality import sharpness
 
-    errors = []
-    for src, lm, dst, size in items:
+    out = []
+    for row, src, lm, dst, size, niqe_params in items:
         try:
-            img = read_image(src)
-            write_png(dst, ffhq_crop(img, np.asarray(lm, dtype=np.float64).reshape(5, 2), size))
+            crop = ffhq_crop(read_image(src), np.asarray(lm, dtype=np.float64).reshape(5, 2), size)
+            niqe = _niqe(crop, niqe_params) if niqe_params else float("nan")
+            write_png(dst, crop)
+            out.append((row, None, sharpness(crop), niqe))
         except (ImageError, ValueError) as e:
-            errors.append(f"{src}\t{e}")
-    return errors
+            out.append((row, str(e), float("nan"), float("nan")))
+    return out
+
+
+def _niqe(crop: np.ndarray, params_path: str) -> float:
+    from refface.train.evaluate import niqe
+
+    return niqe(crop, _niqe_model(params_path))
+
+
+@functools.lru_cache(maxsize=2)
+def _niqe_model(path: str) -> dict:
+    from refface.train.evaluate import load_niqe_params
+
+    return load_niqe_params(path)
+
+
+def quality_rejections(quality: pd.DataFrame, config: RefaceHQConfig) -> dict[int, tuple[str, str]]:
+    """``{row: (stage, reason)}`` of staged crops that failed, are blurred, or score a bad NIQE."""
+    out: dict[int, tuple[str, str]] = {}
+    for r in quality.itertuples(index=False):
+        if r.error:
+            out[r.row] = (REJECT_CROP, f"crop failed: {r.error}")
+        elif config.min_sharpness is not None and r.sharpness < config.min_sharpness:
+            out[r.row] = (
+                REJECT_SHARPNESS,
+                f"blurred: face sharpness {r.sharpness:.0f} < {config.min_sharpness:g} (Laplacian variance)",
+            )
+        elif config.max_niqe is not None and not r.niqe <= config.max_niqe:
+            out[r.row] = (REJECT_NIQE, f"low quality: NIQE {r.niqe:.2f} > {config.max_niqe:g}")
+    return out
 
 
 def curate_stage(folders: Path, root: Path, config: RefaceHQConfig) -> tuple[dict, bool]:
@@ -205,33 +288,42 @@ def curate_stage(folders: Path, root: Path, config: RefaceHQConfig) -> tuple[dic
         images = pd.read_parquet(mined / "images.parquet").set_index("path")
         sha = [str(images.loc[p, "sha256"]) for p in paths]
         threshold = identity_threshold_of(emb, config)
-        kept, dropped = curate(faces, vectors, sha, threshold, config)
-        mining_errors = ErrorsTable.read(mined).to_frame()
-        dropped = pd.concat(
-            [dropped, pd.DataFrame({"path": mining_errors["path"], "reason": mining_errors["reason"]})],
-            ignore_index=True,
-        ).sort_values("path", kind="stable")
-        kept["n"] = kept.groupby("identity_name").cumcount()
-        kept["out"] = [f"{name}/{n}.png" for name, n in zip(kept["identity_name"], kept["n"], strict=True)]
         out_dir = root / IMAGES_DIR
         # Stale crops from an earlier configuration must not linger beside the new ones.
         if out_dir.exists():
             shutil.rmtree(out_dir)
-        lm_of = dict(zip(faces["path"], faces["lm"], strict=True))
+        staging = out_dir / STAGING_DIR
+        # Quality: every face that passes the cheap box rules is aligned once, measured and staged.
+        screened = screen(faces, config)
         items = [
-            (str(folders / p), [float(v) for v in lm_of[p]], str(out_dir / o), config.crop_size)
-            for p, o in zip(kept["path"], kept["out"], strict=True)
+            (i, str(folders / p), [float(v) for v in faces["lm"].iloc[i]], str(staging / f"{i}.png"))
+            for i, p in enumerate(paths)
+            if i not in screened
         ]
-        crop_errors = [
-            e for part in map_chunks(_crop_chunk, items, 16, config.workers, "aligning") for e in part
+        items = [(*it, config.crop_size, config.niqe_params) for it in items]
+        measured = [
+            r for part in map_chunks(_crop_chunk, items, 16, config.workers, "aligning") for r in part
         ]
-        failed = {e.split("\t")[0] for e in crop_errors}
-        if failed:
-            extra = [
-                {"path": e.split("\t")[0], "reason": "crop failed: " + e.split("\t")[1]} for e in crop_errors
-            ]
-            dropped = pd.concat([dropped, pd.DataFrame(extra)], ignore_index=True)
-            kept = kept[~kept["path"].map(lambda p: str(folders / p) in failed)].reset_index(drop=True)
+        quality = pd.DataFrame(measured, columns=["row", "error", "sharpness", "niqe"])
+        rejections = {**screened, **quality_rejections(quality, config)}
+        kept, dropped = curate(
+            faces, vectors, sha, threshold, config, {i: reason for i, (_, reason) in rejections.items()}
+        )
+        mining_errors = ErrorsTable.read(mined)
+        errors = ErrorsTable(mining_errors.rows)
+        for i, (stage, reason) in sorted(rejections.items()):
+            errors.add(paths[i], stage, reason)
+        mined_frame = mining_errors.to_frame()[["path", "reason"]]
+        dropped = pd.concat([dropped, mined_frame], ignore_index=True).sort_values("path", kind="stable")
+        kept["n"] = kept.groupby("identity_name").cumcount()
+        kept["out"] = [f"{name}/{n}.png" for name, n in zip(kept["identity_name"], kept["n"], strict=True)]
+        for r, o in zip(kept["row"], kept["out"], strict=True):
+            (out_dir / o).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / f"{r}.png", out_dir / o)
+        shutil.rmtree(staging, ignore_errors=True)
+        quality.insert(1, "path", [paths[i] for i in quality["row"]])
+        quality["error"] = quality["error"].fillna("")
+        write_parquet(root / QUALITY_FILE, quality.drop(columns="row"))
         row_of = {p: i for i, p in enumerate(paths)}
         ident_codes = {name: i for i, name in enumerate(sorted(kept["identity_name"].unique()))}
         kept = kept.sort_values("out", kind="stable").reset_index(drop=True)
@@ -275,7 +367,7 @@ def curate_stage(folders: Path, root: Path, config: RefaceHQConfig) -> tuple[dic
         dropped = dropped.sort_values("path", kind="stable").reset_index(drop=True)
         write_parquet(root / "dropped.parquet", dropped)
         write_text(root / "dropped.csv", dropped.to_csv(index=False, lineterminator="\n"))
-        ErrorsTable.read(mined).write(root)
+        errors.write(root)
         merged = kept.groupby("identity_name")["folder"].nunique()
         return {
             "outputs": [
@@ -288,9 +380,11 @@ def curate_stage(folders: Path, root: Path, config: RefaceHQConfig) -> tuple[dic
                 "dropped.csv",
                 "dropped.parquet",
                 "errors.parquet",
+                QUALITY_FILE,
             ],
             "kept": int(len(kept)),
             "dropped": int(len(dropped)),
+            "rejected_quality": {k: v for k, v in errors.counts_by_stage().items() if k.startswith("hq/")},
             "merged_identities": int((merged > 1).sum()),
         }
 
@@ -302,14 +396,17 @@ def curate_stage(folders: Path, root: Path, config: RefaceHQConfig) -> tuple[dic
         k: getattr(config, k)
         for k in (
             "crop_size",
-            "min_face_size",
+            "face_size_bar",
             "min_det_score",
+            "min_sharpness",
+            "max_niqe",
             "outlier_ratio",
             "merge_ratio",
             "identity_threshold",
         )
     }
     cfg["near_duplicate_distance"] = config.near_duplicate_distance
+    cfg["niqe_params"] = file_digest_or_none(Path(config.niqe_params)) if config.niqe_params else None
     return run_stage(root, STAGE, cfg, inputs, work)
 
 
