@@ -165,6 +165,21 @@ def step_audit(images: Path, out: Path, workers: int) -> dict:
     return {"audit report": str(out / "audit" / "report.html"), "audit passed": summary.get("passed")}
 
 
+def step_attributes(images: Path, out: Path, workers: int) -> dict:
+    """Score the attribute vocabulary with the CLIP backend (a tiny random CLIP: the pipeline, not
+    the scores) into attributes.parquet, whose prompts the shards and MGFR's training carry."""
+    from refface.mining.attributes import AttributesConfig, run_attributes
+    from refface.mining.tiny_clip import save_tiny_clip
+
+    clip = out / "tiny-clip"
+    if not (clip / "config.json").exists():
+        save_tiny_clip(clip)
+    manifest, _ = run_attributes(out / "dataset", AttributesConfig(backend="clip", clip_model=str(clip)))
+    return {
+        "attributes (tiny CLIP)": f"{manifest.get('rows')} rows in {out / 'dataset' / 'attributes.parquet'}"
+    }
+
+
 def step_shards(images: Path, out: Path, workers: int) -> dict:
     """Pack the train split into WebDataset shards and verify them against their index."""
     from refface.builders.shards import ShardsConfig, verify_shards, write_shards
@@ -268,7 +283,27 @@ def step_train_mgfr(images: Path, out: Path, workers: int) -> dict:
         argv = ["--config", _config("mgfr_tiny.yaml"), "--dataset", str(out / "shards"), "--sd", str(sd)]
         logs = main(parse_args([*argv, "--stage", stage, "--output", str(out / "mgfr")]))
     last = f"{logs[-1]['loss']:.4f}" if logs else "up to date"
-    return {"MGFR (tiny) run": str(out / "mgfr"), "MGFR last loss": last}
+    # One image restored with typed attributes (prompt and negative-attribute prompt composed from them).
+    from refface.train.mgfr.restore import restore_folder
+
+    lq_sets = sorted((out / "dataset" / "lq").glob("severe_*"))
+    lq = next(iter(sorted(lq_sets[0].rglob("*.png"))), None) if lq_sets else None
+    restored = {}
+    if lq is not None:
+        restored = restore_folder(
+            lq,
+            out / "mgfr-restored",
+            checkpoint=out / "mgfr" / "stage1",
+            sd=sd,
+            steps=2,
+            device="cpu",
+            attributes="blue eyes, beard",
+        )
+    return {
+        "MGFR (tiny) run": str(out / "mgfr"),
+        "MGFR last loss": last,
+        "MGFR restore --attributes 'blue eyes, beard'": f"{restored.get('restored', 0)} image(s) in {out / 'mgfr-restored'}",
+    }
 
 
 STEPS: list[tuple[str, Callable[[Path, Path, int], dict]]] = [
@@ -278,6 +313,7 @@ STEPS: list[tuple[str, Callable[[Path, Path, int], dict]]] = [
     ("identity review page", step_review),
     ("export Hugging Face dataset", step_export_hf),
     ("audit leakage", step_audit),
+    ("attributes (CLIP vocabulary, tiny random CLIP)", step_attributes),
     ("write WebDataset shards", step_shards),
     ("scale-out: Ray, sharded embeddings, sharded k-NN graph", step_scale),
     ("train ReF-LDM (tiny)", step_train_refldm),

@@ -155,3 +155,41 @@ def test_planted_small_and_blurred_faces_are_rejected_with_reasons(faces_dir, tm
         assert np.sqrt((box["x1"] - box["x0"]) * (box["y1"] - box["y0"])) >= 256
         assert quality.loc[source, "sharpness"] >= 150
     assert not (root / "images" / ".staging").exists()
+
+
+def test_niqe_filter_reuses_the_evaluation_metric(faces_dir, tmp_path):
+    import cv2
+
+    from refface.builders.reface_hq import REJECT_NIQE, REJECT_SHARPNESS, _crop_chunk, quality_rejections
+    from refface.manifests.io import read_image, write_png
+    from refface.mining.align import FFHQ_TEMPLATE_512
+    from refface.train.evaluate import fit_niqe_params
+
+    demo = faces_dir.parent / "refldm_demo"
+    if not demo.is_dir():
+        pytest.skip(f"{demo} not found")
+    # A pristine model fit on sharp aligned faces, saved in BasicSR's npz layout.
+    params = fit_niqe_params([read_image(demo / f"ref{i}.png") for i in range(4)])
+    npz = tmp_path / "niqe_pris_params.npz"
+    np.savez(npz, mu_pris_param=params["mu"], cov_pris_param=params["cov"])
+    sharp = read_image(demo / "gt.png")
+    write_png(tmp_path / "sharp.png", sharp)
+    write_png(tmp_path / "soft.png", cv2.GaussianBlur(sharp, (0, 0), 4))
+    # The demo images are FFHQ-aligned 512 crops: the FFHQ template's 5 points re-align them in place.
+    lm = [float(v) for v in np.asarray(FFHQ_TEMPLATE_512).ravel()]
+    items = [
+        (i, str(tmp_path / f"{n}.png"), lm, str(tmp_path / f"crop{i}.png"), 512, str(npz))
+        for i, n in enumerate(("sharp", "soft"))
+    ]
+    (r_sharp, e1, s1, n1), (r_soft, e2, s2, n2) = _crop_chunk(items)
+    assert e1 is None and e2 is None and np.isfinite([n1, n2]).all()
+    assert n2 > n1 and s2 < s1  # blur raises NIQE (worse) and lowers sharpness
+    quality = pd.DataFrame({"row": [0, 1], "error": [None, None], "sharpness": [s1, s2], "niqe": [n1, n2]})
+    config = RefaceHQConfig(niqe_params=str(npz), max_niqe=(n1 + n2) / 2, min_sharpness=None)
+    assert quality_rejections(quality, config) == {
+        1: (REJECT_NIQE, f"low quality: NIQE {n2:.2f} > {(n1 + n2) / 2:g}")
+    }
+    config = RefaceHQConfig(min_sharpness=(s1 + s2) / 2)
+    assert quality_rejections(quality, config)[1][0] == REJECT_SHARPNESS and 0 not in quality_rejections(
+        quality, config
+    )

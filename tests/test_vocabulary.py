@@ -146,7 +146,7 @@ pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> Path:
-    from common.tiny_clip import save_tiny_clip
+    from refface.mining.tiny_clip import save_tiny_clip
 
     return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 

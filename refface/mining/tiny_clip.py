@@ -1,4 +1,7 @@
-"""A tiny random transformers CLIP saved in the folder layout the clip attribute backend loads."""
+"""A tiny random transformers CLIP saved in the folder layout the clip attribute backend loads.
+
+Used by the tests and `refface demo` (its scores mean nothing); real runs pass --clip-model a real CLIP.
+"""
 
 from __future__ import annotations
 
