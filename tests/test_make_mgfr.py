@@ -12,10 +12,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-pytest.importorskip("accelerate")
-
 REPO = Path(__file__).resolve().parents[1]
 
 

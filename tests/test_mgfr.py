@@ -478,7 +478,7 @@ def test_stage2_with_frozen_lca_trains_rca_only_and_ema_loads_strictly(sd_dir, t
 
 
 def test_id_dim_comes_from_the_dataset_and_a_mismatch_names_both_sides(tmp_path):
-    from common.tiny_root import EMB_DIM, make_tiny_root
+    from common.tiny_root import EMB_DIM
 
     from refface.train.mgfr.train import MGFRConfig, check_resume_id_dim, resolve_id_dim
 

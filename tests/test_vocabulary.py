@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from common.tiny_root import make_tiny_root
 
 from refface.mining import vocabulary as voc
 from refface.mining.vocabulary import (
@@ -140,9 +141,6 @@ def test_calibration_finds_the_precision_bar():
 
 # --------------------------------------------------------------------------------------------- CLIP
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> Path:
@@ -188,8 +186,6 @@ def test_clip_missing_folder_is_named(tmp_path: Path):
 
 
 def test_clip_stage_writes_vocabulary_table_and_shards(clip_dir: Path, tmp_path: Path):
-    from common.tiny_root import make_tiny_root
-
     from refface.builders.shards import ShardsConfig, decode_member, iter_tar_samples, write_shards
     from refface.mining.attributes import AttributesConfig, run_attributes
 
@@ -217,7 +213,6 @@ def test_clip_stage_writes_vocabulary_table_and_shards(clip_dir: Path, tmp_path:
 
 
 def test_clip_cli_and_calibration(clip_dir: Path, tmp_path: Path):
-    from common.tiny_root import make_tiny_root
     from typer.testing import CliRunner
 
     from refface.cli import app
