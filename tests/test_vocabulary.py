@@ -102,6 +102,8 @@ def test_typed_attributes_compose_and_negate():
     with pytest.raises(ValueError, match="contradicts"):
         prompts_from_text("blue eyes, brown eyes")
     assert compose_prompt({}) == "a high-quality photo of a person"
+    assert compose_prompt({"age_group": "child"}) == "a high-quality photo of a child"
+    assert compose_prompt({"age_group": "elderly"}) == "a high-quality photo of an elderly person"
 
 
 def test_thresholds_file(tmp_path: Path):

@@ -170,7 +170,10 @@ def compose_prompt(labels: Mapping[str, str], extra: Sequence[str] = ()) -> str:
         name = labels.get(group) or UNKNOWN
         return GROUPS[group].label(name).words if name else ""
 
-    subject = " ".join(w for w in (words("age_group"), words("gender") or "person") if w)
+    age, gender = words("age_group"), words("gender")
+    # "a child", "a teenager" stand alone; other ages need a noun ("an elderly person").
+    noun = gender or ("" if age in ("child", "teenager") else "person")
+    subject = " ".join(w for w in (age, noun) if w)
     article = "an" if subject[:1] in "aeiou" else "a"
     length, colour = words("hair_length"), words("hair_colour")
     if colour and length in ("short hair", "long hair"):

@@ -215,14 +215,16 @@ def restore_folder(
     embed = None
     if stage2:
         from refface.mining.detect import PrealignedDetector
-        from refface.mining.embed import make_embedder
+        from refface.mining.embed import check_embedding_dim, make_embedder
 
         emb_model = make_embedder(embedder, embedder_model)
-        if int(emb_model.dim) != int(cfg["id_dim"]):
-            raise ValueError(
-                f"embedder {embedder} gives {emb_model.dim}-d embeddings but the checkpoint expects "
-                f"{cfg['id_dim']}-d; use the embedder the training data was embedded with"
-            )
+        check_embedding_dim(
+            emb_model.dim,
+            f"--embedder {embedder}",
+            cfg["id_dim"],
+            f"the checkpoint {ckpt}",
+            "use the embedder the training data was embedded with (--embedder arcface: 512, dlib: 128)",
+        )
         detector = PrealignedDetector()
 
         def embed(img):
