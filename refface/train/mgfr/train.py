@@ -116,6 +116,7 @@ class MGFRTask:
         """Scaled latents of GT (posterior sample) / LQ / reference (modes), text tokens, id embedding."""
         import torch
 
+        from refface.mining.embed import check_embedding_dim
         from refface.train.mgfr.model import encode_images
 
         wd = self.weight_dtype
@@ -126,11 +127,13 @@ class MGFRTask:
             if self.config.stage == 2:
                 z_ref = encode_images(self.sd, batch["ref"].to(self.device, wd)).float()
                 emb = batch["id_embedding"].to(self.device, torch.float32)
-                if emb.shape[-1] != self.config.id_dim:
-                    raise ValueError(
-                        f"id_embedding has D={emb.shape[-1]} but the model was built with id_dim="
-                        f"{self.config.id_dim}; set mgfr.id_dim to the dataset's embedding size"
-                    )
+                check_embedding_dim(
+                    emb.shape[-1],
+                    "this batch's id_embedding",
+                    self.config.id_dim,
+                    "the model (mgfr.id_dim)",
+                    "leave id_dim unset so it is read from the dataset",
+                )
         return z0, z_lq, z_ref, emb
 
     def compute_loss(self, batch: dict, generator):
