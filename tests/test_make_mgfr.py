@@ -68,3 +68,22 @@ def test_make_usage_names_the_options():
     assert res.returncode != 0 and "EMBEDDER=auto|arcface|dlib" in res.stdout and "MODEL=" in res.stdout
     res = _make("train-mgfr")
     assert res.returncode != 0 and "CONFIG=" in res.stdout and "SD=" in res.stdout
+
+
+def test_auto_embedder_is_arcface_when_its_weights_are_found(tmp_path, monkeypatch):
+    from refface.mining.embed import check_embedding_dim, resolve_embedder_name
+
+    monkeypatch.setenv("INSIGHTFACE_HOME", str(tmp_path / "insightface"))
+    assert resolve_embedder_name("auto") == "dlib"  # offline fallback
+    onnx = tmp_path / "insightface" / "models" / "buffalo_l" / "w600k_r50.onnx"
+    onnx.parent.mkdir(parents=True)
+    onnx.write_bytes(b"weights")
+    assert resolve_embedder_name("auto") == "arcface"
+    assert resolve_embedder_name("auto", tmp_path / "dlib_face_recognition_resnet_model_v1.dat") == "dlib"
+    assert resolve_embedder_name("auto", tmp_path / "my_arcface.onnx") == "arcface"
+    assert resolve_embedder_name("dlib") == "dlib"
+    with pytest.raises(
+        ValueError, match=r"^identity embedding size mismatch: a gives 128-d .* b expects 512-d; fix$"
+    ):
+        check_embedding_dim(128, "a", 512, "b", "fix")
+    check_embedding_dim(512, "a", 512, "b", "fix")
