@@ -88,12 +88,16 @@ def read_prompt_table(path: str | Path) -> dict[str, tuple[str, str]]:
             f"{path}: an attributes table needs a path column and a prompt (with optional "
             "negative_attribute_prompt) or an attributes column"
         )
+
+    def text(value) -> str:
+        return "" if value is None or (isinstance(value, float) and value != value) else str(value).strip()
+
     out: dict[str, tuple[str, str]] = {}
     for row in df.to_dict("records"):
-        if "attributes" in row and str(row["attributes"] or "").strip():
-            pair = prompts_from_text(str(row["attributes"]))
+        if text(row.get("attributes")):
+            pair = prompts_from_text(text(row["attributes"]))
         else:
-            pair = (str(row.get("prompt") or ""), str(row.get("negative_attribute_prompt") or ""))
+            pair = (text(row.get("prompt")), text(row.get("negative_attribute_prompt")))
         rel = str(row["path"])
         out[rel] = pair
         out.setdefault(str(Path(rel).with_suffix("")), pair)
@@ -129,7 +133,8 @@ def resolve_prompts(
         row = table.get(rel) or table.get(str(Path(rel).with_suffix("")))
         if table and row is None:
             missing += 1
-        pairs.append(row if row is not None else base)
+        # An empty cell falls back to the prompt every image gets.
+        pairs.append((row[0] or base[0], row[1] or base[1]) if row is not None else base)
     return pairs, missing
 
 
