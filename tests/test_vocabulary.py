@@ -256,3 +256,24 @@ def test_clip_cli_and_calibration(clip_dir: Path, tmp_path: Path):
     assert (df2.loc[df2["glasses"] != "", "glasses_score"] >= thresholds["glasses"]).all()
     res = runner.invoke(app, ["attributes", str(root), "--backend", "clip", "--force"])
     assert res.exit_code == 2 and "--clip-model" in res.output
+
+
+def test_clip_scores_match_the_models_own_logits(clip_dir: Path):
+    import torch
+
+    from refface.mining.clip_attributes import ClipAttributeAnalyzer
+
+    analyzer = ClipAttributeAnalyzer(clip_dir)
+    crops = [np.random.default_rng(1).integers(0, 255, (48, 48, 3), dtype=np.uint8)]
+    ours = analyzer(crops)[0]["groups"]
+    queries = [lab.query for g in VOCABULARY for lab in g.labels]
+    tokens = analyzer.tokenizer(queries, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        logits = analyzer.model(**tokens, pixel_values=analyzer.pixels(crops)).logits_per_image[0].numpy()
+    start = 0
+    for g in VOCABULARY:
+        part = logits[start : start + len(g.labels)]
+        start += len(g.labels)
+        expected = np.exp(part - part.max()) / np.exp(part - part.max()).sum()
+        got = [ours[g.name][lab.name] for lab in g.labels]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
