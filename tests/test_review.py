@@ -59,7 +59,7 @@ def test_actions_move_merge_drop_singleton_and_new_identities():
         "d0,move,new:pair\n"  # lone s and d0 form one new identity
         "b0,singleton,\n"
     )
-    assert "a0" not in ident and report.dropped == ["a0"]
+    assert ident["a0"] == -1 and report.dropped == ["a0"]
     assert ident["a1"] == 1 and ident["b1"] == 1 and ident["b0"] == -1
     assert ident["a2"] == -1  # identity 0 was left with one image
     assert ident["c0"] == ident["c1"] == ident["d1"] == 3
@@ -206,7 +206,7 @@ def test_corrections_rebuild_changes_exactly_the_corrected_identities(built, tmp
     assert report["applied"] == 3 and [u["path"] for u in report["unmatched"]] == ["missing.png"]
     assert after["identity"]["id1/0.png"] == ids["id0"]
     assert {after["identity"][f"id3/{j}.png"] for j in range(4)} == {ids["id4"]}
-    assert "id2/3.png" not in after["identity"] and "id2/3.png" not in after["split"]
+    assert after["identity"]["id2/3.png"] == -1 and "id2/3.png" not in after["split"]
     assert all("id2/3.png" not in refs for refs in after["refs"].values())
     # Nothing else moved: the untouched identity keeps its members, split and references.
     for path, i in before["identity"].items():
@@ -221,6 +221,32 @@ def test_corrections_rebuild_changes_exactly_the_corrected_identities(built, tmp
     build_mined(root, config(), root / "images", image_paths(root))
     assert snapshot(root)["bytes"] == before["bytes"]
     assert not (root / "corrections.json").exists()
+
+
+def test_audit_reads_the_corrected_identities(built, tmp_path):
+    import shutil
+
+    from refface.mining.audit import AuditConfig, audit_sets, root_identities
+
+    root = tmp_path / "root"
+    shutil.copytree(built, root)
+    ids = snapshot(root)["identity"]
+    csv = tmp_path / "corrections.csv"
+    csv.write_text(f"path,action,value\nid1/0.png,move,{ids['id0/0.png']}\nid2/3.png,drop,\n")
+    build_mined(root, config(csv), root / "images", image_paths(root))
+    corrected = snapshot(root)["identity"]
+    labels = root_identities(root, image_paths(root))
+    assert labels is not None  # the corrected table still covers every embedding row
+    assert dict(zip(image_paths(root), labels.tolist(), strict=True)) == corrected
+    assert corrected["id1/0.png"] == ids["id0/0.png"] and corrected["id2/3.png"] == -1
+    summary = audit_sets(
+        {"train": root / "train_image.txt", "test": root / "test_image.txt"},
+        tmp_path / "audit",
+        AuditConfig(workers=1, max_leak_rate=1.0),
+    )
+    pair = summary["pairs"]["train~test"]
+    assert pair["identities_from"] == f"{root}/identities.parquet"
+    assert pair["leaked_identities"] == 0
 
 
 # ----------------------------------------------------------------------------------------- the page

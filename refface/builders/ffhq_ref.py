@@ -213,6 +213,8 @@ def covering_table(root: Path, all_paths: list[str]) -> pd.DataFrame:
     """Every input image with its identity: images without an embedding (no face, unreadable) are -1."""
     table = pd.read_parquet(root / IDENTITIES_FILE)[["path", "identity", "cluster_size"]]
     table = table.drop_duplicates("path")
+    # Images dropped by hand corrections stay in identities.parquet but not among the paths.
+    table = table[table["path"].isin(set(all_paths))]
     rest = sorted(set(all_paths) - set(table["path"]))
     if rest:
         table = pd.concat(

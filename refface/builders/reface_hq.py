@@ -440,9 +440,8 @@ def build_reface_hq(
     # The output crop size is this builder's own; mining embeds from its default alignment.
     timings = {"mine": run_mining(folders, root / MINED_DIR, config, exclude=("crop_size",))["seconds"]}
     manifest, _ = curate_stage(folders, root, config)
-    # Dropped images leave identities.parquet, so the kept crops are read after the corrections.
-    _, corrections = corrected_paths(root, config, STAGE, [])
     kept = pd.read_parquet(root / "identities.parquet")["path"].tolist()
+    kept, corrections = corrected_paths(root, config, STAGE, kept)
     splits_stage(root, config, kept)
     references_stage(root, config)
     card_config = config

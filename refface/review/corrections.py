@@ -2,7 +2,8 @@
 
 Actions (one row each; ``path`` names an image as in ``identities.parquet``):
 
-- ``drop``: the image leaves the dataset (no identity, in no split list, never a reference).
+- ``drop``: the image leaves the dataset: in no split list, never a target or a reference (it stays in
+  ``identities.parquet`` as a singleton, -1, so the table still covers every embedding row).
 - ``singleton``: the image leaves its identity and stays alone (kept in the split lists, no references).
 - ``move``: the image joins identity ``value``.
 - ``merge``: the whole identity of ``path`` joins identity ``value``.
@@ -105,8 +106,8 @@ def apply_corrections(
 ) -> tuple[pd.DataFrame, CorrectionReport]:
     """Apply corrections to an identities table (``path, identity, cluster_size``; -1 = singleton).
 
-    Returns the corrected table (dropped images removed, ``cluster_size`` recounted, identities left
-    with one image become -1) and the report.
+    Returns the corrected table (same rows; dropped images -1, ``cluster_size`` recounted, identities
+    left with one image become -1) and the report.
     """
     table = table.drop_duplicates("path").reset_index(drop=True)
     paths = table["path"].astype(str).tolist()
@@ -191,8 +192,8 @@ def apply_corrections(
             if not any(u["row"] == c.row for u in report.unmatched):
                 skip(c, "superseded by a later row for the same image")
     dropped = set(report.dropped)
-    out = pd.DataFrame({"path": [p for p in paths if p not in dropped]})
-    out["identity"] = [final[p] for p in out["path"]]
+    out = pd.DataFrame({"path": paths})
+    out["identity"] = [-1 if p in dropped else final[p] for p in paths]
     sizes = out.loc[out["identity"] >= 0, "identity"].value_counts()
     out["identity"] = [i if i >= 0 and sizes.get(i, 0) >= 2 else -1 for i in out["identity"]]
     sizes = out.loc[out["identity"] >= 0, "identity"].value_counts()
@@ -201,8 +202,8 @@ def apply_corrections(
     after = dict(zip(out["path"], out["identity"].astype(int), strict=True))
     changed = set()
     for p in paths:
-        if after.get(p) != clustered[p]:
-            changed.update(i for i in (clustered[p], after.get(p)) if i is not None and i >= 0)
+        if after[p] != clustered[p]:
+            changed.update(i for i in (clustered[p], after[p]) if i >= 0)
     report.changed_identities = sorted(changed)
     report.new_identities = sorted(set(new_keys.values()) & set(after.values()))
     report.applied.sort(key=lambda r: r["row"])
