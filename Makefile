@@ -4,8 +4,16 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
-# CI pins the CPU build of torch; elsewhere pip picks the normal build for the machine.
-TORCH_SPEC ?= $(if $(CI),torch==2.13.0,torch)
+# GPU=1: the CUDA torch, onnxruntime-gpu and FAISS GPU. By default GPU=1 when nvidia-smi lists a
+# GPU (never under CI); otherwise the CPU builds of all three. See docs/install.md.
+GPU ?= $(if $(CI),,$(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo 1))
+RUNTIME := $(if $(filter 1 yes true,$(GPU)),gpu,cpu)
+EXTRAS ?= $(RUNTIME),train,tracking,dev
+# The CPU torch: torch==2.13.0 is the CPU wheel where pip's find-links holds it; elsewhere set
+# TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu so pip does not pick the CUDA build.
+TORCH_CPU_INDEX ?=
+TORCH_SPEC ?= $(if $(filter gpu,$(RUNTIME)),torch,torch==2.13.0)
+TORCH_PIP := "$(TORCH_SPEC)" $(if $(and $(filter cpu,$(RUNTIME)),$(TORCH_CPU_INDEX)),--index-url $(TORCH_CPU_INDEX))
 # Offline machines point the demo and tests at a local folder of faces.
 REFFACE_SAMPLE_DIR ?= $(firstword $(wildcard ../shared/data/faces))
 export REFFACE_SAMPLE_DIR
@@ -26,13 +34,15 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(VENV)/.installed: $(PY) pyproject.toml requirements-test.txt
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+$(VENV)/.installed: $(PY) pyproject.toml requirements-test.txt scripts/select_runtime.sh
+	$(PY) -c "import torch, sys; sys.exit(('$(RUNTIME)' == 'gpu') != (torch.version.cuda is not None))" 2>/dev/null \
+		|| { $(PY) -m pip uninstall -y -q torch 2>/dev/null; $(PY) -m pip install -q $(TORCH_PIP); }
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	$(PY) -m pip install -q --no-deps --no-build-isolation -r requirements-test.txt
+	bash scripts/select_runtime.sh $(PY) $(RUNTIME)
 	touch $@
 
-install: $(VENV)/.installed  ## create .venv and install refface
+install: $(VENV)/.installed  ## create .venv and install refface (GPU=1: CUDA builds; see docs/install.md)
 
 lint: install  ## ruff lint + format check
 	$(BIN)/ruff check refface tests bench

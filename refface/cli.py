@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "refface.train.refldm.convert_cli",
     "refface.degradations.cli",
     "refface.demo",
+    "refface.doctor_cli",
 ]
 
 

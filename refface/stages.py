@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from refface import __version__
+from refface.devices import runtime_devices
 from refface.manifests.atomic import sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,9 @@ def write_manifest(
         "timings": timings or {},
         **(_jsonable(extra) if extra else {}),
     }
+    # What ran where: GPUs, onnxruntime providers, FAISS GPUs, torch devices of this process, with
+    # the stage's own account (``extra["devices"]``, e.g. what its worker processes used) on top.
+    manifest["devices"] = {**runtime_devices(), **_jsonable((extra or {}).get("devices", {}))}
     write_json(manifest_path(root, stage), manifest)
     return manifest
 

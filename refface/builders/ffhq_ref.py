@@ -378,6 +378,18 @@ def stage_timings(root: Path) -> dict[str, float]:
     return out
 
 
+def stage_devices(root: Path) -> dict[str, dict]:
+    """``{stage: devices}`` from the stage manifests of a root (stages that recorded them)."""
+    out = {}
+    stages = root / ".stages"
+    if stages.is_dir():
+        for path in sorted(stages.glob("*.json")):
+            manifest = json.loads(path.read_text())
+            if "devices" in manifest:
+                out[manifest.get("stage", path.stem)] = manifest["devices"]
+    return out
+
+
 def error_counts(root: Path) -> dict[str, int]:
     from refface.manifests.errors import ErrorsTable
 
@@ -413,6 +425,8 @@ def write_build_json(
         # Wall seconds of this invocation's calls (near zero for stages that were up to date).
         "this_run_seconds": timings,
         "errors": error_counts(root),
+        # What each stage ran on (GPUs, onnxruntime providers, FAISS, torch), from its manifest.
+        "devices": {**stage_devices(embeddings_root or root), **stage_devices(root)},
         **extra,
     }
     write_json(root / BUILD_FILE, info)

@@ -297,10 +297,18 @@ def scrfd_decode(
 
 
 def onnx_providers() -> list[str]:
-    """onnxruntime providers: CUDA first when this onnxruntime build has it, CPU always."""
+    """onnxruntime providers: CUDA first when this onnxruntime build has it, CPU always.
+
+    Raises:
+        refface.devices.CpuFallbackError: a GPU is present but onnxruntime cannot use it (the
+            message names the fix; ``REFFACE_ALLOW_CPU=1`` turns it into a warning).
+    """
     import onnxruntime as ort
 
+    from refface import devices
+
     available = ort.get_available_providers()
+    devices.check_onnx_gpu(available)
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
@@ -308,10 +316,14 @@ def onnx_session(path: Path, threads: int = 1):
     """An onnxruntime session; few intra-op threads because workers are already processes."""
     import onnxruntime as ort
 
+    from refface.devices import note_device
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=opts, providers=onnx_providers())
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=onnx_providers())
+    note_device(f"onnxruntime:{Path(path).name}", session.get_providers())
+    return session
 
 
 class ScrfdDetector:

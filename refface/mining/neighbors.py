@@ -136,6 +136,10 @@ def build_index(
     )
     if gpu is None:
         gpu = gpu_available()
+        if not gpu:
+            from refface.devices import warn_faiss_cpu
+
+            warn_faiss_cpu(0)
     if gpu:
         if not gpu_available():
             raise RuntimeError("gpu=True but this FAISS build sees no GPU (install a FAISS GPU build)")
@@ -144,6 +148,9 @@ def build_index(
         if kind == "ivf":
             result.gpu_index.nprobe = min(int(nprobe), GPU_MAX_K)
         keep.append(res)  # resources must outlive the GPU index
+    from refface.devices import note_device
+
+    note_device("faiss", f"gpu:0 ({kind})" if result.on_gpu else f"cpu ({kind})")
     return result
 
 

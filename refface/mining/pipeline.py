@@ -348,6 +348,22 @@ def _tables_from_parts(n_chunks: int, part_path) -> tuple[pd.DataFrame, pd.DataF
     return images, faces, errors, norms, dim
 
 
+def model_devices(config: MiningConfig) -> dict:
+    """What the detector and the embedder run on: onnxruntime providers (in order of use) for ONNX
+    models, the CPU for dlib (raises CpuFallbackError when a GPU would silently go unused)."""
+    from refface.mining.detect import onnx_providers
+
+    detector = {"scrfd": None, "dlib": "cpu (dlib)", "prealigned": "none (pre-aligned input)"}[
+        config.detector
+    ]
+    embedder = "cpu (dlib)" if config.embedder == "dlib" else None
+    if detector is None or embedder is None:
+        providers = onnx_providers()
+        detector = providers if detector is None else detector
+        embedder = providers if embedder is None else embedder
+    return {"detector": detector, "embedder": embedder}
+
+
 def model_identity(config: MiningConfig) -> dict:
     """Names and sha256 fingerprints of every weights file the config reads (fails fast when absent)."""
     from refface.mining.detect import detector_files
@@ -439,6 +455,9 @@ def mine_folder(
 
     def work() -> dict:
         start = time.perf_counter()
+        # Checked here, before the workers start: a GPU machine whose onnxruntime cannot use the
+        # GPU stops with the fix named instead of mining on the CPU.
+        devices = model_devices(cfg)
         items = list(enumerate(relpaths))
         part_path = lambda i: parts_dir / f"chunk-{i:06d}.pkl"  # noqa: E731
         chunk_results = map_chunks(
@@ -503,7 +522,11 @@ def mine_folder(
                 empty.rmdir()
             except OSError:
                 break
-        return {"outputs": outputs, "counts": {k: v for k, v in stats.items() if k != "seconds"}}
+        return {
+            "outputs": outputs,
+            "counts": {k: v for k, v in stats.items() if k != "seconds"},
+            "devices": devices,
+        }
 
     root.mkdir(parents=True, exist_ok=True)
     manifest, ran = run_stage(root, STAGE, stage_cfg, inputs, work, force=force)
