@@ -1,4 +1,4 @@
-"""Alignment: similarity fits, ArcFace 112 crops as insightface makes them, FFHQ crops, golden files."""
+"""Alignment: similarity fits, ArcFace crop geometry, FFHQ crops and their golden file."""
 
 from __future__ import annotations
 
@@ -96,11 +96,11 @@ def test_ffhq_crop_any_size_with_grey_border():
     assert tuple(big[-1, -1]) == (135, 133, 132)
 
 
-def test_golden_crops_match():
+def test_golden_ffhq_crop_matches():
+    # ArcFace crops are checked against insightface itself (test_insightface_parity.py); FFHQ crops
+    # have no insightface counterpart, so this file guards them against unintended changes.
     regen = _load_golden_module()
     img, lm = regen.golden_input()
-    arc = arcface_crop(img, lm)
     ffhq = ffhq_crop(img, lm, 96)
     # One grey level of slack: OpenCV builds may round bilinear sums differently.
-    assert np.abs(arc.astype(int) - np.load(DATA / "align_golden_arcface112.npy").astype(int)).max() <= 1
     assert np.abs(ffhq.astype(int) - np.load(DATA / "align_golden_ffhq96.npy").astype(int)).max() <= 1

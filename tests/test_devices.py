@@ -7,9 +7,9 @@ import json
 import logging
 
 import pytest
+from common.tiny_arcface import build_tiny_arcface
 
 from refface import devices
-from tests.common.tiny_arcface import build_tiny_arcface
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from common.tiny_arcface import build_tiny_arcface, reference_embedding
+from common.tiny_arcface import build_tiny_arcface
+from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 
 from refface.manifests.io import read_image
 from refface.mining.embed import (
@@ -44,7 +45,8 @@ def test_arcface_matches_insightface_preprocessing(tmp_path, self_normalizing):
     assert (emb.input_mean, emb.input_std) == ((0.0, 1.0) if self_normalizing else (127.5, 127.5))
     crops = _crops()
     vectors, norms = emb.embed_crops(crops)
-    ref = reference_embedding(path, np.stack(crops))
+    # insightface's own ArcFaceONNX on the same crops (it takes BGR and swaps to RGB itself).
+    ref = ArcFaceONNX(str(path)).get_feat([np.ascontiguousarray(c[:, :, ::-1]) for c in crops])
     assert vectors.dtype == np.float32 and vectors.shape == (5, 512)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(vectors, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)

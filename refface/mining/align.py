@@ -37,7 +37,8 @@ def umeyama(src: np.ndarray, dst: np.ndarray, estimate_scale: bool = True) -> np
     """Least-squares similarity transform mapping ``src`` points onto ``dst`` (Umeyama, 1991).
 
     This is what ``skimage.transform.SimilarityTransform.estimate`` computes, which insightface's
-    ``norm_crop`` uses.
+    ``norm_crop`` uses, step for step and in the same precision: float32 when both point sets are
+    float32 (skimage keeps its inputs' dtype), float64 otherwise.
 
     Args:
         src: (N, 2) source points.
@@ -47,8 +48,9 @@ def umeyama(src: np.ndarray, dst: np.ndarray, estimate_scale: bool = True) -> np
     Returns:
         (3, 3) homogeneous matrix ``T`` with ``dst ~ T @ [src, 1]``.
     """
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
+    src, dst = np.asarray(src), np.asarray(dst)
+    dtype = np.float32 if src.dtype == np.float32 and dst.dtype == np.float32 else np.float64
+    src, dst = src.astype(dtype, copy=False), dst.astype(dtype, copy=False)
     num, dim = src.shape
     src_mean = src.mean(axis=0)
     dst_mean = dst.mean(axis=0)
@@ -60,7 +62,7 @@ def umeyama(src: np.ndarray, dst: np.ndarray, estimate_scale: bool = True) -> np
         d[dim - 1] = -1
     t = np.eye(dim + 1, dtype=np.float64)
     u, s, vt = np.linalg.svd(a)
-    rank = np.linalg.matrix_rank(a)
+    rank = int(np.count_nonzero(s > s.max() * max(a.shape) * np.finfo(float).eps))
     if rank == 0:
         raise ValueError("degenerate landmarks: all points coincide")
     if rank == dim - 1:
@@ -127,7 +129,22 @@ def arcface_crop(img: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.
     Returns:
         (size, size, 3) uint8 crop, black outside the source image.
     """
-    return warp(img, similarity_matrix(landmarks, arcface_template(size)), size)
+    # insightface fits the transform in float32 (its detector's landmarks and its template are
+    # float32 and skimage keeps that precision); doing the same makes the crops identical, where a
+    # float64 fit moves about one pixel value in a few thousand by one grey level.
+    landmarks = np.asarray(landmarks, dtype=np.float32).reshape(5, 2)
+    if not np.all(np.isfinite(landmarks)):
+        raise ValueError("landmarks contain NaN or infinity")
+    return warp(img, umeyama(landmarks, _arcface_template32(size))[:2, :], size)
+
+
+def _arcface_template32(size: int) -> np.ndarray:
+    """:func:`arcface_template` computed as insightface's ``estimate_norm`` does, in float32."""
+    arcface_template(size)  # validates the size
+    ratio = size / 112.0 if size % 112 == 0 else size / 128.0
+    dst = ARCFACE_DST.astype(np.float32) * ratio
+    dst[:, 0] += 0.0 if size % 112 == 0 else 8.0 * ratio
+    return dst
 
 
 def ffhq_template(size: int = 512) -> np.ndarray:

@@ -237,7 +237,8 @@ def nms(dets: np.ndarray, threshold: float = 0.4) -> list[int]:
     """Greedy non-maximum suppression on rows (x0, y0, x1, y1, score), as insightface's SCRFD does."""
     x1, y1, x2, y2, scores = (dets[:, i] for i in range(5))
     areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = scores.argsort(kind="stable")[::-1]
+    # Highest score first, ties in input order (insightface's order).
+    order = np.argsort(-scores, kind="stable")
     keep = []
     while order.size > 0:
         i = int(order[0])
@@ -259,16 +260,22 @@ def scrfd_decode(
     num_anchors: int = 2,
     threshold: float = 0.5,
     nms_threshold: float = 0.4,
+    scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode SCRFD's raw outputs (scores x3, boxes x3, keypoints x3) into boxes and landmarks.
+
+    Follows insightface's ``SCRFD.detect`` step for step, including the order of operations that
+    matters for the result: boxes are scaled back to the image *before* NMS (its overlap uses
+    ``+ 1`` pixel areas, so the scale changes which boxes survive), in float32.
 
     Args:
         outputs: network outputs in insightface order, batch dimension already removed:
             ``scores[i]`` (K*A, 1), ``bbox[i]`` (K*A, 4), ``kps[i]`` (K*A, 10) per stride.
         input_hw: network input height and width.
+        scale: image-to-input scale of the letterbox; boxes and landmarks are divided by it.
 
     Returns:
-        ``dets`` (M, 5) rows x0, y0, x1, y1, score and ``kps`` (M, 5, 2), in input pixels, after NMS.
+        ``dets`` (M, 5) rows x0, y0, x1, y1, score and ``kps`` (M, 5, 2), in image pixels, after NMS.
     """
     fmc = len(strides)
     scores_list, boxes_list, kps_list = [], [], []
@@ -287,9 +294,9 @@ def scrfd_decode(
         boxes_list.append(distance2bbox(centres, bbox_preds)[pos])
         kps_list.append(distance2kps(centres, kps_preds)[pos])
     scores = np.concatenate(scores_list)
-    boxes = np.concatenate(boxes_list).reshape(-1, 4)
-    kps = np.concatenate(kps_list).reshape(-1, 5, 2)
-    order = scores.argsort(kind="stable")[::-1]
+    boxes = np.concatenate(boxes_list).reshape(-1, 4) / scale
+    kps = np.concatenate(kps_list).reshape(-1, 5, 2) / scale
+    order = np.argsort(-scores, kind="stable")
     pre = np.hstack([boxes, scores[:, None]]).astype(np.float32)[order]
     kps = kps[order]
     keep = nms(pre, nms_threshold) if len(pre) else []
@@ -396,14 +403,10 @@ class ScrfdDetector:
         outs = self.session.run(self.output_names, {self.input_name: blob})
         outs = [o[0] if o.ndim == 3 else o for o in outs]
         dets, kps = scrfd_decode(
-            outs, (size, size), self.strides, self.num_anchors, self.threshold, self.nms_threshold
+            outs, (size, size), self.strides, self.num_anchors, self.threshold, self.nms_threshold, det_scale
         )
         return [
-            Face(
-                bbox=d[:4].astype(np.float64) / det_scale,
-                score=float(d[4]),
-                landmarks=k.astype(np.float64) / det_scale,
-            )
+            Face(bbox=d[:4].astype(np.float64), score=float(d[4]), landmarks=k.astype(np.float64))
             for d, k in zip(dets, kps, strict=True)
         ]
 

@@ -74,24 +74,3 @@ def build_tiny_arcface(
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
-
-
-def reference_embedding(path: str | Path, crops_rgb: np.ndarray) -> np.ndarray:
-    """What insightface's ArcFaceONNX.get_feat would return for RGB crops (unnormalized).
-
-    Re-implements its preprocessing independently: BGR input through ``cv2.dnn.blobFromImages``
-    with ``swapRB=True`` and the mean/std it picks from the graph's first node names.
-    """
-    import cv2
-    import onnx
-    import onnxruntime as ort
-
-    graph = onnx.load(str(path)).graph
-    names = [n.name for n in graph.node[:8]]
-    find_sub = any(n.startswith("Sub") or n.startswith("_minus") for n in names)
-    find_mul = any(n.startswith("Mul") or n.startswith("_mul") for n in names)
-    mean, std = (0.0, 1.0) if (find_sub and find_mul) else (127.5, 127.5)
-    bgr = [np.ascontiguousarray(c[:, :, ::-1]) for c in crops_rgb]
-    blob = cv2.dnn.blobFromImages(bgr, 1.0 / std, (112, 112), (mean, mean, mean), swapRB=True)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: blob})[0]

@@ -1,4 +1,4 @@
-"""Regenerate the alignment golden files: ``python tests/data/regenerate_align_golden.py``.
+"""Regenerate the FFHQ-crop golden file: ``python tests/data/regenerate_align_golden.py``.
 
 Only rerun after an intended change to refface.mining.align; the test compares against these bytes.
 """
@@ -29,12 +29,11 @@ def golden_input() -> tuple[np.ndarray, np.ndarray]:
 
 
 def main() -> None:
-    from refface.mining.align import arcface_crop, ffhq_crop
+    from refface.mining.align import ffhq_crop
 
     img, landmarks = golden_input()
-    np.save(HERE / "align_golden_arcface112.npy", arcface_crop(img, landmarks))
     np.save(HERE / "align_golden_ffhq96.npy", ffhq_crop(img, landmarks, 96))
-    print("wrote", HERE / "align_golden_arcface112.npy", HERE / "align_golden_ffhq96.npy")
+    print("wrote", HERE / "align_golden_ffhq96.npy")
 
 
 if __name__ == "__main__":
