@@ -1,12 +1,13 @@
 """The one shared accelerate training loop for every refface model (ReF-LDM, MGFR).
 
 A model plugs in as a :class:`TrainTask`; the loop owns devices, precision, optimizer, schedule,
-gradient accumulation, EMA, checkpoints, exact resume, TensorBoard logs and validation grids.
+gradient accumulation, EMA, checkpoints, exact resume, experiment trackers (TensorBoard, W&B, MLflow,
+... through accelerate), validation grids and a progress bar (loss, it/s, ETA) on the main process.
 
 Output layout (``config.output_dir``)::
 
     config.json                      resolved LoopConfig + the task's own config
-    logs/                            TensorBoard event files
+    logs/                            TensorBoard event files (mlruns/ for MLflow, wandb/ for W&B)
     validation/step_000100.png       rows LQ | reference | output | GT (the task draws them)
     checkpoints/step_000100/
         trainable/<name>.safetensors live (fp32) weights of each trainable module
@@ -78,7 +79,9 @@ class LoopConfig:
         lr_warmup_steps: linear warmup length in optimizer steps.
         lr_schedule: ``constant``, ``cosine`` or ``linear`` decay after warmup.
         resume: ``"latest"`` (resume if a checkpoint exists), a checkpoint folder, or ``None``.
-        report_to: ``tensorboard`` or ``none``.
+        report_to: experiment trackers, passed through to accelerate: ``tensorboard``, ``wandb``,
+            ``mlflow`` (or another tracker accelerate knows), several separated by commas, ``all``
+            (every installed one) or ``none``.
     """
 
     output_dir: str
@@ -116,8 +119,11 @@ class LoopConfig:
             raise ValueError("gradient_accumulation_steps must be >= 1")
         if self.checkpoint_every < 1:
             raise ValueError("checkpoint_every must be >= 1 (a final checkpoint is always written)")
-        if self.report_to not in ("tensorboard", "none"):
-            raise ValueError(f"report_to must be 'tensorboard' or 'none', got {self.report_to!r}")
+        from refface.train.tracking import parse_report_to
+
+        if isinstance(self.report_to, list | tuple):
+            self.report_to = ",".join(str(n) for n in self.report_to)
+        parse_report_to(self.report_to)  # unknown tracker names raise here, before any work
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) or null, got {self.ema_decay}")
 
@@ -333,14 +339,24 @@ def train(
         state = _load_checkpoint(ckpt, accelerator, ema)
         accelerator.print(f"resumed from {ckpt} at step {state.step}")
 
+    trackers = [str(getattr(t, "value", t)) for t in (accelerator.log_with or [])]
     if accelerator.is_main_process:
         from refface.manifests.atomic import write_json
 
-        write_json(out / "config.json", {"loop": config.to_dict(), "task": task.config_dict()})
-        if config.report_to == "tensorboard":
+        write_json(
+            out / "config.json",
+            {"loop": config.to_dict(), "task": task.config_dict(), "devices": _devices(accelerator)},
+        )
+        if "tensorboard" in trackers:
             (out / "logs").mkdir(parents=True, exist_ok=True)
-    if config.report_to == "tensorboard":
-        accelerator.init_trackers("train", config=_flat_hparams(config))
+    if trackers:
+        from refface.train import tracking
+
+        tracking.prepare_environment(trackers, out)
+        accelerator.init_trackers(
+            tracking.PROJECT, config=_flat_hparams(config), init_kwargs=tracking.init_kwargs(trackers, out)
+        )
+    progress = _TrainProgress(accelerator, state.step, config.max_steps)
 
     task.bind(prepared_modules, weight_dtype, accelerator.device)
 
@@ -405,8 +421,9 @@ def train(
             logs.append(record)
             micro, acc_loss, acc_extra = 0, 0.0, {}
             state.step += 1
-            if config.report_to == "tensorboard" and (state.step % config.log_every == 0 or state.step == 1):
+            if trackers and (state.step % config.log_every == 0 or state.step == 1):
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
+            progress.update(state.step, record["loss"], log_line=state.step % config.log_every == 0)
 
             done = state.step >= config.max_steps
             if done or state.step % config.checkpoint_every == 0:
@@ -426,7 +443,8 @@ def train(
             state.epoch += 1
             state.batch_in_epoch = 0
 
-    if config.report_to == "tensorboard":
+    progress.close()
+    if trackers:
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return logs
@@ -434,7 +452,7 @@ def train(
 
 def make_accelerator(config: LoopConfig):
     """The Accelerator the loop builds by default: precision and accumulation from ``config``,
-    TensorBoard under ``<output_dir>/logs``, seedable samplers so the data order is a function of
+    the trackers of ``report_to`` (TensorBoard under ``<output_dir>/logs``), seedable samplers so the data order is a function of
     ``(seed, epoch)``."""
     import os
 
@@ -445,11 +463,13 @@ def make_accelerator(config: LoopConfig):
     # Without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine without CUDA and every
     # process would train alone; with CUDA present the flag must stay off.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    from refface.train.tracking import resolve_trackers
+
     return Accelerator(
         cpu=multi_cpu,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
-        log_with="tensorboard" if config.report_to == "tensorboard" else None,
+        log_with=resolve_trackers(config.report_to) or None,
         project_config=ProjectConfiguration(
             project_dir=str(config.output_dir), logging_dir=str(Path(config.output_dir) / "logs")
         ),
@@ -510,6 +530,73 @@ def _unwrap(module):
     from refface.train.ema import _unwrap as unwrap
 
     return unwrap(module)
+
+
+def _devices(accelerator) -> dict[str, Any]:
+    """What the run trains on (recorded in ``config.json``)."""
+    from refface.devices import runtime_devices
+
+    return {
+        "device": str(accelerator.device),
+        "processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        **runtime_devices(),
+    }
+
+
+class _TrainProgress:
+    """A progress bar with loss, it/s and ETA on the main process (REFFACE_PROGRESS=0 hides it);
+    where the console is not a terminal (a batch job's log file) a status line every ``log_every``."""
+
+    def __init__(self, accelerator, start: int, total: int) -> None:
+        from refface.console import console, progress_enabled
+
+        self.main = accelerator.is_main_process
+        self.start, self.total = start, total
+        self.t0 = time.perf_counter()
+        self.bar = None
+        self.interactive = console.is_terminal and progress_enabled()
+        if self.main and self.interactive and start < total:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[rate]} it/s"),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=console,
+            )
+            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", rate="-")
+            self.bar.start()
+
+    def rate(self, step: int) -> float:
+        return (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+
+    def update(self, step: int, loss: float, log_line: bool) -> None:
+        from refface.console import progress_enabled
+
+        if not self.main:
+            return
+        rate = self.rate(step)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:.2f}")
+        elif log_line and progress_enabled():
+            eta = (self.total - step) / rate if rate > 0 else float("inf")
+            logger.info("step %d/%d  loss %.4f  %.2f it/s  ETA %s", step, self.total, loss, rate, _hms(eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def _flat_hparams(config: LoopConfig) -> dict[str, Any]:
@@ -623,7 +710,6 @@ def _validate(out: Path, step: int, task, config, accelerator, modules, ema, bat
         raise RuntimeError(f"could not encode the validation grid for step {step}")
     with atomic_path(target) as t:
         t.write_bytes(buf.tobytes())
-    if config.report_to == "tensorboard":
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_image("validation", grid, step, dataformats="HWC")
+    from refface.train.tracking import log_image
+
+    log_image(accelerator, "validation", grid, step)

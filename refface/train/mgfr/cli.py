@@ -29,6 +29,12 @@ def train_mgfr(
         None, help="'latest' (config default), a checkpoint folder, or 'none'."
     ),
     mixed_precision: str | None = typer.Option(None, help="Override loop.mixed_precision: no, fp16 or bf16."),
+    overrides: list[str] | None = typer.Argument(
+        None,
+        metavar="[KEY=VALUE]...",
+        help="Override any config field: loop.max_steps=100 loop.report_to=wandb,tensorboard ...",
+        show_default=False,
+    ),
 ) -> None:
     """Train MGFR stage 1 or 2: LCA/RCA adapters on a frozen Stable Diffusion.
 
@@ -48,6 +54,7 @@ def train_mgfr(
         argv += ["--resume", resume]
     if mixed_precision is not None:
         argv += ["--mixed-precision", mixed_precision]
+    argv += list(overrides or [])
     try:
         logs = main(parse_args(argv))
     except (FileNotFoundError, ValueError, ImportError) as exc:

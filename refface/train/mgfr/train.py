@@ -284,8 +284,11 @@ def resolve_checkpoint(source: str | Path) -> Path:
     return ckpt
 
 
-def load_yaml_config(path: str | Path, stage: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(loop section, mgfr section)`` of a YAML config with the ``stage<N>:`` overrides applied."""
+def load_yaml_config(
+    path: str | Path, stage: int, overrides: list[str] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(loop section, mgfr section)`` of a YAML config with the ``stage<N>:`` overrides applied,
+    then the command line's ``key=value`` ``overrides`` (``loop.max_steps=100``, ``mgfr.batch_size=2``)."""
     import yaml
 
     path = Path(path)
@@ -303,6 +306,11 @@ def load_yaml_config(path: str | Path, stage: int) -> tuple[dict[str, Any], dict
         raise ValueError(f"{path}: stage{stage} may override only loop and mgfr, got {sorted(bad)}")
     loop.update(override.get("loop") or {})
     mgfr.update(override.get("mgfr") or {})
+    if overrides:
+        from refface.train.overrides import apply_overrides
+
+        merged = apply_overrides({"loop": loop, "mgfr": mgfr}, overrides, sections=("loop", "mgfr"))
+        loop, mgfr = merged["loop"], merged["mgfr"]
     mgfr["stage"] = stage
     return loop, mgfr
 
@@ -338,6 +346,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--mixed-precision", choices=("no", "fp16", "bf16"), default=None, help="override the config"
     )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. loop.max_steps=100 loop.report_to=wandb mgfr.batch_size=2",
+    )
     return p.parse_args(argv)
 
 
@@ -352,7 +366,7 @@ def main(args: argparse.Namespace, dataloader=None) -> list[dict[str, float]]:
     from refface.train.loop import LoopConfig, train
     from refface.train.mgfr.model import load_frozen_sd
 
-    loop_raw, mgfr_raw = load_yaml_config(args.config, args.stage)
+    loop_raw, mgfr_raw = load_yaml_config(args.config, args.stage, getattr(args, "overrides", None))
     out_dir = Path(args.output) / f"stage{args.stage}"
     loop_raw["output_dir"] = str(out_dir)
     if args.max_steps is not None:

@@ -28,6 +28,12 @@ def train_refldm(
         help="Start from a model folder (unet/, vqgan/), e.g. one written by `refface convert refldm-official`: "
         "its UNet initialises stage C (or B) and its autoencoder is used frozen.",
     ),
+    overrides: list[str] | None = typer.Argument(
+        None,
+        metavar="[KEY=VALUE]...",
+        help="Override any config field: loop.max_steps=100 loop.report_to=wandb,tensorboard ...",
+        show_default=False,
+    ),
 ) -> None:
     """Train ReF-LDM (VQGAN -> LQ-only LDM -> ReF-LDM with CacheKV and the identity loss).
 
@@ -44,6 +50,7 @@ def train_refldm(
         argv += ["--resume", resume]
     if init is not None:
         argv += ["--init", str(init)]
+    argv += list(overrides or [])
     try:
         main(parse_args(argv))
     except (FileNotFoundError, ValueError, ImportError) as e:

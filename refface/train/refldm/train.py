@@ -140,14 +140,19 @@ class RefLDMConfig:
         return cfg
 
 
-def load_config(path: str | Path) -> tuple[RefLDMConfig, dict[str, Any]]:
-    """Read a YAML config: the model sections and the raw ``loop:`` section."""
+def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[RefLDMConfig, dict[str, Any]]:
+    """Read a YAML config: the model sections and the raw ``loop:`` section.
+
+    ``overrides``: ``key=value`` strings applied on top (``loop.max_steps=100``, ``task.cfg_scale=2``).
+    """
     import yaml
+
+    from refface.train.overrides import apply_overrides
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides)
     loop = dict(raw.pop("loop", {}) or {})
     return RefLDMConfig.from_dict(raw), loop
 
@@ -506,6 +511,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="model folder (unet/, vqgan/; e.g. a converted official release) to start stage ldm/refldm from",
     )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. loop.max_steps=100 loop.report_to=wandb data.batch_size=4",
+    )
     return p.parse_args(argv)
 
 
@@ -570,7 +581,7 @@ def main(args: argparse.Namespace) -> list[dict[str, float]]:
     from refface.manifests.atomic import write_text
     from refface.train.loop import LoopConfig, train
 
-    cfg, loop_raw = load_config(args.config)
+    cfg, loop_raw = load_config(args.config, getattr(args, "overrides", None))
     cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, stage=args.stage))
     if getattr(args, "init", None):
         cfg = apply_init(cfg, args.init)
