@@ -81,10 +81,13 @@ def init_kwargs(trackers: list[str], output_dir: str | os.PathLike) -> dict[str,
 
 
 def prepare_environment(trackers: list[str], output_dir: str | os.PathLike) -> None:
-    """Point MLflow at ``<output_dir>/mlruns`` when no tracking URI is configured."""
+    """Point MLflow at a file store in ``<output_dir>/mlruns`` when no tracking URI is configured
+    (MLflow 3 accepts a file store only with ``MLFLOW_ALLOW_FILE_STORE``; a server or database URI
+    in ``MLFLOW_TRACKING_URI`` is used as it is)."""
     if "mlflow" in trackers and not os.environ.get("MLFLOW_TRACKING_URI"):
         import mlflow
 
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri((Path(output_dir).resolve() / "mlruns").as_uri())
 
 
