@@ -34,6 +34,11 @@ KNOWN_DIGESTS: dict[str, tuple[str, str, str]] = {
     ),
     "vgg16-397923af.pth": ("sha256-prefix", "397923af", "torchvision ImageNet VGG16 (hash in the file name)"),
     "lpips_vgg_v0.1.pth": ("md5", "d507d7349b931f0638a25a48a722f98a", "lpips v0.1 vgg.pth"),
+    "pt_inception-2015-12-05-6726825d.pth": (
+        "sha256-prefix",
+        "6726825d",
+        "pytorch-fid's FID Inception (hash in the file name)",
+    ),
 }
 SD_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
 HASH_LIMIT_BYTES = 2 * 1024**3
@@ -152,13 +157,25 @@ def _weights(
     from refface.train.evaluate import DEFAULT_WEIGHT_FILES
 
     wdir = weights_dir or Path(os.environ.get("REFFACE_WEIGHTS", "weights"))
-    for key, label, used in (
-        ("lpips_backbone", "LPIPS VGG16 backbone", "LPIPS / fLPIPS metric, ReF-LDM VQGAN loss"),
-        ("lpips_head", "LPIPS v0.1 head", "LPIPS / fLPIPS metric, ReF-LDM VQGAN loss"),
-        ("inception", "FID Inception", "FID metric"),
-        ("niqe_params", "NIQE pristine model", "NIQE metric"),
-    ):
-        checks.append(check_file(label, used, [wdir / DEFAULT_WEIGHT_FILES[key]], verify))
+    labels = {
+        "arcface": ("ArcFace (evaluation)", "IDS metric"),
+        "lpips_backbone": ("LPIPS VGG16 backbone", "LPIPS / fLPIPS metric, ReF-LDM VQGAN loss"),
+        "lpips_head": ("LPIPS v0.1 head", "LPIPS / fLPIPS metric, ReF-LDM VQGAN loss"),
+        "inception": ("FID Inception", "FID metric"),
+        "niqe_params": ("NIQE pristine model", "NIQE metric"),
+        "fid_stats": ("FID reference statistics", "FID metric (refldm protocol)"),
+        "musiq": ("MUSIQ", "MUSIQ metric (refldm protocol)"),
+    }
+    seen: set[str] = set()
+    for protocol, files in DEFAULT_WEIGHT_FILES.items():
+        for key, fname in files.items():
+            if fname in seen or (key == "arcface" and fname == "w600k_r50.onnx"):
+                continue  # buffalo_l's recognizer is the ArcFace row above
+            seen.add(fname)
+            label, used = labels.get(key, (key, "evaluation"))
+            checks.append(
+                check_file(f"{label} [{fname}]", f"{used} ({protocol} protocol)", [wdir / fname], verify)
+            )
     from refface.mining.attributes import DEEPFACE_WEIGHT_FILES
 
     home = deepface_home or (Path(os.environ["DEEPFACE_HOME"]) if os.environ.get("DEEPFACE_HOME") else None)
@@ -259,6 +276,7 @@ def warnings_for(report: Report) -> list[str]:
 def render(report: Report) -> None:
     """Print the report as tables on stdout."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -293,10 +311,10 @@ def render(report: Report) -> None:
         more = f" (+{len(c.looked_at) - 1} more)" if len(c.looked_at) > 1 else ""
         where = c.path or (f"not in {c.looked_at[0]}{more}" if c.looked_at else "-")
         status = f"[{style.get(c.status, 'white')}]{c.status}[/]"
-        weights.add_row(c.name, status, where, c.note)
+        weights.add_row(escape(c.name), status, escape(where), escape(c.note))
     console.print(weights)
     if report.warnings:
         for w in report.warnings:
-            console.print(f"[bold yellow]warning:[/] {w}")
+            console.print(f"[bold yellow]warning:[/] {escape(w)}")
     else:
         console.print("no warnings")

@@ -127,11 +127,11 @@ def test_doctor_finds_weights_and_checks_published_digests(tmp_path, monkeypatch
     by_name = {c.name: c for c in report.weights}
     assert by_name["SCRFD det_10g.onnx"].status == "differs"
     assert by_name["ArcFace"].status == "differs" and by_name["ArcFace"].path.endswith("w600k_r50.onnx")
-    assert by_name["LPIPS v0.1 head"].status == "ok"
-    assert by_name["FID Inception"].status == "found"
-    assert by_name["FID Inception"].digest == "sha256:" + _sha256(b"inception")
-    assert by_name["LPIPS VGG16 backbone"].status == "missing"
-    assert str(weights / "vgg16-397923af.pth") in by_name["LPIPS VGG16 backbone"].looked_at
+    assert by_name["LPIPS v0.1 head [lpips_vgg_v0.1.pth]"].status == "ok"
+    inception = by_name["FID Inception [inception-2015-12-05.pt]"]
+    assert inception.status == "found" and inception.digest == "sha256:" + _sha256(b"inception")
+    backbone = by_name["LPIPS VGG16 backbone [vgg16-397923af.pth]"]
+    assert backbone.status == "missing" and str(weights / "vgg16-397923af.pth") in backbone.looked_at
     assert by_name["Stable Diffusion folder"].status == "incomplete"
     assert "model_index.json" in by_name["Stable Diffusion folder"].note
     assert any("det_10g.onnx" in w and "differs" in w for w in report.warnings)
