@@ -280,7 +280,6 @@ def part_refldm(dry: bool) -> dict:
 def part_mgfr(dry: bool) -> dict:
     import torch
 
-
     on_gpu = cuda()
     if not on_gpu and not dry:
         print("mgfr: no CUDA device; skipped", flush=True)
