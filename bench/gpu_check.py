@@ -269,7 +269,7 @@ def part_refldm(dry: bool) -> dict:
         "cachekv": None if cachekv is None else round(cachekv, 3),
         "spatial_concat": None if spatial is None else round(spatial, 3),
         "paper_1080": {"cachekv": 2.87, "spatial_concat": 7.44},
-        "note": "activation + cache memory above the resident weights, batch 1, 5 references, bf16",
+        "note": f"activation + cache memory above the resident weights, batch 1, {refs} references, bf16",
     }
     return out
 

@@ -281,7 +281,7 @@ def render(report: Report) -> None:
 
     console = Console()
     if not console.is_terminal:
-        console = Console(width=140)  # piped into a file or a README: do not squeeze to 80 columns
+        console = Console(width=170)  # piped into a file or a README: do not squeeze to 80 columns
     env = Table(title="refface doctor: compute", show_header=False, title_justify="left")
     env.add_column("what", style="bold")
     env.add_column("value")
@@ -304,8 +304,10 @@ def render(report: Report) -> None:
     console.print(env)
 
     weights = Table(title="refface doctor: weights", title_justify="left")
-    for col in ("weights", "status", "where", "note"):
-        weights.add_column(col)
+    weights.add_column("weights", no_wrap=True)
+    weights.add_column("status", no_wrap=True)
+    weights.add_column("where", overflow="fold")
+    weights.add_column("note")
     style = {"ok": "green", "differs": "red", "missing": "yellow", "incomplete": "yellow"}
     for c in report.weights:
         more = f" (+{len(c.looked_at) - 1} more)" if len(c.looked_at) > 1 else ""
