@@ -59,6 +59,7 @@ def _tensorboard_tags(logdir):
     return scalars, images
 
 
+@pytest.mark.slow  # W&B's offline service takes most of a minute to start and stop
 def test_every_installed_tracker_gets_scalars_and_validation_grids(tmp_path, monkeypatch):
     """report_to=all on the toy task: TensorBoard, and W&B (offline) and MLflow (local files) where installed."""
     monkeypatch.setenv("WANDB_MODE", "offline")
