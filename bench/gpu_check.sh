@@ -16,8 +16,8 @@ DRY=()
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L || echo "no NVIDIA GPU visible: GPU parts will be skipped"
 "$PY" -m refface.cli doctor --no-verify || true
 status=0
-# part and its time limit in seconds (about 7 minutes together)
-for spec in arcface:60 refldm:100 mgfr:100 pipeline:60 faiss:110; do
+# part and its time limit in seconds (7.5 minutes together)
+for spec in arcface:50 refldm:100 mgfr:100 pipeline:50 faiss:150; do
   part="${spec%%:*}"
   limit="${spec##*:}"
   [ ${#DRY[@]} -gt 0 ] && limit=600
