@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 
 import pytest
 
@@ -105,7 +106,8 @@ def test_progress_bar_shows_loss_rate_and_eta(tmp_path, monkeypatch):
     monkeypatch.setenv("REFFACE_PROGRESS", "1")
     train(ToyTask(), _loader(), _cfg(tmp_path, max_steps=6, validate_every=0))
     out = buf.getvalue()
-    assert "6/6" in out and "loss 0." in out and "it/s" in out and "ETA" in out
+    assert "6/6" in out and re.search(r"loss \d+\.\d{4}", out), out
+    assert re.search(r"\d+\.\d\d it/s", out) and "ETA" in out, out
 
 
 def test_a_log_file_gets_status_lines_instead(tmp_path, monkeypatch, caplog):
