@@ -306,7 +306,27 @@ def step_train_mgfr(images: Path, out: Path, workers: int) -> dict:
     }
 
 
+def step_doctor(images: Path, out: Path, workers: int) -> dict:
+    """What this install runs on (refface doctor, without hashing weights); the report as JSON."""
+    import json
+
+    from refface.doctor import collect
+    from refface.manifests.atomic import write_json
+
+    report = collect(verify=False)
+    write_json(out / "doctor.json", json.loads(json.dumps(report.to_dict(), default=str)))
+    ort = report.onnxruntime
+    return {
+        "GPUs": ", ".join(report.gpus) or "none",
+        "onnxruntime providers": ", ".join(ort.get("providers", [])) or "not installed",
+        "FAISS GPUs": report.faiss.get("gpus", 0),
+        "doctor warnings": len(report.warnings),
+        "doctor report": str(out / "doctor.json"),
+    }
+
+
 STEPS: list[tuple[str, Callable[[Path, Path, int], dict]]] = [
+    ("check devices and weights (refface doctor)", step_doctor),
     ("build FFHQ-Ref-style dataset", step_build),
     ("score clusters", step_scores),
     ("degrade test sets", step_degrade),
