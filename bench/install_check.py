@@ -152,10 +152,9 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch venvs (printed)")
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="refface-install-check-"))
-    combos = []
+    combos = [("gpu", None, "dry"), ("gpu,train", "torch", "dry")]
     if not args.skip_real:
         combos += [("cpu", None, "real"), ("cpu,train", "torch==2.13.0", "real")]
-    combos += [("gpu", None, "dry"), ("gpu,train", "torch", "dry")]
     results = {}
     try:
         for extras, torch_spec, kind in combos:
@@ -163,11 +162,17 @@ def main() -> int:
             fn = real_install if kind == "real" else dry_run
             results[extras] = {"kind": kind, "torch_spec": torch_spec, **fn(extras, torch_spec, workdir)}
             print("   ", "ok" if results[extras]["ok"] else f"FAILED {results[extras]}", flush=True)
+            write_results(results)  # after every combination: a stopped run keeps what it checked
     finally:
         if args.keep:
             print("scratch venvs kept in", workdir)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    print((RESULTS / "install_check.md").read_text())
+    return 0 if all(r["ok"] for r in results.values()) else 1
+
+
+def write_results(results: dict) -> None:
     out = {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -207,8 +212,6 @@ def main() -> int:
                 f"torch {p['torch'] if isinstance(p['torch'], dict) else 'absent'}; install {p['seconds']} s"
             )
     (RESULTS / "install_check.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0 if all(r["ok"] for r in results.values()) else 1
 
 
 if __name__ == "__main__":
