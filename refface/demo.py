@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -248,7 +249,8 @@ def step_restore_evaluate(images: Path, out: Path, workers: int) -> dict:
     counts = restore_folder(
         lq_sets[0], restored, checkpoint=out / "refldm", references=root / "test_references.csv", steps=10
     )
-    gt = _resized_targets(images, root / "test_references.csv", restored, out / "gt-resized")
+    image_root = Path(json.loads((root / "build.json").read_text())["image_root"])
+    gt = _resized_targets(image_root, root / "test_references.csv", restored, out / "gt-resized")
     result = evaluate_folders(restored, gt, refs_csv=root / "test_references.csv", out=out / "metrics")
     return {
         "restored (ReF-LDM)": f"{counts['restored'] + counts['skipped']} images in {restored}",

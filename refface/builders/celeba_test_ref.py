@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from refface.manifests.atomic import write_parquet
-from refface.mining.references import ReferenceConfig, farthest_point_order
+from refface.mining.references import ReferenceConfig, reference_order
 
 TARGETS_DIR = "mined/targets"
 POOL_DIR = "mined/pool"
@@ -30,6 +30,7 @@ class CelebATestRefConfig:
         identity_threshold: a pool image is the target's person when closer than this (cosine distance);
             None = the embedder's own.
         min_refs / max_refs / near_duplicate_distance: reference rules (ReF-LDM: 2-9, 0.1 at ArcFace 0.4).
+        ref_order: ``farthest`` (paper), ``nearest`` or ``random``; see ReferenceConfig.
         lq: folder of existing LQ images; ``lq_image`` points at the file with the target's stem.
         labels: optional ``path, identity`` CSV (paths relative to the pool) for reporting precision.
         corrections: optional reviewed ``corrections.csv``: ``drop`` removes a target (and the image from
@@ -51,6 +52,7 @@ class CelebATestRefConfig:
     min_refs: int = 2
     max_refs: int = 9
     near_duplicate_distance: float | None = None
+    ref_order: str = "farthest"
     lq: str | None = None
     labels: str | None = None
     corrections: str | None = None
@@ -64,6 +66,7 @@ class CelebATestRefConfig:
             min_refs=self.min_refs,
             max_refs=self.max_refs,
             near_duplicate_distance=self.near_duplicate_distance,
+            ref_order=self.ref_order,
         )
 
 
@@ -133,7 +136,7 @@ def select_pool_references(
             if len(cand) < config.min_refs:
                 out.append([])
                 continue
-            order = farthest_point_order(block[j], p_vectors[cand], "cosine")
+            order = reference_order(block[j], p_vectors[cand], "cosine", config, key=start + j)
             out.append([int(cand[i]) for i in order[: config.max_refs]])
     return out
 

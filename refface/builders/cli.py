@@ -60,6 +60,13 @@ def ffhq_ref(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Dataset root that receives every output."),
     detector: str = typer.Option("prealigned", help=DETECTOR_HELP + " Use dlib for ordinary photos."),
+    prealigned: bool = typer.Option(
+        False,
+        "--prealigned",
+        help="Declare the inputs FFHQ-aligned (same as --detector prealigned): used as they are. With a "
+        "detector, photos are written as FFHQ-aligned crops (aligned/<stem>.png, --crop-size) and the CSVs "
+        "point at them; a photo already on the FFHQ template is only resized.",
+    ),
     embedder: str = typer.Option("auto", help=EMBEDDER_HELP),
     model: Path | None = typer.Option(None, help=MODEL_HELP),
     model_root: Path | None = typer.Option(None, help="Folder holding det_10g.onnx for --detector scrfd."),
@@ -71,6 +78,12 @@ def ffhq_ref(
         help="Identity clustering: average (chain-resistant, default) or components (ReF-LDM's rule).",
     ),
     identity_threshold: float | None = typer.Option(None, help=THRESHOLD_HELP),
+    ref_order: str = typer.Option(
+        "farthest",
+        "--ref-order",
+        help="Order of val/test references: farthest (farthest-point, the paper's), nearest or random. "
+        "ReF-LDM's inference uses the first five.",
+    ),
     min_refs: int = typer.Option(2, help="A val/test target needs at least this many references."),
     max_refs: int = typer.Option(
         9, help="Keep at most this many val/test references (farthest-point order)."
@@ -120,7 +133,7 @@ def ffhq_ref(
 
     try:
         config = FFHQRefConfig(
-            detector=detector,
+            detector="prealigned" if prealigned else detector,
             embedder=resolve_embedder_name(embedder, model),
             model_path=_opt(model),
             model_root=_opt(model_root),
@@ -133,6 +146,7 @@ def ffhq_ref(
             identity_threshold=identity_threshold,
             min_refs=min_refs,
             max_refs=max_refs,
+            ref_order=ref_order,
             near_duplicate_distance=near_duplicate_distance,
             within_threshold=within_threshold,
             train_exclude_near_duplicates=train_exclude_near_duplicates,
@@ -170,6 +184,12 @@ def celeba_test_ref(
     dlib_detector: str = typer.Option("hog", help="dlib detector: hog (fast) or mmod (CNN)."),
     crop_size: int = typer.Option(512, help="Aligned crop side used for embedding."),
     identity_threshold: float | None = typer.Option(None, help=THRESHOLD_HELP),
+    ref_order: str = typer.Option(
+        "farthest",
+        "--ref-order",
+        help="Order of val/test references: farthest (farthest-point, the paper's), nearest or random. "
+        "ReF-LDM's inference uses the first five.",
+    ),
     min_refs: int = typer.Option(2, help="A target needs at least this many references to be listed."),
     max_refs: int = typer.Option(9, help="Keep at most this many references (farthest-point order)."),
     near_duplicate_distance: float | None = typer.Option(None, help=NEAR_DUP_HELP),
@@ -200,6 +220,7 @@ def celeba_test_ref(
             identity_threshold=identity_threshold,
             min_refs=min_refs,
             max_refs=max_refs,
+            ref_order=ref_order,
             near_duplicate_distance=near_duplicate_distance,
             lq=_opt(lq),
             labels=_opt(labels),
@@ -249,6 +270,12 @@ def reface_hq(
     ),
     near_duplicate_distance: float | None = typer.Option(None, help=NEAR_DUP_HELP),
     seed: int = typer.Option(0, help="Split seed."),
+    ref_order: str = typer.Option(
+        "farthest",
+        "--ref-order",
+        help="Order of val/test references: farthest (farthest-point, the paper's), nearest or random. "
+        "ReF-LDM's inference uses the first five.",
+    ),
     min_refs: int = typer.Option(2, help="A val/test target needs at least this many references."),
     max_refs: int = typer.Option(9, help="Keep at most this many val/test references."),
     labels: Path | None = typer.Option(
@@ -289,6 +316,7 @@ def reface_hq(
             seed=seed,
             min_refs=min_refs,
             max_refs=max_refs,
+            ref_order=ref_order,
             labels=_opt(labels),
             corrections=_opt(corrections),
             workers=workers,

@@ -56,6 +56,12 @@ class Target:
     image_root: Path
     items: list[str]
     csvs: list[Path] = field(default_factory=list)
+    # LQ file name per target: flat unique ``<stem>.png`` for dataset roots (what ReF-LDM's inference
+    # saves and its eval looks up), the relative path as PNG for folders.
+    lq_names: dict[str, str] = field(default_factory=dict)
+
+    def lq_name(self, rel: str) -> str:
+        return self.lq_names.get(rel) or lq_name(rel)
 
 
 def resolve_target(target: str | Path, images: str | Path | None = None) -> Target:
@@ -97,7 +103,9 @@ def resolve_target(target: str | Path, images: str | Path | None = None) -> Targ
             items.update(v for v in df["gt_image"] if v)
         if not items:
             raise ValueError(f"no targets listed in {', '.join(c.name for c in csvs)}")
-        return Target("dataset", root, image_root, sorted(items), csvs)
+        from refface.builders.aligned import eval_names
+
+        return Target("dataset", root, image_root, sorted(items), csvs, eval_names(sorted(items)))
     if not root.is_dir():
         raise ValueError(f"{root} is neither a dataset root (reference CSVs) nor a folder of images")
     items_list = list_images(root)
@@ -127,8 +135,8 @@ def _init_worker() -> None:
     threadpool_limits(1)
 
 
-def _row_from_params(rel: str, params: dict) -> dict:
-    row = {"gt_image": rel, "lq_image": lq_name(rel), "status": "ok", "reason": ""}
+def _row_from_params(rel: str, params: dict, name: str) -> dict:
+    row = {"gt_image": rel, "lq_image": name, "status": "ok", "reason": ""}
     for key, value in params.items():
         if key == "color_jitter":
             value = json.dumps(value) if value is not None else ""
@@ -137,7 +145,14 @@ def _row_from_params(rel: str, params: dict) -> dict:
 
 
 def degrade_chunk(
-    items: list[str], image_root: str, set_dir: str, preset: dict, seed: int, fast: bool, tolerance: float
+    items: list[str],
+    image_root: str,
+    set_dir: str,
+    preset: dict,
+    seed: int,
+    fast: bool,
+    tolerance: float,
+    names: dict[str, str] | None = None,
 ) -> list[dict]:
     """Degrade one chunk of targets; pure apart from writing each PNG atomically. Picklable."""
     from threadpoolctl import threadpool_limits
@@ -148,16 +163,21 @@ def degrade_chunk(
     degrader = Degrader(cfg, seed=seed, fast=fast, tolerance=tolerance)
     # One BLAS thread whatever the caller set, so the bytes never depend on the worker count.
     with threadpool_limits(1):
-        return [_degrade_one(rel, Path(image_root), Path(set_dir), degrader) for rel in items]
+        return [
+            _degrade_one(
+                rel, Path(image_root), Path(set_dir), degrader, (names or {}).get(rel) or lq_name(rel)
+            )
+            for rel in items
+        ]
 
 
-def _degrade_one(rel: str, image_root: Path, set_dir: Path, degrader) -> dict:
+def _degrade_one(rel: str, image_root: Path, set_dir: Path, degrader, name: str) -> dict:
     """One target: its params row, or an error row with the reason."""
     from refface.degradations.degrader import prepare_input
     from refface.manifests.errors import ImageError
     from refface.manifests.io import read_image, write_png
 
-    out_path = set_dir / lq_name(rel)
+    out_path = set_dir / name
     try:
         img = read_image(image_root / rel)
         if out_path.exists():
@@ -170,7 +190,7 @@ def _degrade_one(rel: str, image_root: Path, set_dir: Path, degrader) -> dict:
         else:
             lq, params = degrader.degrade(img, rel)
             write_png(out_path, lq)
-        return _row_from_params(rel, params)
+        return _row_from_params(rel, params, name)
     except ImageError as e:
         return {"gt_image": rel, "lq_image": "", "status": "error", "reason": str(e)}
     except Exception as e:  # noqa: BLE001 - one bad file must not stop the set; the reason is kept
@@ -222,6 +242,7 @@ def degrade_set(target: Target, out: Path, preset_name: str, config: DegradeConf
         config.tolerance,
         target.items,
         folder_fingerprint(target.image_root, target.items),
+        target.lq_names or None,
     )
     manifest_path = set_dir / "manifest.json"
     if manifest_path.exists():
@@ -236,7 +257,7 @@ def degrade_set(target: Target, out: Path, preset_name: str, config: DegradeConf
             return {**manifest["summary"], "written": 0, "already_done": done, "seconds": 0.0, "ran": False}
     _claim_set_dir(set_dir, preset.to_dict(), config)
     start = time.perf_counter()
-    existed = sum((set_dir / lq_name(rel)).exists() for rel in target.items)
+    existed = sum((set_dir / target.lq_name(rel)).exists() for rel in target.items)
     parts = set_dir / ".parts" / fp[:16]
     fn = functools.partial(
         degrade_chunk,
@@ -246,6 +267,7 @@ def degrade_set(target: Target, out: Path, preset_name: str, config: DegradeConf
         seed=config.seed,
         fast=config.fast,
         tolerance=config.tolerance,
+        names=target.lq_names,
     )
     chunks = map_chunks(
         fn,
@@ -304,7 +326,7 @@ def fill_lq_column(target: Target, ok_names: set[str]) -> list[str]:
     written = []
     for csv in target.csvs:
         df = pd.read_csv(csv, dtype=str, keep_default_na=False)
-        values = [lq_name(g) if g in ok_names else "" for g in df["gt_image"]]
+        values = [target.lq_name(g) if g in ok_names else "" for g in df["gt_image"]]
         if "lq_image" in df.columns:
             df["lq_image"] = values
         else:

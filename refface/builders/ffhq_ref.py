@@ -47,7 +47,8 @@ class FFHQRefConfig:
             chaining that joins whole populations on large sets) or ``components`` (ReF-LDM's exact rule).
         identity_threshold: same-identity cosine distance; None = the clustering's default for the
             embedder (ArcFace 0.4; dlib 0.075 with ``average``, 0.088 with ``components``).
-        min_refs / max_refs / near_duplicate_distance / within_threshold / train_exclude_near_duplicates:
+        min_refs / max_refs / near_duplicate_distance / within_threshold / train_exclude_near_duplicates /
+            ref_order:
             reference rules, see :class:`refface.mining.references.ReferenceConfig`.
         seed / val_fraction / test_fraction / val_identities / test_identities / min_eval_size /
             balance_column / singleton_split: split rules, see :class:`refface.mining.splits.SplitConfig`.
@@ -76,6 +77,7 @@ class FFHQRefConfig:
     near_duplicate_distance: float | None = None
     within_threshold: bool = True
     train_exclude_near_duplicates: bool = False
+    ref_order: str = "farthest"
     seed: int = 0
     val_fraction: float = SplitConfig.val_fraction
     test_fraction: float = SplitConfig.test_fraction
@@ -105,6 +107,7 @@ class FFHQRefConfig:
             near_duplicate_distance=self.near_duplicate_distance,
             within_threshold=self.within_threshold,
             train_exclude_near_duplicates=self.train_exclude_near_duplicates,
+            ref_order=self.ref_order,
         )
 
     def split_config(self) -> SplitConfig:
@@ -325,12 +328,20 @@ def references_stage(root: Path, config: Any) -> tuple[dict, bool]:
             evaluation=is_eval,
             sha256=_hashes(root, paths),
         )
+        from refface.builders.aligned import eval_names
+
         rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
+        # The degrader writes a val/test target's LQ under its flat unique name (ReF-LDM's inference
+        # names its result after the LQ file, and its eval looks the GT up by that name).
+        lq = eval_names([paths[t] for t in refs if split_of.get(paths[t], "train") != "train"])
         for t, ref_rows in refs.items():
             split = split_of.get(paths[t], "train")
-            # The LQ file of a val/test target is written under the target's own name by the degrader.
             rows[split].append(
-                {"gt_image": paths[t], "lq_image": paths[t], "ref_image": [paths[r] for r in ref_rows]}
+                {
+                    "gt_image": paths[t],
+                    "lq_image": lq.get(paths[t], ""),
+                    "ref_image": [paths[r] for r in ref_rows],
+                }
             )
         outputs, counts = [], {}
         for split in SPLITS:
@@ -476,32 +487,69 @@ def build_ffhq_ref(
     Returns:
         Summary counts (images, identities, per-split images and targets, errors, root).
     """
+    from refface.builders.aligned import ALIGNED_DIR, MINED_DIR, align_stage
     from refface.manifests.io import list_images
 
     config = config or FFHQRefConfig()
-    image_root = Path(images_dir)
+    source_root = Path(images_dir)
     root = Path(out_root)
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(root)
-    all_paths = list_images(image_root)
+    all_paths = list_images(source_root)
     if not all_paths:
-        raise ValueError(f"no images found under {image_root}")
+        raise ValueError(f"no images found under {source_root}")
     timings = {}
-    timings["mine"] = run_mining(image_root, root, config)["seconds"]
-    return build_mined(root, config, image_root, all_paths, timings)
+    extra: dict[str, Any] = {}
+    card_config = config
+    if config.detector == "prealigned":
+        # FFHQ-aligned inputs are used as they are.
+        image_root = source_root
+        timings["mine"] = run_mining(image_root, root, config)["seconds"]
+    else:
+        # Photos: mine them, then build on FFHQ-aligned crops so every CSV path is an aligned PNG.
+        timings["mine"] = run_mining(source_root, root / MINED_DIR, config)["seconds"]
+        timings["align"] = align_stage(source_root, root, config)[0].get("timings", {}).get("seconds")
+        image_root = root / ALIGNED_DIR
+        all_paths = pd.read_parquet(root / "images.parquet")["path"].astype(str).tolist()
+        extra = {"source_root": str(source_root.resolve()), "mining_timings": stage_timings(root / MINED_DIR)}
+        card_config = labels_on_crops(root, config)
+    return build_mined(root, config, image_root, all_paths, timings, extra, card_config)
 
 
 def build_mined(
-    root: Path, config: FFHQRefConfig, image_root: Path, all_paths: list[str], timings: dict | None = None
+    root: Path,
+    config: FFHQRefConfig,
+    image_root: Path,
+    all_paths: list[str],
+    timings: dict | None = None,
+    build_extra: dict | None = None,
+    card_config: Any = None,
 ) -> dict:
-    """The stages after mining: identities, corrections, splits, references, card, build.json."""
+    """The stages after mining: identities, corrections, splits, references, gt512, card, build.json."""
+    from refface.builders.aligned import gt_folder_stage
+
     identities_stage(root, config)
     kept, extra = corrected_paths(root, config, "identities", all_paths)
     splits_stage(root, config, kept)
     references_stage(root, config)
-    card_stage(root, config, "FFHQ-Ref-style dataset")
+    gt_folder_stage(root, image_root)
+    card_stage(root, card_config or config, "FFHQ-Ref-style dataset")
+    extra = {**(build_extra or {}), **extra}
     write_build_json(root, "ffhq-ref", config, image_root, all_paths, timings or {}, extra)
     return build_summary(root)
+
+
+def labels_on_crops(root: Path, config: Any) -> Any:
+    """Known labels name source photos; the card needs them under the crop names (``labels.csv``)."""
+    if not config.labels:
+        return config
+    from refface.manifests.atomic import write_text
+
+    labels = pd.read_csv(config.labels, dtype=str, keep_default_na=False)[["path", "identity"]]
+    sources = pd.read_parquet(root / "sources.parquet")[["path", "source"]]
+    moved = sources.merge(labels.rename(columns={"path": "source"}), on="source")[["path", "identity"]]
+    write_text(root / "labels.csv", moved.to_csv(index=False, lineterminator="\n"))
+    return replace(config, labels=str(root / "labels.csv"))
 
 
 def with_overrides(config: FFHQRefConfig, **overrides: Any) -> FFHQRefConfig:

@@ -13,6 +13,9 @@ METRICS = ("cosine", "euclidean")
 NEAR_DUPLICATE_RATIO = 0.25
 
 
+REF_ORDERS = ("farthest", "nearest", "random")
+
+
 @dataclass(frozen=True)
 class ReferenceConfig:
     """Rules for reference lists (defaults from ReF-LDM).
@@ -26,6 +29,11 @@ class ReferenceConfig:
             not only in its cluster (ReF-LDM's files are named ``arcface0-04`` / ``arcface01-04``);
             this keeps chained cluster members out of the lists.
         train_exclude_near_duplicates: apply the near-duplicate rule to training lists too.
+        ref_order: order (and, with ``max_refs``, choice) of val/test references: ``farthest``
+            (farthest-point sampling seeded with the target, as the paper; the first pick is the view
+            least like the target), ``nearest`` (ascending distance) or ``random`` (a fixed shuffle per
+            target). ReF-LDM's inference takes the first five.
+        order_seed: seed of the ``random`` order.
     """
 
     min_refs: int = 2
@@ -33,8 +41,12 @@ class ReferenceConfig:
     near_duplicate_distance: float | None = None
     within_threshold: bool = True
     train_exclude_near_duplicates: bool = False
+    ref_order: str = "farthest"
+    order_seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.ref_order not in REF_ORDERS:
+            raise ValueError(f"ref_order must be one of {', '.join(REF_ORDERS)}, got {self.ref_order!r}")
         if self.min_refs < 1:
             raise ValueError(f"min_refs must be >= 1, got {self.min_refs}")
         if self.max_refs < self.min_refs:
@@ -127,8 +139,20 @@ def select_for_target(
         return kept
     if len(kept) < config.min_refs:
         return []
-    order = farthest_point_order(vectors[target], vectors[kept], metric)
+    order = reference_order(vectors[target], vectors[kept], metric, config, key=target)
     return [kept[i] for i in order[: config.max_refs]]
+
+
+def reference_order(
+    target: np.ndarray, candidates: np.ndarray, metric: str, config: ReferenceConfig, key: int
+) -> list[int]:
+    """Candidate indices in ``config.ref_order``; ``key`` (the target's row) seeds the random order."""
+    if config.ref_order == "farthest":
+        return farthest_point_order(target, candidates, metric)
+    if config.ref_order == "nearest":
+        dist = distance_matrix(target[None, :], candidates, metric)[0]
+        return [int(i) for i in np.argsort(dist, kind="stable")]
+    return [int(i) for i in np.random.default_rng([config.order_seed, key]).permutation(len(candidates))]
 
 
 def select_references(
