@@ -26,8 +26,14 @@ def config(faces_dir: Path, **overrides) -> FFHQRefConfig:
 
 def seeded_root(faces_dir: Path, out: Path) -> Path:
     """A fresh output root that starts from the cached mining outputs (the mine stage then skips)."""
-    shutil.copytree(build_faces_root(faces_dir), out)
+    shutil.copytree(build_faces_root(faces_dir), out / "mined")
     return out
+
+
+def crop_labels(root: Path, labels: pd.DataFrame) -> pd.DataFrame:
+    """The photo labels under the crop names the build wrote (via sources.parquet)."""
+    sources = pd.read_parquet(root / "sources.parquet").rename(columns={"source": "photo"})
+    return sources[["path", "photo"]].merge(labels.rename(columns={"path": "photo"}), on="photo")
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +62,44 @@ def test_outputs_and_formats(built, faces_dir):
     for plot in ["cluster_sizes", "refs_per_target", "ref_distances", "split_sizes"]:
         assert (root / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
     build = json.loads((root / "build.json").read_text())
-    assert Path(build["image_root"]) == faces_dir.resolve()
+    # Photos are not FFHQ-aligned: the dataset is built on the aligned crops.
+    assert Path(build["image_root"]) == (root / "aligned").resolve()
+    assert Path(build["source_root"]) == faces_dir.resolve()
     assert build["model"]["fingerprint"] and build["inputs"]["images"] == summary["images"]
-    assert {"mine", "identities", "splits", "references", "card"} <= set(build["timings"])
+    assert {"align", "identities", "splits", "references", "card"} <= set(build["timings"])
     assert "errors" in build and build["config"]["detector"] == "dlib"
 
 
-def test_split_lists_cover_every_input_image_and_are_identity_disjoint(built, faces_dir):
+def test_every_csv_path_is_an_aligned_512_png_and_eval_sets_are_flat(built):
+    from PIL import Image
+
+    root, _ = built
+    seen = set()
+    for split in SPLITS:
+        df = read_references(root / f"{split}_references.csv")
+        seen.update(df["gt_image"])
+        seen.update(r for lst in df["ref_image"] for r in lst)
+        if split != "train":
+            # Flat unique names: the LQ file, the official inference's result and the gt512/ file.
+            assert (df["lq_image"] == df["gt_image"]).all() and not df["gt_image"].str.contains("/").any()
+            for name in df["lq_image"]:
+                assert Image.open(root / "gt512" / name).size == (512, 512)
+    for path in seen:
+        with Image.open(root / "aligned" / path) as img:
+            assert img.format == "PNG" and img.size == (512, 512), path
+
+
+def test_split_lists_cover_every_crop_and_are_identity_disjoint(built, faces_dir):
     from refface.manifests.io import list_images
 
     root, _ = built
     lists = read_split_lists(root)
     listed = [p for s in SPLITS for p in lists[s]]
-    assert sorted(listed) == list_images(faces_dir)
+    assert sorted(listed) == sorted(pd.read_parquet(root / "images.parquet")["path"])
+    # Every photo either has a crop or an errors row (no face, unreadable).
+    sources = set(pd.read_parquet(root / "sources.parquet")["source"])
+    errors = set(pd.read_csv(root / "errors.csv")["path"].astype(str))
+    assert all(p in sources or p in errors or str(faces_dir / p) in errors for p in list_images(faces_dir))
     assigned = pd.read_parquet(root / "splits.parquet")
     per_id = assigned[assigned["identity"] >= 0].groupby("identity")["split"].nunique()
     assert (per_id == 1).all()
@@ -77,16 +108,18 @@ def test_split_lists_cover_every_input_image_and_are_identity_disjoint(built, fa
 def test_references_agree_with_labels_and_singletons_get_none(built, faces_labels):
     root, _ = built
     refs = {s: read_references(root / f"{s}_references.csv") for s in SPLITS}
-    agree = label_agreement(refs, faces_labels)
+    labels = crop_labels(root, faces_labels)
+    agree = label_agreement(refs, labels[["path", "identity", "source"]])
     print(f"reference precision vs labels: {agree}")
     assert agree["pairs_labeled"] > 500
     # Across sources one person may carry two labels (deepface person01 is LFW's Angelina Jolie).
     assert agree["precision_same_source"] >= 0.98, agree
     assert agree["precision"] >= 0.9, agree
     assert agree["targets_labeled_singleton_with_refs"] == 0
+    distractors = set(labels.loc[labels["photo"].str.startswith("lfw_distractors/"), "path"])
     for df in refs.values():
-        assert not df["gt_image"].str.startswith("lfw_distractors/").any()
-        assert not any(r.startswith("lfw_distractors/") for lst in df["ref_image"] for r in lst)
+        assert not df["gt_image"].isin(distractors).any()
+        assert not any(r in distractors for lst in df["ref_image"] for r in lst)
 
 
 def test_eval_reference_rules(built):

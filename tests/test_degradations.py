@@ -337,13 +337,14 @@ def test_degrade_dataset_root_fills_lq_column(tmp_path):
     result = _run(["degrade", str(root), "--preset", "refldm-severe", "--preset", "refldm-moderate"])
     assert "severe_b8-16_r8-32_n0-20_j30-100" in result.output
     test = pd.read_csv(root / "test_references.csv", dtype=str, keep_default_na=False)
-    assert test["lq_image"].tolist() == ["sub/000.png", "sub/002.png", ""]
+    # Flat unique names: ReF-LDM's inference names its result after the LQ file's stem.
+    assert test["lq_image"].tolist() == ["000.png", "002.png", ""]
     assert test["ref_image"].tolist() == refs["ref_image"].tolist()
     val = pd.read_csv(root / "val_references.csv", dtype=str, keep_default_na=False)
-    assert list(val.columns) == ["gt_image", "lq_image", "ref_image"] and val["lq_image"][0] == "sub/000.png"
+    assert list(val.columns) == ["gt_image", "lq_image", "ref_image"] and val["lq_image"][0] == "000.png"
     for set_name in ("severe_b8-16_r8-32_n0-20_j30-100", "moderate_b0-8_r1-8_n0-15_j60-100"):
-        assert (root / "lq" / set_name / "sub" / "002.png").exists()
-        assert not (root / "lq" / set_name / "sub" / "001.png").exists()  # references are not targets
+        assert (root / "lq" / set_name / "002.png").exists()
+        assert not (root / "lq" / set_name / "001.png").exists()  # references are not targets
     listed = _run(["degrade", "--list"])
     assert "refldm-severe" in listed.output
 
