@@ -96,8 +96,9 @@ def test_sigkill_at_several_points_then_resume_is_byte_identical(faces_dir, tmp_
     killed = tmp_path / "killed"
     # Each run dies right after one more of these lands, so every stage boundary is crossed by a kill.
     kill_points = [
-        ".parts/*chunk-*.pkl",  # the first mining part
-        ".stages/mine.json",  # mining done
+        "mined/.parts/*chunk-*.pkl",  # the first mining part (photos are mined into mined/)
+        "mined/.stages/mine.json",  # mining done
+        ".stages/align.json",  # aligned crops written
         ".stages/identities.json",
         ".stages/splits.json",
         "test_references.csv",

@@ -265,6 +265,9 @@ def build_celeba_test_ref(
         corrections = {"file": str(Path(config.corrections).resolve()), **corrections}
         corrections["sha256"] = sha256_file(config.corrections)
     write_card_celeba(root, config, summary, corrections)
+    from refface.builders.aligned import gt_folder_stage
+
+    gt_folder_stage(root, targets_dir)
     extra = {
         "ref_root": str(pool_dir.resolve()),
         "lq_root": str(lq_root.resolve()) if lq_root else None,

@@ -418,6 +418,7 @@ def build_reface_hq(
     Returns:
         Summary counts (kept images, identities, merged folders, dropped photos, per-split targets).
     """
+    from refface.builders.aligned import gt_folder_stage
     from refface.builders.ffhq_ref import (
         build_summary,
         card_stage,
@@ -444,6 +445,7 @@ def build_reface_hq(
     kept, corrections = corrected_paths(root, config, STAGE, kept)
     splits_stage(root, config, kept)
     references_stage(root, config)
+    gt_folder_stage(root, root / IMAGES_DIR)
     card_config = config
     if config.labels:
         # Known labels name source photos; the card needs them under the output names.
