@@ -115,6 +115,12 @@ def run(official: Path, root: Path, lq_dir: Path, out: Path) -> dict:
     image_root = Path(build["image_root"])
     gt_dir = root / "gt512"
     report: dict = {"root": str(root), "image_root": str(image_root), "lq_dir": str(lq_dir), "splits": {}}
+    report["build"] = {
+        "kind": build.get("kind"),
+        "source_root": build.get("source_root", build["image_root"]),
+        "images": build.get("inputs", {}).get("images"),
+        "detector": build.get("config", {}).get("detector"),
+    }
     pred_dir = out / "pred"
     for split in ("val", "test"):
         csv = root / f"{split}_references.csv"
@@ -184,6 +190,9 @@ def write(report: dict, out: Path) -> None:
         f"Dataset root `{report['root']}` (image root `{Path(report['image_root']).name}`), LQ set "
         f"`{Path(report['lq_dir']).name}`. Official code run from the fetched repository at run time "
         "(`python bench/official_compat.py`).",
+        "",
+        f"Build: `refface build {report['build']['kind']}` of {report['build']['images']} images from "
+        f"`{report['build']['source_root']}` (detector {report['build']['detector']}).",
         "",
         "| split | CSV rows | ir.py items loaded | arrays (gt, lq, references side by side) | files not 512x512 (would be stretched) "
         "| result names unique | eval.py pairs (assert passed) | eval.py read_image vs refface (max abs levels) |",
