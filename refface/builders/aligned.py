@@ -183,6 +183,10 @@ def gt_folder_stage(root: Path, image_root: Path) -> tuple[dict, bool]:
             if (root / name).exists():
                 targets += [str(p) for p in read_references(root / name)["gt_image"]]
         out_dir = root / GT_DIR
+        if out_dir.exists():  # targets of an earlier split must not linger
+            import shutil
+
+            shutil.rmtree(out_dir)
         written = 0
         for rel, name in eval_names(targets).items():
             dst = out_dir / name
