@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -193,3 +194,33 @@ def test_niqe_filter_reuses_the_evaluation_metric(faces_dir, tmp_path):
     assert quality_rejections(quality, config)[1][0] == REJECT_SHARPNESS and 0 not in quality_rejections(
         quality, config
     )
+
+
+def test_corrections_apply_after_curation(built, faces_dir, tmp_path):
+    import json
+
+    root, _ = built
+    other = tmp_path / "root"
+    shutil.copytree(root, other)
+    config = RefaceHQConfig(
+        labels=str(faces_dir / "labels.csv"), identity_threshold=0.07, crop_size=CROP, min_sharpness=None
+    )
+    ids = pd.read_parquet(other / "identities.parquet")
+    by_id = ids[ids["identity"] >= 0].groupby("identity")["path"].apply(sorted)
+    (a, members_a), (b, members_b) = list(by_id.items())[:2]
+    csv = tmp_path / "corrections.csv"
+    csv.write_text(
+        f"path,action,value\n{members_a[0]},move,{b}\n{members_b[-1]},drop,\nnot/there.png,drop,\n"
+    )
+    summary = build_reface_hq(faces_dir, other, replace(config, corrections=str(csv)))
+    after = dict(pd.read_parquet(other / "identities.parquet")[["path", "identity"]].values)
+    assert after[members_a[0]] == b and after[members_b[-1]] == -1
+    listed = {p for s in SPLITS for p in (other / f"{s}_image.txt").read_text().split()}
+    assert members_b[-1] not in listed and summary["images"] == len(listed)
+    build = json.loads((other / "build.json").read_text())
+    assert build["corrections"]["applied"] == 2
+    assert [u["path"] for u in build["corrections"]["unmatched"]] == ["not/there.png"]
+    assert validate_root(other).ok
+    # Untouched identities are the curation's own.
+    before = dict(ids[["path", "identity"]].values)
+    assert all(after[p] == i for p, i in before.items() if i not in (a, b))
