@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from common.faces_root import build_faces_root
@@ -124,18 +125,22 @@ def test_references_agree_with_labels_and_singletons_get_none(built, faces_label
 
 def test_eval_reference_rules(built):
     root, _ = built
-    from refface.builders.ffhq_ref import identity_threshold_of, load_embedding_rows
+    from refface.builders.ffhq_ref import load_embedding_rows, reference_radii
     from refface.mining.references import distance_matrix
 
     emb, paths, vectors = load_embedding_rows(root)
     row = {p: i for i, p in enumerate(paths)}
-    near = 0.25 * identity_threshold_of(emb, config(Path(".")))
+    # Per-face radii from the impostor clustering: a pair's bar is their geometric mean.
+    radius = reference_radii(root, emb, paths, config(Path(".")))
+    assert np.ndim(radius) == 1 and (radius > 0).all()
     for split in ("val", "test"):
         df = read_references(root / f"{split}_references.csv")
         for gt, lst in zip(df["gt_image"], df["ref_image"], strict=True):
             assert 2 <= len(lst) <= 9 and gt not in lst
-            d = distance_matrix(vectors[[row[gt]]], vectors[[row[r] for r in lst]], "cosine")[0]
-            assert (d >= near - 1e-9).all()
+            refs = [row[r] for r in lst]
+            d = distance_matrix(vectors[[row[gt]]], vectors[refs], "cosine")[0]
+            bar = np.sqrt(radius[row[gt]] * radius[refs])
+            assert (d >= 0.25 * bar - 1e-9).all() and (d < bar).all()
 
 
 def test_validate_passes_and_card_reports_precision(built):

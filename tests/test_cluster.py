@@ -146,7 +146,9 @@ def test_cluster_root_writes_identities_and_skips_when_done(tmp_path):
     manifest, ran = cl.cluster_root(root)
     assert ran
     df = pd.read_parquet(root / "identities.parquet")
-    assert list(df.columns) == ["path", "identity", "cluster_size"]
+    assert list(df.columns) == ["path", "identity", "cluster_size", "radius", "impostor_scale"]
+    assert manifest["config"]["method"] == "impostor" and manifest["config"]["threshold"] is None
+    assert manifest["impostor_model"]["exponent"] > 0 and (df["radius"] > 0).all()
     assert (df.loc[df.identity == -1, "cluster_size"] == 1).all()
     assert (
         df.loc[df.identity >= 0].groupby("identity").size()
@@ -159,13 +161,14 @@ def test_cluster_root_writes_identities_and_skips_when_done(tmp_path):
         "singletons": 5,
         "largest_cluster": 4,
     }
-    assert manifest["config"]["threshold"] == pytest.approx(0.1)  # the embeddings' own threshold
     assert score_labels(labels, df["identity"].to_numpy()).pairwise_f == pytest.approx(1.0)
     before = (root / "identities.parquet").stat().st_mtime_ns
     _, ran = cl.cluster_root(root)
     assert not ran and (root / "identities.parquet").stat().st_mtime_ns == before
-    _, ran = cl.cluster_root(root, cl.ClusterConfig(method="components"))
+    manifest, ran = cl.cluster_root(root, cl.ClusterConfig(method="components"))
     assert ran
+    assert manifest["config"]["threshold"] == pytest.approx(0.1)  # the embeddings' own threshold
+    np.testing.assert_allclose(pd.read_parquet(root / "identities.parquet")["radius"], 0.1)
     # New embeddings (fewer faces) make the stage run again.
     emb = load_embeddings(root)
     save_embeddings(

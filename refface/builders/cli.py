@@ -43,7 +43,8 @@ EMBEDDER_HELP = (
     "(arcface when its weights are found with --model or in insightface's model root, else dlib)."
 )
 MODEL_HELP = "Embedder weights: an ArcFace .onnx (or a folder holding one) or a dlib .dat."
-THRESHOLD_HELP = "Same-identity cosine distance (default: the clustering's bar for the embedder; ArcFace 0.4, dlib 0.075 with average linkage)."
+THRESHOLD_HELP = "Same-identity cosine distance (default: none for the impostor clustering, which sets each face's radius from the set itself; fixed-cut methods use the embedder's bar, e.g. ArcFace 0.4, dlib 0.075 with average linkage)."
+MAX_FALSE_MERGE_HELP = "impostor clustering: share of same-identity pairs the set's impostor model may expect to be strangers (precision target; lower = stricter; default: the embedder's, dlib 0.45, ArcFace 0.1)."
 CORRECTIONS_HELP = (
     "Reviewed corrections.csv (path, action, value) from `refface review`, applied to the identities "
     "before splits and references; rows that match nothing are listed in build.json and card.md."
@@ -73,9 +74,10 @@ def ffhq_ref(
     dlib_detector: str = typer.Option("hog", help="dlib detector: hog (fast) or mmod (CNN)."),
     face_policy: str = typer.Option("largest_central", help="Face kept when several are found."),
     crop_size: int = typer.Option(512, help="Aligned crop side used for embedding."),
-    cluster_method: str = typer.Option(
-        "average",
-        help="Identity clustering: average (chain-resistant, default) or components (ReF-LDM's rule).",
+    cluster_method: str | None = typer.Option(
+        None,
+        help="Identity clustering (default: the embedder's, impostor): impostor, average, components, "
+        "refldm (ReF-LDM's rule), chinese_whispers, infomap; see docs/mining.md.",
     ),
     identity_threshold: float | None = typer.Option(None, help=THRESHOLD_HELP),
     ref_order: str = typer.Option(
@@ -84,6 +86,7 @@ def ffhq_ref(
         help="Order of val/test references: farthest (farthest-point, the paper's), nearest or random. "
         "ReF-LDM's inference uses the first five.",
     ),
+    max_false_merge: float | None = typer.Option(None, help=MAX_FALSE_MERGE_HELP),
     min_refs: int = typer.Option(2, help="A val/test target needs at least this many references."),
     max_refs: int = typer.Option(
         9, help="Keep at most this many val/test references (farthest-point order)."
@@ -144,6 +147,7 @@ def ffhq_ref(
             chunk_size=chunk_size,
             cluster_method=cluster_method,
             identity_threshold=identity_threshold,
+            max_false_merge=max_false_merge,
             min_refs=min_refs,
             max_refs=max_refs,
             ref_order=ref_order,

@@ -43,10 +43,15 @@ class FFHQRefConfig:
         crop_size: aligned crop side used by the mining core.
         max_pixels: larger images become error rows (decompression-bomb limit).
         workers / chunk_size: mining parallelism (change speed only, never outputs).
-        cluster_method: identity clustering from the mining core: ``average`` (default, resists the
-            chaining that joins whole populations on large sets) or ``components`` (ReF-LDM's exact rule).
-        identity_threshold: same-identity cosine distance; None = the clustering's default for the
-            embedder (ArcFace 0.4; dlib 0.075 with ``average``, 0.088 with ``components``).
+        cluster_method: identity clustering from the mining core; None = the embedder's default
+            (``impostor``: average linkage with each face's radius from the set's own impostor model),
+            or any key of :data:`refface.mining.cluster.CLUSTERERS` (``average``, ``components``,
+            ``refldm`` = ReF-LDM's rule, ...).
+        identity_threshold: same-identity cosine distance; None = the clustering's default (for
+            ``impostor``: per-face radii, no cap; fixed cuts: ArcFace 0.4, dlib 0.075 with
+            ``average``, 0.088 with ``components``).
+        max_false_merge: ``impostor``: the share of same-identity pairs the set's impostor model may
+            expect to be strangers (None = the embedder's default).
         min_refs / max_refs / near_duplicate_distance / within_threshold / train_exclude_near_duplicates /
             ref_order:
             reference rules, see :class:`refface.mining.references.ReferenceConfig`.
@@ -70,8 +75,9 @@ class FFHQRefConfig:
     max_pixels: int = 64_000_000
     workers: int = 2
     chunk_size: int = 32
-    cluster_method: str = "average"
+    cluster_method: str | None = None
     identity_threshold: float | None = None
+    max_false_merge: float | None = None
     min_refs: int = 2
     max_refs: int = 9
     near_duplicate_distance: float | None = None
@@ -178,6 +184,18 @@ def load_embedding_rows(root: Path):
     return emb, [paths[i] for i in rows], vectors
 
 
+def reference_radii(root: Path, emb, paths: list[str], config: Any):
+    """The same-identity bar of each row for the reference rule: the configured threshold, else
+    the per-face radii the clustering wrote into identities.parquet, else the scalar default."""
+    if config.identity_threshold is None and (root / IDENTITIES_FILE).exists():
+        table = pd.read_parquet(root / IDENTITIES_FILE)
+        if "radius" in table.columns:
+            fallback = identity_threshold_of(emb, config)
+            radius_of = dict(zip(table["path"].astype(str), table["radius"].astype(float), strict=True))
+            return np.array([radius_of.get(p, fallback) for p in paths], dtype=np.float64)
+    return identity_threshold_of(emb, config)
+
+
 def identity_threshold_of(emb, config: Any) -> float:
     """The same-identity bar as a cosine distance: the configured one, else the clustering's default.
 
@@ -188,7 +206,7 @@ def identity_threshold_of(emb, config: Any) -> float:
 
     if config.identity_threshold is not None:
         return float(config.identity_threshold)
-    return default_threshold(emb, config.cluster_method)
+    return default_threshold(emb, config.cluster_method or "components")
 
 
 def identities_stage(root: Path, config: Any) -> tuple[dict, bool]:
@@ -196,7 +214,12 @@ def identities_stage(root: Path, config: Any) -> tuple[dict, bool]:
     from refface.mining.cluster import ClusterConfig, cluster_root
 
     return cluster_root(
-        root, ClusterConfig(method=config.cluster_method, threshold=config.identity_threshold)
+        root,
+        ClusterConfig(
+            method=config.cluster_method,
+            threshold=config.identity_threshold,
+            max_false_merge=getattr(config, "max_false_merge", None),
+        ),
     )
 
 
@@ -266,10 +289,11 @@ def eval_eligible(root: Path, config: Any, table: pd.DataFrame) -> set[int]:
         vectors,
         labels,
         "cosine",
-        identity_threshold_of(emb, config),
+        reference_radii(root, emb, paths, config),
         config.reference_config(),
         evaluation=True,
         sha256=_hashes(root, paths),
+        impostor=impostor_of(root, paths),
     )
     return {int(labels[t]) for t in refs}
 
@@ -318,18 +342,21 @@ def references_stage(root: Path, config: Any) -> tuple[dict, bool]:
         label_of = dict(zip(assigned["path"], assigned["identity"], strict=True))
         labels = np.array([label_of.get(p, -1) for p in paths])
         is_eval = [split_of.get(p, "train") != "train" for p in paths]
+        radii = reference_radii(root, emb, paths, config)
         refs = select_references(
             paths,
             vectors,
             labels,
             "cosine",
-            identity_threshold_of(emb, config),
+            radii,
             config.reference_config(),
             evaluation=is_eval,
             sha256=_hashes(root, paths),
+            impostor=impostor_of(root, paths),
         )
         from refface.builders.aligned import eval_names
 
+        estimate = estimate_reference_precision(root, paths, vectors, labels, refs)
         rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
         # The degrader writes a val/test target's LQ under its flat unique name (ReF-LDM's inference
         # names its result after the LQ file, and its eval looks the GT up by that name).
@@ -349,12 +376,41 @@ def references_stage(root: Path, config: Any) -> tuple[dict, bool]:
             write_references(root / name, rows[split], with_lq=split != "train")
             outputs.append(name)
             counts[split] = len(rows[split])
-        return {"outputs": outputs, "targets": counts}
+        return {"outputs": outputs, "targets": counts, "reference_precision_estimate": estimate}
 
     cfg = asdict(config.reference_config())
     cfg["identity_threshold"] = config.identity_threshold
-    inputs = {"splits": file_digest(root, SPLITS_FILE), "embeddings": embeddings_digest(root)}
+    inputs = {
+        "splits": file_digest(root, SPLITS_FILE),
+        "embeddings": embeddings_digest(root),
+        "identities": file_digest(root, IDENTITIES_FILE),
+    }
     return run_stage(root, "references", cfg, inputs, work)
+
+
+def impostor_of(root: Path, paths: list[str]) -> tuple[np.ndarray, float] | None:
+    """The clustering's impostor model for these rows: (scale per row, exponent), or None when
+    the clustering fitted none (fixed-cut methods)."""
+    manifest = root / ".stages" / "identities.json"
+    if not manifest.exists() or not (root / IDENTITIES_FILE).exists():
+        return None
+    model = json.loads(manifest.read_text()).get("impostor_model")
+    table = pd.read_parquet(root / IDENTITIES_FILE)
+    if not model or "impostor_scale" not in table.columns:
+        return None
+    scale_of = dict(zip(table["path"].astype(str), table["impostor_scale"].astype(float), strict=True))
+    return np.array([scale_of.get(p, np.nan) for p in paths]), float(model["exponent"])
+
+
+def estimate_reference_precision(root: Path, paths, vectors, labels, refs) -> dict | None:
+    """Label-free estimate of the share of references that show the target's person, from the
+    impostor model the clustering fitted (None when the clustering fitted none)."""
+    from refface.mining.references import estimated_reference_precision
+
+    model = impostor_of(root, paths)
+    if model is None:
+        return None
+    return estimated_reference_precision(refs, vectors, labels, model[0], model[1])
 
 
 def card_stage(root: Path, config: Any, title: str, extra_inputs: dict | None = None) -> tuple[dict, bool]:
@@ -471,6 +527,11 @@ def build_summary(root: Path) -> dict:
         out[f"{split}_images"] = int((assigned["split"] == split).sum())
         out[f"{split}_targets"] = int(len(read_references(root / f"{split}_references.csv")))
     out["errors"] = int(sum(error_counts(root).values()))
+    refs_manifest = root / ".stages" / "references.json"
+    if refs_manifest.exists():
+        estimate = json.loads(refs_manifest.read_text()).get("reference_precision_estimate")
+        if estimate:
+            out["reference_precision_estimated"] = estimate["estimate"]
     return out
 
 

@@ -10,13 +10,14 @@ from typing import Any
 
 import numpy as np
 
+from refface.mining.impostor import RANK_START
 from refface.mining.metrics import SINGLETON
 
 log = logging.getLogger(__name__)
 
 STAGE = "identities"
-STAGE_VERSION = 1
-DEFAULT_METHOD = "average"
+STAGE_VERSION = 2
+DEFAULT_METHOD = "impostor"
 # Cosine-distance threshold used when the embeddings carry none: ReF-LDM's ArcFace rule.
 ARCFACE_THRESHOLD = 0.4
 # Cut heights of average linkage per embedding model, measured against labels (docs/mining.md).
@@ -25,6 +26,22 @@ ARCFACE_THRESHOLD = 0.4
 # On the shared labeled photos F stays >= 0.96 for cuts 0.07-0.085; 0.075 scores best there and
 # keeps every LFW singleton alone (at 0.08 one pairs with a stranger 0.079 away). Models not listed use their own identity_threshold.
 AVERAGE_THRESHOLDS = {"dlib_face_recognition_resnet_model_v1": 0.075}
+# impostor: expected strangers per face inside its same-identity radius (docs/mining.md).
+# impostor: the share of same-identity pairs the set's impostor model may expect to be strangers.
+# Precision-first bound for models not measured here (ArcFace: no weights offline).
+MAX_FALSE_MERGE = 0.1
+DENSITY = 0.5
+# The default clustering per embedding model family. ``impostor``'s bound is a precision target
+# (a false-discovery bound on same-identity pairs by the set's own impostor model), not a
+# distance: no number carries over from one embedder's distance scale to another's. dlib's bound
+# was chosen on the tuning half of lfw_dev's people and the shared photos (docs/mining.md); the
+# model errs high there (it expects about three times the strangers the labels show), so the
+# bound reads looser than the precision it buys.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dlib": {"method": "impostor", "max_false_merge": 0.45},
+    "arcface": {"method": "impostor", "max_false_merge": MAX_FALSE_MERGE},
+    "other": {"method": "impostor", "max_false_merge": MAX_FALSE_MERGE},
+}
 
 
 @dataclass(frozen=True)
@@ -32,7 +49,7 @@ class ClusterConfig:
     """How to cluster.
 
     Attributes:
-        method: a key of ``CLUSTERERS``.
+        method: a key of ``CLUSTERERS``; None = the embedding model's default (``MODEL_DEFAULTS``).
         threshold: cosine distance ``1 - <u, v>`` below which two faces are the same person
             (for ``average``: the cut on the mean distance between two groups); None means
             :func:`default_threshold`.
@@ -41,17 +58,27 @@ class ClusterConfig:
             pairs outside it count as exactly that far (a lower bound on their true distance).
         index: FAISS index ("auto", "flat", "ivf"), see :mod:`refface.mining.neighbors`.
         nprobe: IVF lists visited per query.
+        max_false_merge: ``impostor``: the share of same-identity pairs (k-NN pairs inside the cut)
+            the set's impostor model may expect to be strangers, a false-discovery bound (the
+            precision target; see :mod:`refface.mining.impostor`); None = the embedding model's
+            default (``MODEL_DEFAULTS``).
+        density: ``impostor``: 0 gives every face the set's median radius, 1 each face its own
+            (crowded regions tighter); values between blend the two geometrically.
+        rank_start: ``impostor``: first neighbour rank counted as a stranger when fitting the model.
     """
 
-    method: str = DEFAULT_METHOD
+    method: str | None = None
     threshold: float | None = None
     k: int = 64
     graph_factor: float = 2.0
     index: str = "auto"
     nprobe: int = 32
+    max_false_merge: float | None = None
+    density: float = DENSITY
+    rank_start: int = RANK_START
 
     def validate(self) -> ClusterConfig:
-        if self.method not in CLUSTERERS:
+        if self.method is not None and self.method not in CLUSTERERS:
             raise ValueError(
                 f"unknown clustering method {self.method!r}; choose one of {', '.join(CLUSTERERS)}"
             )
@@ -59,6 +86,10 @@ class ClusterConfig:
             raise ValueError(f"threshold is a cosine distance in (0, 1], got {self.threshold}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.max_false_merge is not None and not 0 < self.max_false_merge < 1:
+            raise ValueError(f"max_false_merge must be in (0, 1), got {self.max_false_merge}")
+        if not 0 <= self.density <= 1:
+            raise ValueError(f"density must be in [0, 1], got {self.density}")
         if self.graph_factor < 1:
             raise ValueError(
                 f"graph_factor must be >= 1 (the graph must cover the threshold), got {self.graph_factor}"
@@ -198,31 +229,131 @@ def average_linkage_graph(
     return labels
 
 
+def neighbour_distances(vectors: np.ndarray, config: ClusterConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Every face's ``k`` nearest neighbours: (cosine distances (N, k) ascending, indices (N, k)).
+
+    Missing neighbours (an approximate index that found fewer) have index -1 and distance inf.
+    """
+    from refface.mining.neighbors import knn
+
+    n = vectors.shape[0]
+    sims, idx = knn(vectors, min(config.k, n - 1), index=config.index, nprobe=config.nprobe)
+    dist = 1.0 - sims.astype(np.float64)
+    dist[idx < 0] = np.inf
+    return dist, idx
+
+
+def _edges(dist: np.ndarray, idx: np.ndarray, inside: np.ndarray):
+    n = idx.shape[0]
+    rows = np.repeat(np.arange(n), idx.shape[1])[inside.ravel()]
+    return rows, idx[inside], dist[inside]
+
+
 def average(vectors: np.ndarray, config: ClusterConfig) -> np.ndarray:
     """Average linkage on the sparse k-NN graph: two groups merge only when their faces are close
     *on average*, so a single false edge (or a chain of them) cannot join two identities."""
-    from refface.mining.neighbors import knn
-
     n = vectors.shape[0]
     if n < 2:
         return relabel(np.arange(n))
     radius = min(1.0, config.graph_factor * config.threshold)
-    sims, idx = knn(vectors, min(config.k, n - 1), index=config.index, nprobe=config.nprobe)
-    dist = 1.0 - sims.astype(np.float64)
-    inside = (idx >= 0) & (dist < radius)
-    rows = np.repeat(np.arange(n), idx.shape[1])[inside.ravel()]
-    comp = average_linkage_graph(n, rows, idx[inside], dist[inside], config.threshold, radius)
+    dist, idx = neighbour_distances(vectors, config)
+    rows, cols, d = _edges(dist, idx, (idx >= 0) & (dist < radius))
+    comp = average_linkage_graph(n, rows, cols, d, config.threshold, radius)
     return relabel(comp)
 
 
+def impostor_radii(dist: np.ndarray, config: ClusterConfig) -> tuple[np.ndarray, Any]:
+    """Per-face same-identity radius from the set's own impostor model (capped by ``threshold``
+    when one is given) and the model."""
+    from refface.mining.impostor import fit_impostor_model
+
+    model = fit_impostor_model(dist, rank_start=config.rank_start)
+    radius = model.radii(model.cut(dist, config.max_false_merge), config.density)
+    if config.threshold is not None:
+        radius = np.minimum(radius, config.threshold)
+    return radius, model
+
+
+def impostor_clusters(vectors: np.ndarray, config: ClusterConfig) -> tuple[np.ndarray, np.ndarray, Any]:
+    """:func:`impostor` with its per-face radii and the fitted model: (labels, radius, model)."""
+    n = vectors.shape[0]
+    if n < 2:
+        return relabel(np.arange(n)), np.full(n, np.inf), None
+    dist, idx = neighbour_distances(vectors, config)
+    radius, model = impostor_radii(dist, config)
+    norm = dist / np.sqrt(radius[:, None] * radius[np.maximum(idx, 0)])
+    rows, cols, d = _edges(norm, idx, (idx >= 0) & (norm < config.graph_factor))
+    comp = average_linkage_graph(n, rows, cols, d, 1.0, config.graph_factor)
+    return relabel(comp), radius, model
+
+
+def impostor(vectors: np.ndarray, config: ClusterConfig) -> np.ndarray:
+    """Average linkage on distances measured in units of each pair's same-identity radius.
+
+    The cut comes from the set's impostor model (:mod:`refface.mining.impostor`): the largest
+    distance at which the strangers it expects make up at most ``max_false_merge`` of the k-NN
+    pairs found within it. Each face's radius is that cut scaled by its own impostor scale
+    (power ``density``); a pair's distance is divided by the geometric mean of its two radii, and
+    groups merge while that mean normalized distance stays below 1. The cut tightens as the pool
+    grows (strangers crowd in) and reaches further where people hold many photos, and crowded
+    regions of the embedding (many look-alikes) get tighter radii than empty ones.
+    """
+    return impostor_clusters(vectors, config)[0]
+
+
+def _threshold_edges(vectors: np.ndarray, config: ClusterConfig):
+    dist, idx = neighbour_distances(vectors, config)
+    return _edges(dist, idx, (idx >= 0) & (dist < config.threshold))
+
+
+def chinese_whispers(vectors: np.ndarray, config: ClusterConfig) -> np.ndarray:
+    """Chinese whispers on the k-NN graph of pairs closer than the threshold, weighted by similarity
+    (dlib's face-clustering example, on a sparse graph)."""
+    from refface.mining.communities import chinese_whispers as cw
+
+    n = vectors.shape[0]
+    if n < 2:
+        return relabel(np.arange(n))
+    rows, cols, d = _threshold_edges(vectors, config)
+    return relabel(cw(n, rows, cols, 1.0 - d))
+
+
+def infomap(vectors: np.ndarray, config: ClusterConfig) -> np.ndarray:
+    """Infomap on the k-NN graph of pairs closer than the threshold, weighted by similarity."""
+    from refface.mining.communities import infomap as im
+
+    n = vectors.shape[0]
+    if n < 2:
+        return relabel(np.arange(n))
+    rows, cols, d = _threshold_edges(vectors, config)
+    return relabel(im(n, rows, cols, 1.0 - d))
+
+
+# Methods whose cut comes from the set itself: a threshold, when given, only caps it.
+ADAPTIVE = ("impostor",)
 CLUSTERERS: dict[str, Callable[[np.ndarray, ClusterConfig], np.ndarray]] = {
-    "components": components,
+    "impostor": impostor,
     "average": average,
+    "components": components,
+    # ReF-LDM's pairwise rule by name: components at the ArcFace cut 0.4 unless a threshold is given.
+    "refldm": components,
+    "chinese_whispers": chinese_whispers,
+    "infomap": infomap,
 }
 
 
+def model_family(emb: Any) -> str:
+    """``dlib``, ``arcface`` or ``other`` from an ``Embeddings``' model name (bare arrays: ``other``)."""
+    model = str(getattr(emb, "model", "") or "")
+    if model.startswith("dlib"):
+        return "dlib"
+    if model.startswith("arcface"):
+        return "arcface"
+    return "other"
+
+
 def default_threshold(emb: Any, method: str) -> float:
-    """The cosine-distance threshold used when none is given.
+    """The cosine-distance threshold used when none is given (fixed-cut methods).
 
     ``components`` uses the embeddings' pairwise ``identity_threshold`` (ReF-LDM's rule);
     ``average`` uses the model's measured cut from ``AVERAGE_THRESHOLDS`` when listed. Bare
@@ -237,9 +368,25 @@ def default_threshold(emb: Any, method: str) -> float:
     return cosine_threshold(value, getattr(emb, "metric", "cosine"))
 
 
-def _vectors_and_threshold(
-    emb_or_vectors: Any, threshold: float | None, method: str
-) -> tuple[np.ndarray, float]:
+def resolve_config(emb: Any, config: ClusterConfig | None = None) -> ClusterConfig:
+    """Fill what ``config`` leaves open from the embedding model's defaults (``MODEL_DEFAULTS``):
+    the method and, for fixed-cut methods, the threshold. The result is validated."""
+    config = config or ClusterConfig()
+    defaults = MODEL_DEFAULTS.get(model_family(emb), MODEL_DEFAULTS["other"])
+    if config.method is None:
+        config = replace(config, method=defaults["method"])
+    if config.method in ADAPTIVE and config.max_false_merge is None:
+        config = replace(config, max_false_merge=defaults.get("max_false_merge", MAX_FALSE_MERGE))
+    if config.method == "refldm" and config.threshold is None:
+        config = replace(config, threshold=ARCFACE_THRESHOLD)
+    if config.method in CLUSTERERS and config.method not in ADAPTIVE and config.threshold is None:
+        config = replace(config, threshold=default_threshold(emb, config.method))
+    if config.threshold is not None:
+        config = replace(config, threshold=float(config.threshold))
+    return config.validate()
+
+
+def _vectors(emb_or_vectors: Any) -> np.ndarray:
     vectors = getattr(emb_or_vectors, "vectors", emb_or_vectors)
     vectors = np.ascontiguousarray(np.asarray(vectors), dtype=np.float32)
     if vectors.ndim != 2:
@@ -251,40 +398,92 @@ def _vectors_and_threshold(
     if np.abs(norms - 1).max(initial=0) > 1e-3:
         # Distances are cosine distances: unit-normalize raw vectors rather than mis-threshold them.
         vectors = vectors / norms[:, None]
-    if threshold is None:
-        threshold = default_threshold(emb_or_vectors, method)
-    return vectors, float(threshold)
+    return vectors
+
+
+@dataclass
+class Clustering:
+    """What a clustering run gives: labels, each face's same-identity radius (the bar its
+    references must meet), the impostor model's per-face scale (NaN for fixed-cut methods) and a
+    JSON-able summary."""
+
+    labels: np.ndarray
+    radius: np.ndarray
+    scale: np.ndarray
+    info: dict
+
+
+def run_clustering(vectors: np.ndarray, config: ClusterConfig) -> Clustering:
+    """Cluster with a resolved config (see :func:`resolve_config`).
+
+    Fixed-cut methods give every face the threshold as its radius; ``impostor`` gives each face
+    its own, and the summary carries the fitted impostor model.
+    """
+    n = vectors.shape[0]
+    if n == 0:
+        empty = np.empty(0)
+        return Clustering(np.empty(0, dtype=np.int64), empty, empty, {})
+    if config.method == "impostor":
+        labels, radius, model = impostor_clusters(vectors, config)
+        info: dict = {}
+        scale = np.full(n, np.nan)
+        if model is not None:
+            info["impostor_model"] = model.summary()
+            scale = model.scale
+        if np.isfinite(radius).any():
+            info["radius_median"] = round(float(np.median(radius[np.isfinite(radius)])), 5)
+        return Clustering(labels, radius, scale, info)
+    labels = CLUSTERERS[config.method](vectors, config)
+    return Clustering(labels, np.full(n, float(config.threshold)), np.full(n, np.nan), {})
+
+
+def cluster_and_radius(
+    emb_or_vectors: Any,
+    method: str | None = None,
+    threshold: float | None = None,
+    config: ClusterConfig | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`cluster` and each face's same-identity radius (the bar its references must meet)."""
+    vectors = _vectors(emb_or_vectors)
+    cfg = config or ClusterConfig()
+    if method is not None:
+        cfg = replace(cfg, method=method)
+    if threshold is not None:
+        cfg = replace(cfg, threshold=threshold)
+    result = run_clustering(vectors, resolve_config(emb_or_vectors, cfg))
+    return result.labels, result.radius
 
 
 def cluster(
     emb_or_vectors: Any,
-    method: str = DEFAULT_METHOD,
+    method: str | None = None,
     threshold: float | None = None,
     config: ClusterConfig | None = None,
 ) -> np.ndarray:
     """Cluster faces into identities.
 
     Args:
-        emb_or_vectors: an ``Embeddings`` (its ``identity_threshold`` and ``metric`` give the
-            default threshold) or an (N, D) array of unit vectors.
-        method: a key of ``CLUSTERERS``.
-        threshold: cosine distance; None uses :func:`default_threshold`.
-        config: further settings (k, graph_factor, index); its method/threshold are overridden
-            by the explicit arguments.
+        emb_or_vectors: an ``Embeddings`` (its model picks the default method, its
+            ``identity_threshold`` and ``metric`` the fixed-cut thresholds) or an (N, D) array of
+            unit vectors.
+        method: a key of ``CLUSTERERS``; None = the model's default (``MODEL_DEFAULTS``).
+        threshold: cosine distance; None uses :func:`default_threshold` (fixed-cut methods) or
+            no cap (``impostor``).
+        config: further settings (k, graph_factor, index, max_false_merge); its method/threshold
+            are overridden by the explicit arguments.
 
     Returns:
         (N,) int64 labels: clusters of two or more faces are numbered 0.. by size, largest
         first; a face alone is ``-1`` (a first-class singleton, not noise).
     """
-    vectors, tau = _vectors_and_threshold(emb_or_vectors, threshold, method)
-    cfg = replace(config or ClusterConfig(), method=method, threshold=tau).validate()
-    if vectors.shape[0] == 0:
-        return np.empty(0, dtype=np.int64)
-    return CLUSTERERS[cfg.method](vectors, cfg)
+    return cluster_and_radius(emb_or_vectors, method, threshold, config)[0]
 
 
-def identities_frame(paths, labels: np.ndarray):
-    """The ``identities.parquet`` table: path, identity (-1 = singleton), cluster_size."""
+def identities_frame(
+    paths, labels: np.ndarray, radius: np.ndarray | None = None, scale: np.ndarray | None = None
+):
+    """The ``identities.parquet`` table: path, identity (-1 = singleton), cluster_size and, when
+    given, each face's same-identity radius and impostor-model scale."""
     import pandas as pd
 
     labels = np.asarray(labels, dtype=np.int64)
@@ -292,7 +491,12 @@ def identities_frame(paths, labels: np.ndarray):
     multi = labels >= 0
     if multi.any():
         sizes[multi] = np.bincount(labels[multi])[labels[multi]]
-    return pd.DataFrame({"path": [str(p) for p in paths], "identity": labels, "cluster_size": sizes})
+    frame = pd.DataFrame({"path": [str(p) for p in paths], "identity": labels, "cluster_size": sizes})
+    if radius is not None:
+        frame["radius"] = np.asarray(radius, dtype=np.float64)
+    if scale is not None:
+        frame["impostor_scale"] = np.asarray(scale, dtype=np.float64)
+    return frame
 
 
 def cluster_root(
@@ -301,7 +505,7 @@ def cluster_root(
     """Stage ``identities``: cluster a dataset root's embeddings into ``identities.parquet``.
 
     Skipped when the embeddings and the config are unchanged. Returns (manifest, ran); the
-    manifest carries the cluster counts.
+    manifest carries the cluster counts and, for ``impostor``, the fitted model.
     """
     from refface.manifests.atomic import write_parquet
     from refface.mining.embed import embeddings_files, load_embeddings
@@ -309,9 +513,7 @@ def cluster_root(
 
     root = Path(root)
     emb = load_embeddings(root)
-    config = config or ClusterConfig()
-    _, tau = _vectors_and_threshold(emb, config.threshold, config.method)
-    resolved = replace(config, threshold=tau).validate()
+    resolved = resolve_config(emb, config)
     inputs = {
         "embeddings_fingerprint": getattr(emb, "fingerprint", None),
         # size + mtime, not a content hash: a 10M x 512 embeddings file would take minutes to hash.
@@ -320,8 +522,9 @@ def cluster_root(
     }
 
     def work() -> dict:
-        labels = CLUSTERERS[resolved.method](np.ascontiguousarray(emb.vectors, dtype=np.float32), resolved)
-        df = identities_frame(emb.paths, labels)
+        result = run_clustering(_vectors(emb), resolved)
+        labels, info = result.labels, result.info
+        df = identities_frame(emb.paths, labels, result.radius, result.scale)
         write_parquet(root / "identities.parquet", df)
         n_clusters = int(labels.max() + 1) if labels.size and labels.max() >= 0 else 0
         return {
@@ -333,6 +536,7 @@ def cluster_root(
                 "singletons": int((labels < 0).sum()),
                 "largest_cluster": int(df["cluster_size"].max()) if len(df) else 0,
             },
+            **info,
         }
 
     return run_stage(root, STAGE, resolved, inputs, work, force=force)

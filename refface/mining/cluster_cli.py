@@ -26,8 +26,10 @@ def register(app: typer.Typer) -> None:
 
 def _method_help() -> str:
     return (
-        "Clustering method: 'average' (average linkage on the sparse k-NN graph; resists chaining) or "
-        "'components' (connected components of the threshold graph, ReF-LDM's rule)."
+        "Clustering method: 'impostor' (default: average linkage with each face's cut from this set's own "
+        "impostor-distance model, at --max-false-merge), 'average' (average linkage at a fixed cut), "
+        "'components' (connected components of the threshold graph), 'refldm' (ReF-LDM's rule: components "
+        "at 0.4), 'chinese_whispers' or 'infomap' (on the k-NN graph of pairs within the threshold)."
     )
 
 
@@ -35,14 +37,24 @@ def cluster_cmd(
     root: Path = typer.Argument(
         ..., help="Dataset root holding embeddings.npy/.parquet/.json (from `refface embed`)."
     ),
-    method: str = typer.Option(None, "--method", help=_method_help() + " Default: average."),
+    method: str = typer.Option(
+        None, "--method", help=_method_help() + " Default: the embedding model's (impostor)."
+    ),
     threshold: float | None = typer.Option(
         None,
         "--threshold",
-        help="Cosine distance below which faces are the same person. Default: the method's tuned value for the "
-        "embedding model (see docs/mining.md), else embeddings.json identity_threshold.",
+        help="Cosine distance below which faces are the same person (impostor: a cap on every face's "
+        "radius). Default: the method's value for the embedding model (see docs/mining.md), else "
+        "embeddings.json identity_threshold.",
     ),
-    k: int = typer.Option(64, "--k", help="Neighbours per face in the average-linkage graph."),
+    max_false_merge: float | None = typer.Option(
+        None,
+        "--max-false-merge",
+        help="impostor: share of same-identity pairs this set's impostor model may expect to be strangers "
+        "(a precision target, not a distance; lower = stricter). Default: the embedding model's "
+        "(dlib 0.45, ArcFace and others 0.1; docs/mining.md).",
+    ),
+    k: int = typer.Option(64, "--k", help="Neighbours per face in the k-NN graph."),
     index: str = typer.Option(
         "auto", "--index", help="FAISS index: auto (exact up to 1M faces, IVF above), flat, ivf."
     ),
@@ -56,14 +68,19 @@ def cluster_cmd(
     same embeddings and settings does no work.
     """
     from refface.console import console, print_summary
-    from refface.mining.cluster import DEFAULT_METHOD, ClusterConfig, cluster_root
+    from refface.mining.cluster import ClusterConfig, cluster_root
 
     config = ClusterConfig(
-        method=method or DEFAULT_METHOD, threshold=threshold, k=k, index=index, nprobe=nprobe
+        method=method,
+        threshold=threshold,
+        k=k,
+        index=index,
+        nprobe=nprobe,
+        max_false_merge=max_false_merge,
     )
     try:
         config.validate()
-        with console.status(f"clustering {root} ({config.method})"):
+        with console.status(f"clustering {root} ({config.method or 'default'})"):
             manifest, ran = cluster_root(root, config, force=force)
     except (ValueError, FileNotFoundError) as e:
         console.print(f"[red]{e}")
@@ -75,7 +92,15 @@ def cluster_cmd(
         [
             ("dataset root", str(root)),
             ("method", cfg["method"]),
-            ("threshold (cosine distance)", cfg["threshold"]),
+            ("threshold (cosine distance)", cfg["threshold"] if cfg["threshold"] is not None else "-"),
+            *(
+                [
+                    ("max false merge (strangers/face)", cfg["max_false_merge"]),
+                    ("median radius (cosine distance)", manifest.get("radius_median")),
+                ]
+                if cfg["method"] == "impostor"
+                else []
+            ),
             ("faces", counts.get("faces")),
             ("clusters (2+ faces)", counts.get("clusters")),
             ("faces in clusters", counts.get("clustered_faces")),
@@ -116,7 +141,10 @@ def eval_clusters_cmd(
     threshold: list[float] = typer.Option(
         None, "--threshold", help="With --method: cosine-distance threshold(s); repeat the flag for a sweep."
     ),
-    k: int = typer.Option(64, "--k", help="With --method: neighbours per face in the average-linkage graph."),
+    k: int = typer.Option(64, "--k", help="With --method: neighbours per face in the k-NN graph."),
+    max_false_merge: float | None = typer.Option(
+        None, "--max-false-merge", help="With --method impostor: the precision target (default: the model's)."
+    ),
     out: Path | None = typer.Option(None, "--out", help="Also write the scores as JSON here."),
 ) -> None:
     """Score identity clusters against ground-truth labels: pairwise and BCubed precision/recall/F,
@@ -151,7 +179,12 @@ def eval_clusters_cmd(
 
             emb = load_embeddings(root)
             for tau in threshold or [None]:
-                lab = cluster(emb, method=method, threshold=tau, config=ClusterConfig(k=k))
+                lab = cluster(
+                    emb,
+                    method=method,
+                    threshold=tau,
+                    config=ClusterConfig(k=k, max_false_merge=max_false_merge),
+                )
                 name = f"{method} {'default' if tau is None else tau}"
                 runs.append((name, dict(zip(emb.paths, lab.tolist(), strict=True))))
     except (ValueError, FileNotFoundError) as e:

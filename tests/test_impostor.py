@@ -1,0 +1,189 @@
+"""The impostor-distance model, the adaptive clustering built on it, the graph methods and the
+precision-first reference rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from refface.mining import cluster as cl
+from refface.mining.communities import chinese_whispers, infomap, leiden, undirected
+from refface.mining.embed import Embeddings
+from refface.mining.impostor import fit_impostor_model
+from refface.mining.metrics import score_labels
+from refface.mining.references import (
+    ReferenceConfig,
+    estimated_reference_precision,
+    select_references,
+    stranger_chance,
+)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def pool(n_ids: int, per: int, n_single: int, dim: int = 64, noise: float = 0.35, seed: int = 0):
+    """Identities scattered around random centres like face embeddings: same person ~0.1 apart,
+    strangers ~1 apart, plus lone faces."""
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.normal(size=(n_ids + n_single, dim)))
+    labels = np.concatenate([np.repeat(np.arange(n_ids), per), n_ids + np.arange(n_single)])
+    x = unit(centres[labels] + noise / np.sqrt(dim) * rng.normal(size=(labels.size, dim)))
+    return x, labels
+
+
+def knn_distances(x: np.ndarray, k: int) -> np.ndarray:
+    d = 1.0 - x.astype(np.float64) @ x.T.astype(np.float64)
+    np.fill_diagonal(d, np.inf)
+    return np.sort(d, axis=1)[:, :k]
+
+
+def test_impostor_model_counts_strangers_and_tightens_as_the_pool_grows():
+    x, labels = pool(150, 4, 300)
+    small = fit_impostor_model(knn_distances(x[:300], 64))
+    large = fit_impostor_model(knn_distances(x, 64))
+    assert small.exponent > 1 and large.exponent > 1
+    # More strangers around every face: the radius at a fixed bound shrinks.
+    assert np.median(large.radius(1.0)) < np.median(small.radius(1.0))
+    # The model's expected strangers within a face's own radius is the bound, by construction,
+    # and the labels agree it is not far off (the model counts ranks, which errs high).
+    radius = large.radius(1.0, density=1.0)
+    d = 1.0 - x.astype(np.float64) @ x.T.astype(np.float64)
+    strangers = ((d < radius[:, None]) & (labels[:, None] != labels[None, :])).sum(axis=1)
+    assert 0.05 < strangers.mean() <= 1.5
+    np.testing.assert_allclose(large.expected(np.arange(len(x)), radius), 1.0)
+    # density 0 gives every face the median radius
+    assert np.unique(np.round(large.radius(1.0, density=0.0), 12)).size == 1
+    with pytest.raises(ValueError, match="max_false_merge"):
+        large.radius(0.0)
+
+
+def test_impostor_clustering_recovers_identities_with_singletons():
+    x, labels = pool(60, 5, 200, noise=0.25)
+    pred = cl.cluster(x, method="impostor")
+    s = score_labels(labels, pred)
+    assert s.pairwise_precision > 0.97 and s.pairwise_f > 0.95 and s.bcubed_f > 0.97, s
+    assert (pred[-200:] == -1).mean() > 0.95  # lone faces stay alone
+
+
+def test_lower_false_merge_bound_is_stricter():
+    x, labels = pool(80, 5, 150, noise=0.4, seed=2)
+    loose = cl.cluster(x, method="impostor", config=cl.ClusterConfig(max_false_merge=5.0))
+    strict = cl.cluster(x, method="impostor", config=cl.ClusterConfig(max_false_merge=0.2))
+    assert score_labels(labels, strict).pairwise_precision >= score_labels(labels, loose).pairwise_precision
+    assert (strict >= 0).sum() <= (loose >= 0).sum()  # fewer faces joined
+
+
+@pytest.mark.parametrize("method", ["chinese_whispers", "infomap"])
+def test_graph_methods_recover_identities(method):
+    x, labels = pool(40, 6, 60, noise=0.25, seed=1)
+    pred = cl.cluster(x, method=method, threshold=0.2)
+    s = score_labels(labels, pred)
+    assert s.pairwise_f > 0.97 and s.bcubed_f > 0.97, s
+
+
+def test_community_functions_on_two_cliques_and_an_isolated_node():
+    rows, cols = [], []
+    for base in (0, 5):
+        for i in range(base, base + 5):
+            for j in range(i + 1, base + 5):
+                rows.append(i)
+                cols.append(j)
+    rows.append(4)
+    cols.append(5)  # one weak bridge
+    w = np.ones(len(rows))
+    w[-1] = 0.1
+    r, c = np.array(rows), np.array(cols)
+    for labels in (chinese_whispers(11, r, c, w), infomap(11, r, c, w), leiden(11, r, c, w, 0.5)):
+        a, b = labels[:5], labels[5:10]
+        assert len(set(a.tolist())) == 1 and len(set(b.tolist())) == 1 and a[0] != b[0]
+        assert labels[10] not in (a[0], b[0])
+    lo, hi, ww = undirected(np.array([1, 0, 2]), np.array([0, 1, 2]), np.array([0.5, 0.7, 1.0]))
+    assert lo.tolist() == [0] and hi.tolist() == [1] and ww.tolist() == [0.7]
+
+
+def test_defaults_are_selected_by_embedder():
+    dlib = Embeddings(np.eye(3), list("abc"), "dlib_face_recognition_resnet_model_v1", "f", "cosine", 0.0884)
+    arc = Embeddings(np.eye(3), list("abc"), "arcface:w600k_r50", "f", "cosine", 0.4)
+    assert cl.model_family(dlib) == "dlib" and cl.model_family(arc) == "arcface"
+    for emb in (dlib, arc):
+        cfg = cl.resolve_config(emb)
+        family = cl.MODEL_DEFAULTS[cl.model_family(emb)]
+        assert cfg.method == family["method"] == "impostor"
+        # The adaptive default carries no distance: nothing of dlib's scale reaches ArcFace.
+        assert cfg.threshold is None and cfg.max_false_merge == family["max_false_merge"]
+    # Fixed-cut methods take each model's own numbers.
+    assert (
+        cl.resolve_config(dlib, cl.ClusterConfig(method="average")).threshold
+        == cl.AVERAGE_THRESHOLDS[dlib.model]
+    )
+    assert cl.resolve_config(arc, cl.ClusterConfig(method="average")).threshold == pytest.approx(0.4)
+    # ReF-LDM's rule stays available by name: components at 0.4.
+    ref = cl.resolve_config(dlib, cl.ClusterConfig(method="refldm"))
+    assert ref.threshold == pytest.approx(0.4) and cl.CLUSTERERS["refldm"] is cl.components
+    with pytest.raises(ValueError, match="max_false_merge"):
+        cl.resolve_config(arc, cl.ClusterConfig(max_false_merge=0))
+
+
+def chain(per: int = 6, seed: int = 3):
+    """Identity A, identity B far from A, and a face C close to one A face only (a chain link)."""
+    rng = np.random.default_rng(seed)
+    dim = 16
+    e = np.eye(dim)
+    a = unit(e[0] + 0.15 * rng.normal(size=(per, dim)) / np.sqrt(dim))
+    b = unit(e[1] + 0.15 * rng.normal(size=(per, dim)) / np.sqrt(dim))
+    # C sits on the far side of a[0]: near it, but far from the rest of A on average.
+    c = unit((2.2 * a[0] - 1.0 * e[0] + 0.9 * e[2])[None])
+    return np.concatenate([a, b, c])
+
+
+def test_reference_rule_rejects_chained_references():
+    x = chain()
+    labels = np.r_[np.zeros(6), np.ones(6), [0]].astype(int)  # C clustered with A (chained)
+    d = 1.0 - x @ x.T
+    bar = float(d[12, 0]) * 1.05  # C is within the bar of a[0] ...
+    assert (d[12, 1:6] > bar).mean() > 0.5  # ... but not of most of A
+    paths = [f"{i:02d}" for i in range(len(x))]
+    loose = select_references(paths, x, labels, "cosine", bar, ReferenceConfig(within_threshold=False))
+    assert 12 in loose[0]  # without the rule the chained face serves as a reference
+    refs = select_references(paths, x, labels, "cosine", bar, ReferenceConfig())
+    assert 12 not in refs  # the chained face gets no references
+    assert all(12 not in r for r in refs.values())  # and serves as none
+    assert refs[0] and all(r < 6 for r in refs[0])
+
+
+def test_stranger_chance_and_the_precision_estimate():
+    x, labels = pool(30, 5, 0, noise=0.3, seed=4)
+    model = fit_impostor_model(knn_distances(x, 40), rank_start=10)
+    d = 1.0 - x[:5].astype(np.float64) @ x[:5].T.astype(np.float64)
+    chance = stranger_chance(d, model.scale[:5], model.exponent)
+    assert chance.shape == (5, 5) and np.allclose(chance, chance.T) and (np.diag(chance) == 0).all()
+    assert ((chance >= 0) & (chance <= 1)).all()
+    # A pair twice as far has a larger chance (the count grows with distance).
+    far = stranger_chance(2 * d, model.scale[:5], model.exponent)
+    assert (far[~np.eye(5, dtype=bool)] >= chance[~np.eye(5, dtype=bool)]).all()
+    paths = [f"{i:03d}" for i in range(len(x))]
+    strict = select_references(
+        paths,
+        x,
+        labels,
+        "cosine",
+        1.0,
+        ReferenceConfig(max_false_reference=1e-9),
+        impostor=(model.scale, model.exponent),
+    )
+    loose = select_references(
+        paths,
+        x,
+        labels,
+        "cosine",
+        1.0,
+        ReferenceConfig(max_false_reference=1.0),
+        impostor=(model.scale, model.exponent),
+    )
+    assert sum(map(len, strict.values())) < sum(map(len, loose.values()))
+    est = estimated_reference_precision(loose, x, labels, model.scale, model.exponent)
+    assert est["pairs"] == sum(map(len, loose.values())) and 0 <= est["estimate"] <= 1
+    with pytest.raises(ValueError, match="max_false_reference"):
+        ReferenceConfig(max_false_reference=0)
