@@ -227,7 +227,7 @@ def test_cli_reports_bad_inputs(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.faces
-def test_default_clustering_on_shared_photos_reaches_f95(faces_root, faces_labels):  # noqa: F811
+def test_default_clustering_on_shared_photos_holds_its_figures(faces_root, faces_labels):  # noqa: F811
     emb = load_embeddings(faces_root)
     assert emb.model == "dlib_face_recognition_resnet_model_v1"
     pred = cl.cluster(emb)
@@ -236,5 +236,6 @@ def test_default_clustering_on_shared_photos_reaches_f95(faces_root, faces_label
         dict(zip(faces_labels.path, faces_labels.identity, strict=True)),
     )
     assert scores.n_items == int((faces_labels.identity != "").sum())
-    assert scores.pairwise_f >= 0.95, scores
-    assert scores.bcubed_f >= 0.95, scores
+    # The fixed cut this default replaced scored pairwise F 0.967 and BCubed F 0.981 here.
+    assert scores.pairwise_f >= 0.967, scores
+    assert scores.bcubed_f >= 0.981, scores

@@ -59,6 +59,22 @@ def test_impostor_model_counts_strangers_and_tightens_as_the_pool_grows():
         large.radius(0.0)
 
 
+def test_cut_reaches_further_where_people_hold_many_photos():
+    # Same number of faces: one pool of many-photo identities, one of lone faces and pairs.
+    clumped, _ = pool(60, 8, 20, noise=0.45, seed=5)
+    lone, _ = pool(50, 2, 400, noise=0.45, seed=6)
+    cuts = []
+    for x in (clumped, lone):
+        d = knn_distances(x, 64)
+        model = fit_impostor_model(d)
+        cuts.append(model.cut(d, 0.3))
+        share = model.false_share(d, np.array([cuts[-1]]))[0]
+        assert share <= 0.3
+    assert cuts[0] > cuts[1]
+    with pytest.raises(ValueError, match="max_false_merge"):
+        model.cut(d, 1.5)
+
+
 def test_impostor_clustering_recovers_identities_with_singletons():
     x, labels = pool(60, 5, 200, noise=0.25)
     pred = cl.cluster(x, method="impostor")
@@ -69,8 +85,8 @@ def test_impostor_clustering_recovers_identities_with_singletons():
 
 def test_lower_false_merge_bound_is_stricter():
     x, labels = pool(80, 5, 150, noise=0.4, seed=2)
-    loose = cl.cluster(x, method="impostor", config=cl.ClusterConfig(max_false_merge=5.0))
-    strict = cl.cluster(x, method="impostor", config=cl.ClusterConfig(max_false_merge=0.2))
+    loose = cl.cluster(x, method="impostor", config=cl.ClusterConfig(max_false_merge=0.9))
+    strict = cl.cluster(x, method="impostor", config=cl.ClusterConfig(max_false_merge=0.02))
     assert score_labels(labels, strict).pairwise_precision >= score_labels(labels, loose).pairwise_precision
     assert (strict >= 0).sum() <= (loose >= 0).sum()  # fewer faces joined
 

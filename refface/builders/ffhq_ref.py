@@ -184,11 +184,19 @@ def load_embedding_rows(root: Path):
     return emb, [paths[i] for i in rows], vectors
 
 
+def clustering_table(root: Path) -> pd.DataFrame | None:
+    """The clustering's own per-face table (before hand corrections, which keep only identities)."""
+    for name in ("identities_clustered.parquet", IDENTITIES_FILE):
+        if (root / name).exists():
+            return pd.read_parquet(root / name)
+    return None
+
+
 def reference_radii(root: Path, emb, paths: list[str], config: Any):
     """The same-identity bar of each row for the reference rule: the configured threshold, else
     the per-face radii the clustering wrote into identities.parquet, else the scalar default."""
-    if config.identity_threshold is None and (root / IDENTITIES_FILE).exists():
-        table = pd.read_parquet(root / IDENTITIES_FILE)
+    table = clustering_table(root) if config.identity_threshold is None else None
+    if table is not None:
         if "radius" in table.columns:
             fallback = identity_threshold_of(emb, config)
             radius_of = dict(zip(table["path"].astype(str), table["radius"].astype(float), strict=True))
@@ -392,10 +400,10 @@ def impostor_of(root: Path, paths: list[str]) -> tuple[np.ndarray, float] | None
     """The clustering's impostor model for these rows: (scale per row, exponent), or None when
     the clustering fitted none (fixed-cut methods)."""
     manifest = root / ".stages" / "identities.json"
-    if not manifest.exists() or not (root / IDENTITIES_FILE).exists():
+    table = clustering_table(root)
+    if not manifest.exists() or table is None:
         return None
     model = json.loads(manifest.read_text()).get("impostor_model")
-    table = pd.read_parquet(root / IDENTITIES_FILE)
     if not model or "impostor_scale" not in table.columns:
         return None
     scale_of = dict(zip(table["path"].astype(str), table["impostor_scale"].astype(float), strict=True))
