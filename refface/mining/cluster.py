@@ -26,7 +26,6 @@ ARCFACE_THRESHOLD = 0.4
 # On the shared labeled photos F stays >= 0.96 for cuts 0.07-0.085; 0.075 scores best there and
 # keeps every LFW singleton alone (at 0.08 one pairs with a stranger 0.079 away). Models not listed use their own identity_threshold.
 AVERAGE_THRESHOLDS = {"dlib_face_recognition_resnet_model_v1": 0.075}
-# impostor: expected strangers per face inside its same-identity radius (docs/mining.md).
 # impostor: the share of same-identity pairs the set's impostor model may expect to be strangers.
 # Precision-first bound for models not measured here (ArcFace: no weights offline).
 MAX_FALSE_MERGE = 0.1

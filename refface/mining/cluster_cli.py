@@ -95,7 +95,7 @@ def cluster_cmd(
             ("threshold (cosine distance)", cfg["threshold"] if cfg["threshold"] is not None else "-"),
             *(
                 [
-                    ("max false merge (strangers/face)", cfg["max_false_merge"]),
+                    ("max false merge (share of pairs)", cfg["max_false_merge"]),
                     ("median radius (cosine distance)", manifest.get("radius_median")),
                 ]
                 if cfg["method"] == "impostor"
