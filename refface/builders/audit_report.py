@@ -87,7 +87,7 @@ def histogram_png(
     values = [v for v in [*same.values(), cross] if len(v)]
     lo = min([float(np.min(v)) for v in values] + [identity_sim]) - 0.02
     hi = max([float(np.max(v)) for v in values] + [1.0])
-    bins = np.linspace(lo, hi, 60)
+    bins = np.linspace(lo, hi, 60).tolist()
     fig, ax = plt.subplots(figsize=(7.5, 3.2), dpi=100)
     for name, v in same.items():
         if len(v):

@@ -57,7 +57,7 @@ def draw_plots(root: Path, table: pd.DataFrame, assigned: pd.DataFrame, refs, di
     sizes = table.loc[table["identity"] >= 0].groupby("identity").size()
     fig, ax = plt.subplots(figsize=(6, 4))
     if len(sizes):
-        ax.hist(sizes, bins=np.arange(2, sizes.max() + 2) - 0.5, color="#4c72b0")
+        ax.hist(sizes, bins=(np.arange(2, sizes.max() + 2) - 0.5).tolist(), color="#4c72b0")
     ax.set(title="Images per identity", xlabel="cluster size", ylabel="identities")
     finish(fig, "cluster_sizes.png")
 
@@ -65,7 +65,7 @@ def draw_plots(root: Path, table: pd.DataFrame, assigned: pd.DataFrame, refs, di
     for split in SPLITS:
         counts = refs[split]["ref_image"].map(len)
         if len(counts):
-            ax.hist(counts, bins=np.arange(1, counts.max() + 2) - 0.5, alpha=0.6, label=split)
+            ax.hist(counts, bins=(np.arange(1, counts.max() + 2) - 0.5).tolist(), alpha=0.6, label=split)
     ax.set(title="References per target", xlabel="references", ylabel="targets")
     ax.legend()
     finish(fig, "refs_per_target.png")

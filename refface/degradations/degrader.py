@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
 
@@ -115,18 +117,24 @@ def sample_params(cfg: PresetConfig, rng: np.random.Generator) -> dict:
 
 
 def _sample_noise(cfg: PresetConfig, rng: np.random.Generator) -> dict:
-    out = {"noise_type": None, "noise_sigma": None, "noise_gray": False, "poisson_scale": None}
-    gaussian, poisson = cfg.noise_range is not None, cfg.poisson_scale_range is not None
+    out: dict[str, Any] = {
+        "noise_type": None,
+        "noise_sigma": None,
+        "noise_gray": False,
+        "poisson_scale": None,
+    }
+    sigma_range, scale_range = cfg.noise_range, cfg.poisson_scale_range
+    gaussian, poisson = sigma_range is not None, scale_range is not None
     if gaussian and poisson:
         use_gaussian = bool(rng.uniform() < cfg.gaussian_noise_prob)
         gaussian, poisson = use_gaussian, not use_gaussian
-    if gaussian:
+    if gaussian and sigma_range is not None:
         out["noise_type"] = "gaussian"
-        out["noise_sigma"] = float(rng.uniform(cfg.noise_range[0], cfg.noise_range[1]))
+        out["noise_sigma"] = float(rng.uniform(sigma_range[0], sigma_range[1]))
         out["noise_gray"] = bool(rng.uniform() < cfg.gray_noise_prob)
-    elif poisson:
+    elif poisson and scale_range is not None:
         out["noise_type"] = "poisson"
-        out["poisson_scale"] = float(rng.uniform(cfg.poisson_scale_range[0], cfg.poisson_scale_range[1]))
+        out["poisson_scale"] = float(rng.uniform(scale_range[0], scale_range[1]))
         out["noise_gray"] = bool(rng.uniform() < cfg.gray_noise_prob)
     return out
 

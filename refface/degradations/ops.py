@@ -100,7 +100,10 @@ def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     ok, enc = cv2.imencode(".jpg", u8, [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
     if not ok:
         raise RuntimeError(f"OpenCV could not JPEG-encode an image of shape {u8.shape}")
-    return cv2.LUT(cv2.imdecode(enc, cv2.IMREAD_COLOR), _U8_TO_UNIT)
+    decoded = cv2.imdecode(enc, cv2.IMREAD_COLOR)
+    if decoded is None:
+        raise RuntimeError(f"OpenCV could not decode its own JPEG of an image of shape {u8.shape}")
+    return cv2.LUT(decoded, _U8_TO_UNIT)
 
 
 def color_jitter(img: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -316,6 +319,8 @@ def separable_blur(
             borderType=cv2.BORDER_REFLECT_101,
         )
         out = piece if out is None else cv2.add(out, piece)
+    if out is None:
+        raise ValueError("separable filter bank is empty: p and q need at least one row")
     return out if size is None else resize_linear(out, size)
 
 

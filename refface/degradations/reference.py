@@ -66,8 +66,9 @@ def load_basicsr_degradations() -> types.ModuleType:
         raise ReferenceUnavailable(f"{path} not found; reinstall basicsr: {INSTALL_HINT}")
     _provide_functional_tensor()
     mod_spec = importlib.util.spec_from_file_location("_refface_basicsr_degradations", path)
+    if mod_spec is None or mod_spec.loader is None:
+        raise ReferenceUnavailable(f"{path} cannot be loaded as a module; reinstall basicsr: {INSTALL_HINT}")
     module = importlib.util.module_from_spec(mod_spec)
-    assert mod_spec.loader is not None
     mod_spec.loader.exec_module(module)
     sys.modules["_refface_basicsr_degradations"] = module
     return module
@@ -81,7 +82,7 @@ def fixed_randn(field: np.ndarray):
     try:
         yield
     finally:
-        np.random.randn = original  # type: ignore[assignment]
+        np.random.randn = original
 
 
 def basicsr_kernel(bsr: types.ModuleType, params: dict) -> np.ndarray:
@@ -105,9 +106,11 @@ def basicsr_blur_downsample(bsr: types.ModuleType, img_rgb: np.ndarray, params: 
     """GFPGAN's first two steps with BasicSR's kernel: float32 BGR [0, 1], (h', w', 3)."""
     img = img_rgb[:, :, ::-1].astype(np.float32) / 255.0
     h, w = img.shape[:2]
-    img = cv2.filter2D(img, -1, basicsr_kernel(bsr, params))
+    blurred = cv2.filter2D(img, -1, basicsr_kernel(bsr, params))
     scale = params["scale"]
-    return cv2.resize(img, (max(1, int(w // scale)), max(1, int(h // scale))), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(
+        blurred, (max(1, int(w // scale)), max(1, int(h // scale))), interpolation=cv2.INTER_LINEAR
+    )
 
 
 def basicsr_degrade(

@@ -100,9 +100,9 @@ def degrade_batch(
             small = (small + noise[None]).clamp(0, 1)
         elif p["noise_type"] == "poisson":
             bgr = small[0].permute(1, 2, 0).flip(-1).cpu().numpy()
-            noise = ops.poisson_noise(bgr, p["poisson_scale"], p["noise_gray"], noise_rng)
-            noise = np.ascontiguousarray(noise[:, :, ::-1].transpose(2, 0, 1)).astype(np.float32)
-            small = (small + torch.from_numpy(noise).to(small)[None]).clamp(0, 1)
+            field = ops.poisson_noise(bgr, p["poisson_scale"], p["noise_gray"], noise_rng)
+            chw = np.ascontiguousarray(field[:, :, ::-1].transpose(2, 0, 1)).astype(np.float32)
+            small = (small + torch.from_numpy(chw).to(small)[None]).clamp(0, 1)
         if p["jpeg_quality"] is not None:
             bgr = np.ascontiguousarray(small[0].permute(1, 2, 0).flip(-1).cpu().numpy())
             dec = ops.jpeg(bgr, p["jpeg_quality"])

@@ -59,4 +59,6 @@ class ErrorsTable:
         path = Path(root) / f"{name}.parquet"
         if not path.exists():
             return cls()
-        return cls([ErrorRow(**r) for r in pd.read_parquet(path).to_dict("records")])
+        return cls(
+            [ErrorRow(**{str(k): v for k, v in r.items()}) for r in pd.read_parquet(path).to_dict("records")]
+        )

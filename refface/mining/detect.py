@@ -6,6 +6,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -170,7 +171,7 @@ class DlibDetector:
             files.append(dlib_model_file("mmod_human_face_detector.dat"))
         return files
 
-    def _rects(self, img: np.ndarray, upsample: int) -> list[tuple[object, float]]:
+    def _rects(self, img: np.ndarray, upsample: int) -> list[tuple[Any, float]]:
         if self.model == "hog":
             rects, scores, _ = self._hog.run(img, upsample, self.score_threshold)
             return list(zip(rects, scores, strict=True))
@@ -285,7 +286,7 @@ def scrfd_decode(
         bbox_preds = outputs[idx + fmc].reshape(-1, 4) * stride
         kps_preds = outputs[idx + 2 * fmc].reshape(-1, 10) * stride
         height, width = height_in // stride, width_in // stride
-        centres = np.stack(np.mgrid[:height, :width][::-1], axis=-1).astype(np.float32)
+        centres = np.stack(list(np.mgrid[:height, :width][::-1]), axis=-1).astype(np.float32)
         centres = (centres * stride).reshape(-1, 2)
         if num_anchors > 1:
             centres = np.stack([centres] * num_anchors, axis=1).reshape(-1, 2)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 SINGLETON = -1
 
@@ -35,7 +36,7 @@ def _f(p: float, r: float) -> float:
     return 0.0 if p + r == 0 else 2 * p * r / (p + r)
 
 
-def _codes(labels: Sequence) -> np.ndarray:
+def _codes(labels: npt.ArrayLike) -> np.ndarray:
     """Dense integer codes of arbitrary labels (strings, ints)."""
     _, codes = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
     return codes.astype(np.int64)
@@ -103,7 +104,7 @@ def nmi(true: np.ndarray, pred: np.ndarray) -> float:
     return float(normalized_mutual_info_score(true, pred))
 
 
-def score_labels(true: Sequence, pred: Sequence) -> ClusterScores:
+def score_labels(true: npt.ArrayLike, pred: npt.ArrayLike) -> ClusterScores:
     """Score predicted cluster ids against true identities for the same items.
 
     Args:
@@ -128,7 +129,7 @@ def score_labels(true: Sequence, pred: Sequence) -> ClusterScores:
     )
 
 
-def evaluate_assignments(assignments: Mapping[str, int], labels: Mapping[str, str]) -> ClusterScores:
+def evaluate_assignments(assignments: Mapping[str, int], labels: Mapping[str, str | None]) -> ClusterScores:
     """Score a path -> cluster id mapping against a path -> identity mapping.
 
     Only labeled paths are scored (an empty or missing identity means unknown and is excluded).

@@ -6,6 +6,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -49,7 +50,7 @@ def hash_one(path: str | os.PathLike) -> dict:
     from refface.manifests.errors import ImageError
     from refface.manifests.io import read_image
 
-    row = {c: None for c in HASH_COLUMNS}
+    row: dict[str, Any] = {c: None for c in HASH_COLUMNS}
     row["path"] = str(path)
     try:
         row["file_sha256"] = sha256_file(path)
@@ -119,7 +120,7 @@ def hash_images(
         def read_part(path: Path) -> list[dict]:
             return pd.read_parquet(path).to_dict("records")
 
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if parts_dir is not None:
             # The part files are keyed by chunk number, so they are only valid for this todo list.
             parts_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +153,7 @@ def hash_frame(rows: list[dict]) -> pd.DataFrame:
     # Columns are built from the raw values: letting pandas infer a column of big ints with gaps
     # would go through float64 and lose the low bits of the 64-bit hashes.
     extra = sorted({k for r in rows for k in r} - set(HASH_COLUMNS))
-    data = {}
+    data: dict[str, Any] = {}
     for col in HASH_COLUMNS + extra:
         values = [r.get(col) for r in rows]
         if col in ("phash", "phash_mirror"):

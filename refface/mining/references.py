@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 METRICS = ("cosine", "euclidean")
 # ReF-LDM excludes test references closer than 0.1 to the target with an ArcFace threshold of 0.4:
@@ -236,7 +237,7 @@ def reference_order(
 def select_references(
     paths: Sequence[str],
     vectors: np.ndarray,
-    labels: Sequence[int],
+    labels: npt.ArrayLike,
     metric: str,
     identity_threshold,
     config: ReferenceConfig,

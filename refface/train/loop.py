@@ -106,7 +106,10 @@ class LoopConfig:
     report_to: str = "tensorboard"
 
     def __post_init__(self) -> None:
-        self.adam_betas = tuple(float(b) for b in self.adam_betas)
+        betas = [float(b) for b in self.adam_betas]
+        if len(betas) != 2:
+            raise ValueError(f"adam_betas needs two values (beta1, beta2), got {self.adam_betas}")
+        self.adam_betas = (betas[0], betas[1])
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.mixed_precision not in MIXED_PRECISIONS:

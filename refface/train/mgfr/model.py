@@ -40,6 +40,7 @@ def zero_conv(channels: int) -> nn.Conv2d:
     """A 1x1 conv whose weight and bias start at exactly zero (its output is 0 until trained)."""
     conv = nn.Conv2d(channels, channels, kernel_size=1)
     nn.init.zeros_(conv.weight)
+    assert conv.bias is not None  # built with bias=True
     nn.init.zeros_(conv.bias)
     return conv
 

@@ -213,6 +213,7 @@ def restore_folder(
     stage2 = int(cfg["stage"]) == 2
     if stage2 and references is None:
         raise ValueError(f"{ckpt} is a stage-2 checkpoint: pass --references (aligned reference per input)")
+    ref_root = Path(references) if stage2 and references is not None else None
     size = int(cfg["resolution"])
     dev = frozen.unet.device
     dtype = frozen.unet.dtype
@@ -257,17 +258,20 @@ def restore_folder(
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     for chunk in track(batches, "restoring (MGFR)", total=len(batches)):
         items = []
+        refs: list[torch.Tensor] = []  # stage 2: one reference and its embedding per item
+        embs: list[torch.Tensor] = []
         for rel, out in chunk:
             try:
                 lq = _to_tensor(read_image(input_dir / rel), size)
-                ref, emb = None, None
-                if stage2:
-                    ref_path = _find_reference(Path(references), rel)
+                if ref_root is not None:
+                    ref_path = _find_reference(ref_root, rel)
                     if ref_path is None:
                         raise ImageError(f"no reference named like {rel} under {references}")
                     ref_img = read_image(ref_path)
                     ref, emb = _to_tensor(ref_img, size), embed(ref_img)
-                items.append((rel, out, lq, ref, emb))
+                    refs.append(ref)
+                    embs.append(emb)
+                items.append((rel, out, lq))
             except ImageError as exc:
                 errors.add(rel, "restore", str(exc))
         if not items:
@@ -284,8 +288,8 @@ def restore_folder(
                 [prompt_of[it[0]][0] for it in items],
                 guidance,
                 gens,
-                ref=torch.stack([it[3] for it in items]).to(dev, dtype) if stage2 else None,
-                id_embedding=torch.stack([it[4] for it in items]).to(dev, torch.float32) if stage2 else None,
+                ref=torch.stack(refs).to(dev, dtype) if stage2 else None,
+                id_embedding=torch.stack(embs).to(dev, torch.float32) if stage2 else None,
                 negative_attribute_prompts=[prompt_of[it[0]][1] for it in items],
             )
         for (_rel, out, *_), img in zip(items, imgs, strict=True):

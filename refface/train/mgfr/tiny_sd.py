@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 # Small enough for CPU tests: 32x32 images, a 2x VAE (16x16x4 latents), a 2-level UNet.
 UNET_CONFIG = {
@@ -32,7 +33,7 @@ VAE_CONFIG = {
     "norm_num_groups": 32,
     "sample_size": 32,
 }
-TEXT_CONFIG = {
+TEXT_CONFIG: dict[str, Any] = {
     "hidden_size": 32,
     "intermediate_size": 37,
     "num_hidden_layers": 2,

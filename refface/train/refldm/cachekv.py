@@ -148,8 +148,11 @@ class CacheKVProcessor:
         value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
 
         state = self.state
+        cache = state.cache
         mask = None
-        if state.mode == "write":
+        if state.mode in ("write", "read") and cache is None:
+            raise RuntimeError(f"CacheKV {state.mode} mode without a cache: enter it with CacheKVState.use")
+        if state.mode == "write" and cache is not None:
             k_refs = state.num_refs
             if batch % k_refs:
                 raise ValueError(f"write batch {batch} is not a multiple of num_refs {k_refs}")
@@ -159,19 +162,17 @@ class CacheKVProcessor:
                 x = x.view(batch // k_refs, k_refs, attn.heads, tokens, head_dim).permute(0, 2, 1, 3, 4)
                 return x.reshape(batch // k_refs, attn.heads, k_refs * tokens, head_dim)
 
-            state.cache.kv[self.name] = (regroup(key), regroup(value))
-        elif state.mode == "read":
-            ref_k, ref_v = state.cache.kv[self.name]
+            cache.kv[self.name] = (regroup(key), regroup(value))
+        elif state.mode == "read" and cache is not None:
+            ref_k, ref_v = cache.kv[self.name]
             if ref_k.shape[0] != batch:
                 raise ValueError(f"cache holds {ref_k.shape[0]} targets but the batch has {batch}")
             key = torch.cat([key, ref_k.to(key.dtype)], dim=2)  # (B, heads, T + K*T, d)
             value = torch.cat([value, ref_v.to(value.dtype)], dim=2)
-            if state.cache.mask is not None:
+            if cache.mask is not None:
                 own = torch.ones(batch, tokens, dtype=torch.bool, device=key.device)
                 # (B, K) -> (B, K*T): every token of a reference shares its presence flag.
-                refs = state.cache.mask.to(key.device).repeat_interleave(
-                    ref_k.shape[2] // state.cache.num_refs, dim=1
-                )
+                refs = cache.mask.to(key.device).repeat_interleave(ref_k.shape[2] // cache.num_refs, dim=1)
                 mask = torch.cat([own, refs], dim=1)[:, None, None, :]  # (B, 1, 1, T + K*T)
         if state.record_tokens is not None:
             state.record_tokens[self.name] = key.shape[2]

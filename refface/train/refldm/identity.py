@@ -109,7 +109,7 @@ def load_arcface(
     if path.suffix.lower() == ".onnx":
         from refface.train.refldm.onnx_torch import OnnxGraphModule
 
-        model = OnnxGraphModule(path)
+        model: nn.Module = OnnxGraphModule(path)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:

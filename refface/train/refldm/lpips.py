@@ -50,15 +50,19 @@ class LPIPS(nn.Module):
     Build an untrained one with ``LPIPS(widths)`` (tests) or the real one with :meth:`from_files`.
     """
 
+    shift: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, widths: tuple[int, ...] = VGG16_WIDTHS):
         super().__init__()
         self.net = VGG16Features(widths)
         self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
         # The lpips package's head: per-layer 1x1 conv (after dropout) with non-negative weights.
-        self.lins = nn.ModuleList(nn.Conv2d(w, 1, 1, bias=False) for w in widths)
-        for lin in self.lins:
+        lins = [nn.Conv2d(w, 1, 1, bias=False) for w in widths]
+        for lin in lins:
             nn.init.uniform_(lin.weight, 0.0, 1.0 / lin.weight.shape[1])
+        self.lins = nn.ModuleList(lins)
 
     @classmethod
     def from_files(cls, backbone: str | Path, head: str | Path) -> LPIPS:
@@ -86,6 +90,7 @@ class LPIPS(nn.Module):
             raise ValueError(f"{backbone} is not a torchvision VGG16 state dict (missing {missing[:3]})")
         lin_state = torch.load(head, map_location="cpu", weights_only=True)
         for i, lin in enumerate(model.lins):
+            assert isinstance(lin, nn.Conv2d)
             key = f"lin{i}.model.1.weight"
             if key not in lin_state:
                 raise ValueError(f"{head} is not an lpips v0.1 vgg head (missing {key})")
@@ -96,7 +101,7 @@ class LPIPS(nn.Module):
         """Distance per image pair; ``mask`` ``(B, 1, H, W)`` restricts the spatial average to a region."""
         fx = self.net((x - self.shift) / self.scale)
         fy = self.net((y - self.shift) / self.scale)
-        total = 0.0
+        total = torch.zeros(())
         for a, b, lin in zip(fx, fy, self.lins, strict=True):
             a = a / (a.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
             b = b / (b.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)

@@ -318,7 +318,7 @@ def unet_tensors(state: dict, rules: list[Rule], use_ema: bool = True) -> tuple[
     EMA names are the parameter names with dots removed; they are matched back through ``rules``.
     """
     if use_ema and has_ema(state):
-        by_flat = {}
+        by_flat: dict[str, str] = {}
         for r in rules:
             flat = ("diffusion_model." + r.official).replace(".", "")
             if flat in by_flat:

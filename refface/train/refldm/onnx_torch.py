@@ -7,6 +7,7 @@ the input.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -104,8 +105,13 @@ class OnnxGraphModule(nn.Module):
         if op == "Sigmoid":
             return torch.sigmoid(a[0])
         if op in ("Add", "Sub", "Mul", "Div"):
-            fn = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}[op]
-            return fn(a[0], a[1])
+            binary: dict[str, Callable[..., torch.Tensor]] = {
+                "Add": torch.add,
+                "Sub": torch.sub,
+                "Mul": torch.mul,
+                "Div": torch.div,
+            }
+            return binary[op](a[0], a[1])
         if op == "Flatten":
             return torch.flatten(a[0], at.get("axis", 1))
         if op == "Gemm":

@@ -124,12 +124,13 @@ def ddim_sample(
     use_cfg = has_refs and guidance_scale != 1.0
 
     def make_cache() -> RefCache | None:
-        if not has_refs:
+        if ref_latents is None or not has_refs:
             return None
         cond = unet.build_cache(ref_latents, ref_mask)
         if not use_cfg:
             return cond
         null = unet.build_cache(torch.zeros_like(ref_latents), ref_mask)
+        assert cond is not None and null is not None  # K > 0: build_cache returns a cache
         return RefCache.cat([cond, null])
 
     cache = None if rebuild_cache_every_step else make_cache()
