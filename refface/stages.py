@@ -144,7 +144,7 @@ def chunked(items: Sequence, size: int) -> list[Sequence]:
 
 
 def map_chunks(
-    fn: Callable[[Sequence], Any],
+    fn: Callable[[Any], Any],
     items: Sequence,
     chunk_size: int,
     workers: int = 1,

@@ -261,9 +261,10 @@ def build_celeba_test_ref(
         "errors": len(ErrorsTable.read(root)),
     }
     corrections = manifest.get("corrections")
-    if corrections:
-        corrections = {"file": str(Path(config.corrections).resolve()), **corrections}
-        corrections["sha256"] = sha256_file(config.corrections)
+    corrections_file = config.corrections
+    if corrections and corrections_file:
+        corrections = {"file": str(Path(corrections_file).resolve()), **corrections}
+        corrections["sha256"] = sha256_file(corrections_file)
     write_card_celeba(root, config, summary, corrections)
     from refface.builders.aligned import gt_folder_stage
 

@@ -25,7 +25,7 @@ def clean_resize(rgb: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
     channels = []
     for c in range(3):
         img = Image.fromarray(rgb[..., c].astype(np.float32), mode="F")
-        channels.append(np.asarray(img.resize((size, size), resample=Image.BICUBIC)).clip(0, 255))
+        channels.append(np.asarray(img.resize((size, size), resample=Image.Resampling.BICUBIC)).clip(0, 255))
     return np.stack(channels, axis=2).astype(np.float32)
 
 

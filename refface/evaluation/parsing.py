@@ -61,7 +61,9 @@ class ParsingModel:
     def __call__(self, stem: str, rgb: np.ndarray) -> np.ndarray:
         from PIL import Image
 
-        img = np.asarray(Image.fromarray(rgb).resize((self.size, self.size), Image.BILINEAR), np.float32)
+        img = np.asarray(
+            Image.fromarray(rgb).resize((self.size, self.size), Image.Resampling.BILINEAR), np.float32
+        )
         x = (img / 127.5 - 1.0).transpose(2, 0, 1)[None]
         logits = self.session.run(None, {self.input: x})[0]  # (1, 19, size, size)
         return _fit(logits[0].argmax(axis=0), rgb.shape[:2])
@@ -74,5 +76,7 @@ def _fit(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if labels.shape != tuple(shape):
         from PIL import Image
 
-        labels = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize(shape[::-1], Image.NEAREST))
+        labels = np.asarray(
+            Image.fromarray(labels.astype(np.uint8)).resize(shape[::-1], Image.Resampling.NEAREST)
+        )
     return labels

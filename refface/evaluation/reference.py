@@ -14,6 +14,7 @@ import importlib.util
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 INSTALL_HINT = "pip install --no-deps pyiqa==0.1.16 clean-fid==0.1.35"
 MODULES = ("ssim_arch", "psnr_arch", "niqe_arch", "fid_arch")
@@ -73,10 +74,10 @@ def load_pyiqa() -> types.SimpleNamespace:
     try:
         for name, sub in (("pyiqa", root), ("pyiqa.archs", root / "archs"), ("pyiqa.utils", root / "utils")):
             pkg = types.ModuleType(name)
-            pkg.__path__ = [str(sub)]  # type: ignore[attr-defined]
+            pkg.__path__ = [str(sub)]
             sys.modules[name] = pkg
         sys.modules.update(_stand_ins())
-        loaded = {m: importlib.import_module(f"pyiqa.archs.{m}") for m in MODULES}
+        loaded: dict[str, Any] = {m: importlib.import_module(f"pyiqa.archs.{m}") for m in MODULES}
         loaded["color_util"] = importlib.import_module("pyiqa.utils.color_util")
         loaded["matlab_utils"] = importlib.import_module("pyiqa.matlab_utils")
         loaded["root"] = root

@@ -104,7 +104,7 @@ def _image(data: bytes | None, path: str | None) -> dict | None:
 
 def split_records(source: ExportSource, rows: SplitRows, start: int, stop: int) -> dict[str, list]:
     """Column lists for rows ``start:stop`` of a split, images read from disk."""
-    cols = {name: [] for name, _, _ in columns(source)}
+    cols: dict[str, list] = {name: [] for name, _, _ in columns(source)}
     indices = rows.ref_indices()
     for i in range(start, stop):
         path = rows.paths[i]

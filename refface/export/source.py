@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,21 +72,21 @@ def clean_value(value: Any) -> Any:
     return value
 
 
-def params_record(row: dict[str, Any]) -> dict[str, Any]:
+def params_record(row: Mapping[Hashable, Any]) -> dict[str, Any]:
     """A degradation parameters row without bookkeeping columns or empty values."""
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in row.items():
         if key in PARAMS_SKIP:
             continue
         value = clean_value(value)
         if value is None or value == "":
             continue
-        out[key] = value
+        out[str(key)] = value
     return out
 
 
 def read_lq_sets(root: Path) -> list[LQSet]:
-    sets = []
+    sets: list[LQSet] = []
     lq = root / "lq"
     if not lq.is_dir():
         return sets

@@ -200,7 +200,7 @@ def apply_corrections(
     out["cluster_size"] = [int(sizes.get(i, 0)) if i >= 0 else 1 for i in out["identity"]]
     out = out.astype({"identity": "int64", "cluster_size": "int64"})
     after = dict(zip(out["path"], out["identity"].astype(int), strict=True))
-    changed = set()
+    changed: set[int] = set()
     for p in paths:
         if after[p] != clustered[p]:
             changed.update(i for i in (clustered[p], after[p]) if i >= 0)

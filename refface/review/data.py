@@ -18,6 +18,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -125,7 +126,8 @@ def review_data(root: str | Path, config: ReviewConfig | None = None) -> dict:
     flagged = np.zeros(n, dtype=bool)
     ids = sorted({int(i) for i in labels if i >= 0})
     members_of = _group(labels)
-    clusters, means = [], np.zeros((len(ids), vectors.shape[1]), dtype=np.float32)
+    clusters: list[dict[str, Any]] = []
+    means = np.zeros((len(ids), vectors.shape[1]), dtype=np.float32)
     for k, ident in enumerate(ids):
         rows = members_of[ident]
         medoid, d = medoid_order(vectors[rows])
@@ -172,8 +174,8 @@ def review_data(root: str | Path, config: ReviewConfig | None = None) -> dict:
         df = read_references(csv)
         for gt, ref_list in zip(df["gt_image"], df["ref_image"], strict=True):
             if gt in index:
-                rows = [index[r] for r in ref_list if r in index]
-                refs[str(index[gt])] = [len(ref_list), rows[: config.max_refs_shown]]
+                shown = [index[r] for r in ref_list if r in index]
+                refs[str(index[gt])] = [len(ref_list), shown[: config.max_refs_shown]]
     return {
         "version": 1,
         "root": str(root.resolve()),

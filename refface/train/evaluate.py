@@ -373,7 +373,7 @@ def load_models(
                 models.feature_net = None
                 models.reasons["fid"] += " (or --fid-ref gt for FID against the GT set)"
             else:
-                models.fid_reference = f"reference statistics {Path(weights.fid_stats).name}"
+                models.fid_reference = f"reference statistics {Path(need('fid_stats')).name}"
     else:
         models.feature_net = attempt("fid", lambda: TorchScriptInception(need("inception")))
         models.niqe_params = attempt("niqe", lambda: load_niqe_params(need("niqe_params")))
@@ -567,8 +567,8 @@ PROTOCOL_NOTES = {
 }
 
 
-def _fmt(col: str, value: float) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def _fmt(col: str, value: float | None) -> str:
+    if value is None or math.isnan(value):
         return "n/a"
     if math.isinf(value):
         return "inf"

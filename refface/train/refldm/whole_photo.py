@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def soft_mask(size: int, edge: int | None = None) -> np.ndarray:
     mask = np.zeros((size, size), np.float32)
     mask[edge:-edge, edge:-edge] = 1.0
     k = 2 * (edge // 2) + 1
-    mask = cv2.GaussianBlur(mask, (k, k), 0)
+    mask = cv2.GaussianBlur(mask, (k, k), 0).astype(np.float32, copy=False)
     mask[:1], mask[-1:], mask[:, :1], mask[:, -1:] = 0, 0, 0, 0
     return mask
 
@@ -121,7 +122,7 @@ def restore_photos(
     output_dir: str | os.PathLike,
     *,
     checkpoint: str | os.PathLike,
-    refs: list[str | os.PathLike] | None = None,
+    refs: Sequence[str | os.PathLike] | None = None,
     detector: str = "dlib",
     detector_model: str | os.PathLike | None = None,
     preset: str | None = None,
@@ -170,12 +171,12 @@ def restore_photos(
             )
         det = make_detector(detector, detector_model)
         ref_paths: list[Path] = []
-        for r in refs or []:
-            r = Path(r)
+        for ref in refs or []:
+            r = Path(ref)
             ref_paths += [r / rel for rel in list_images(r)] if r.is_dir() else [r]
         ref_crops, bad = reference_crops(ref_paths, det, restorer.size)
-        for path, reason in bad:
-            errors.add(path, "reference", reason)
+        for bad_path, reason in bad:
+            errors.add(bad_path, "reference", reason)
         ref_crops = [restorer.resize(c) for c in ref_crops[:MAX_REFS]]
         if refs and not ref_crops:
             raise ValueError("none of the references could be used (see the errors above)")
