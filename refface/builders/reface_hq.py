@@ -230,7 +230,7 @@ def _crop_chunk(items: list[tuple[int, str, list[float], str, int, str | None]])
     from refface.mining.align import ffhq_crop
     from refface.mining.quality import sharpness
 
-    out = []
+    out: list[tuple[int, str | None, float, float]] = []
     for row, src, lm, dst, size, niqe_params in items:
         try:
             crop = ffhq_crop(read_image(src), np.asarray(lm, dtype=np.float64).reshape(5, 2), size)
@@ -300,10 +300,8 @@ def curate_stage(folders: Path, root: Path, config: RefaceHQConfig) -> tuple[dic
             for i, p in enumerate(paths)
             if i not in screened
         ]
-        items = [(*it, config.crop_size, config.niqe_params) for it in items]
-        measured = [
-            r for part in map_chunks(_crop_chunk, items, 16, config.workers, "aligning") for r in part
-        ]
+        jobs = [(*it, config.crop_size, config.niqe_params) for it in items]
+        measured = [r for part in map_chunks(_crop_chunk, jobs, 16, config.workers, "aligning") for r in part]
         quality = pd.DataFrame(measured, columns=["row", "error", "sharpness", "niqe"])
         rejections = {**screened, **quality_rejections(quality, config)}
         kept, dropped = curate(

@@ -336,7 +336,7 @@ def run_attributes(
     root = Path(root)
     image_root = image_root_of(root)
     paths = dataset_image_paths(root)
-    inputs = {"images": folder_fingerprint(image_root, paths)}
+    inputs: dict[str, Any] = {"images": folder_fingerprint(image_root, paths)}
     if config.thresholds:
         from refface.mining.vocabulary import load_thresholds
 

@@ -127,6 +127,10 @@ class MGFRTask:
             if self.config.stage == 2:
                 z_ref = encode_images(self.sd, batch["ref"].to(self.device, wd)).float()
                 emb = batch["id_embedding"].to(self.device, torch.float32)
+                if self.config.id_dim is None:
+                    raise ValueError(
+                        "mgfr.id_dim is unset: resolve it from the dataset first (resolve_id_dim)"
+                    )
                 check_embedding_dim(
                     emb.shape[-1],
                     "this batch's id_embedding",
