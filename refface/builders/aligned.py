@@ -197,7 +197,7 @@ def gt_folder_stage(root: Path, image_root: Path) -> tuple[dict, bool]:
                 else:
                     import io
 
-                    out = img.convert("RGB").resize((EVAL_SIZE, EVAL_SIZE), Image.BICUBIC)
+                    out = img.convert("RGB").resize((EVAL_SIZE, EVAL_SIZE), Image.Resampling.BICUBIC)
                     buf = io.BytesIO()
                     out.save(buf, format="PNG")
                     write_bytes(dst, buf.getvalue())

@@ -314,7 +314,7 @@ def select_references(
 def estimated_reference_precision(
     refs: dict[int, list[int]],
     vectors: np.ndarray,
-    labels: Sequence[int],
+    labels: npt.ArrayLike,
     scale: np.ndarray,
     exponent: float,
     metric: str = "cosine",
