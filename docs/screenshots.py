@@ -40,7 +40,7 @@ def main() -> None:
         raise SystemExit("chromium not found (apt-get install -y chromium)")
     root = args.work / "faces-ref"
     if not root.exists():
-        shutil.copytree(build_faces_root(args.faces), root)
+        shutil.copytree(build_faces_root(args.faces), root / "mined")
     labels = args.faces / "labels.csv"
     build_ffhq_ref(args.faces, root, FFHQRefConfig(detector="dlib", labels=str(labels), plots=False))
     write_review(root, ReviewConfig(labels=str(labels)))

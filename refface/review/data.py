@@ -162,7 +162,7 @@ def review_data(root: str | Path, config: ReviewConfig | None = None) -> dict:
                 clusters[c]["singletons"].append([int(row), round(d, 4)])
     for c in clusters:
         c["singletons"].sort(key=lambda s: (s[1], s[0]))
-    known = read_labels(config.labels) if config.labels else {}
+    known = read_labels(config.labels, root) if config.labels else {}
     for c in clusters:
         c["labels"] = label_groups(c["faces"], paths, known, vectors)
     index = {p: i for i, p in enumerate(paths)}
@@ -194,13 +194,27 @@ def review_data(root: str | Path, config: ReviewConfig | None = None) -> dict:
     }
 
 
-def read_labels(path: str | Path) -> dict[str, str]:
-    """{path: label} of a ``path, identity`` CSV; rows with an empty identity are left out."""
+def read_labels(path: str | Path, root: str | Path | None = None) -> dict[str, str]:
+    """{path: label} of a ``path, identity`` CSV; rows with an empty identity are left out.
+
+    With ``root``, labels that name source photos are carried over to the root's own images through
+    its ``sources.parquet`` (crop -> source photo), as builds from photos name aligned crops.
+    """
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     if "path" not in table.columns or "identity" not in table.columns:
         raise ValueError(f"{path} needs columns path and identity")
     table = table[table["identity"].str.len() > 0]
-    return dict(zip(table["path"], table["identity"], strict=True))
+    labels = dict(zip(table["path"], table["identity"], strict=True))
+    sources = Path(root) / "sources.parquet" if root is not None else None
+    if sources is not None and sources.exists():
+        crops = pd.read_parquet(sources, columns=["path", "source"])
+        moved = {
+            str(p): labels[str(s)]
+            for p, s in zip(crops["path"], crops["source"], strict=True)
+            if str(s) in labels
+        }
+        labels = {**{p: v for p, v in labels.items() if p not in set(crops["source"].astype(str))}, **moved}
+    return labels
 
 
 def label_groups(faces: list[int], paths: list[str], known: dict[str, str], vectors: np.ndarray) -> list:

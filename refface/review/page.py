@@ -125,7 +125,7 @@ def write_review(root: str | Path, config: ReviewConfig | None = None, out: str 
         from .corrections import corrections_from_labels, format_corrections
         from .data import clustered_identities, read_labels
 
-        rows = corrections_from_labels(clustered_identities(root), read_labels(config.labels))
+        rows = corrections_from_labels(clustered_identities(root), read_labels(config.labels, root))
         write_text(out / LABEL_CORRECTIONS, format_corrections(rows))
         extra = {"corrections from labels": f"{len(rows)} rows in {out / LABEL_CORRECTIONS}"}
     pairs = {tuple(sorted((c["id"], other))) for c in data["clusters"] for other, _ in c["near"]}
