@@ -23,10 +23,13 @@ def digest_mined(root: Path) -> dict[str, str]:
 
 
 def dataset_files(root: Path) -> dict[str, bytes]:
-    """Every output file's bytes, except the stage manifests and build.json (they hold timings)."""
+    """Every output file's bytes, except the stage manifests and build.json (they hold timings).
+
+    Stage manifests of nested roots (``mined/.stages/``) are left out too.
+    """
     out = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
-        if path.is_file() and not rel.startswith(".stages/") and rel != "build.json":
+        if path.is_file() and ".stages" not in Path(rel).parts and rel != "build.json":
             out[rel] = path.read_bytes()
     return out
