@@ -480,8 +480,13 @@ def write_build_json(
     timings: dict,
     extra: dict,
     embeddings_root: Path | None = None,
+    source: tuple[Path, list[str]] | None = None,
 ) -> dict:
-    """build.json: config, versions, model and input fingerprints, per-stage timings, error counts."""
+    """build.json: config, versions, model and input fingerprints, per-stage timings, error counts.
+
+    ``source``: the input folder and files when the build runs on derived images (aligned crops); the
+    input fingerprint is then theirs.
+    """
     from refface.stages import folder_fingerprint
 
     model = {}
@@ -494,7 +499,10 @@ def write_build_json(
         "config": asdict(config),
         "versions": package_versions(),
         "model": {k: model.get(k) for k in ("model", "fingerprint", "metric", "identity_threshold", "dim")},
-        "inputs": {"images": len(all_paths), "fingerprint": folder_fingerprint(image_root, all_paths)},
+        "inputs": {
+            "images": len(source[1] if source else all_paths),
+            "fingerprint": folder_fingerprint(*(source or (image_root, all_paths))),
+        },
         # Seconds each stage took when it last ran (from its manifest); skipped stages keep their old figure.
         "timings": {**stage_timings(embeddings_root or root), **stage_timings(root)},
         # Wall seconds of this invocation's calls (near zero for stages that were up to date).
@@ -570,6 +578,7 @@ def build_ffhq_ref(
     timings = {}
     extra: dict[str, Any] = {}
     card_config = config
+    source = None
     if config.detector == "prealigned":
         # FFHQ-aligned inputs are used as they are.
         image_root = source_root
@@ -582,7 +591,8 @@ def build_ffhq_ref(
         all_paths = pd.read_parquet(root / "images.parquet")["path"].astype(str).tolist()
         extra = {"source_root": str(source_root.resolve()), "mining_timings": stage_timings(root / MINED_DIR)}
         card_config = labels_on_crops(root, config)
-    return build_mined(root, config, image_root, all_paths, timings, extra, card_config)
+        source = (source_root, list_images(source_root))
+    return build_mined(root, config, image_root, all_paths, timings, extra, card_config, source)
 
 
 def build_mined(
@@ -593,6 +603,7 @@ def build_mined(
     timings: dict | None = None,
     build_extra: dict | None = None,
     card_config: Any = None,
+    source: tuple[Path, list[str]] | None = None,
 ) -> dict:
     """The stages after mining: identities, corrections, splits, references, gt512, card, build.json."""
     from refface.builders.aligned import gt_folder_stage
@@ -604,7 +615,7 @@ def build_mined(
     gt_folder_stage(root, image_root)
     card_stage(root, card_config or config, "FFHQ-Ref-style dataset")
     extra = {**(build_extra or {}), **extra}
-    write_build_json(root, "ffhq-ref", config, image_root, all_paths, timings or {}, extra)
+    write_build_json(root, "ffhq-ref", config, image_root, all_paths, timings or {}, extra, source=source)
     return build_summary(root)
 
 
