@@ -84,6 +84,9 @@ def build_json_without_timings(root: Path) -> dict:
     info.pop("timings")
     info.pop("this_run_seconds")
     info.pop("mining_timings", None)
+    # Photos are built on crops inside the root itself.
+    assert info["image_root"] == str((root / "aligned").resolve())
+    info["image_root"] = "aligned"
     # What each stage ran on depends on what the process had loaded before it, not on the outputs.
     info.pop("devices", None)
     info["config"].pop("workers")
