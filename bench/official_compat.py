@@ -122,6 +122,9 @@ def run(official: Path, root: Path, lq_dir: Path, out: Path) -> dict:
         "detector": build.get("config", {}).get("detector"),
     }
     pred_dir = out / "pred"
+    import shutil
+
+    shutil.rmtree(pred_dir, ignore_errors=True)  # results of an earlier set would pair wrongly
     for split in ("val", "test"):
         csv = root / f"{split}_references.csv"
         df = pd.read_csv(csv)
