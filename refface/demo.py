@@ -43,7 +43,9 @@ def step_scores(images: Path, out: Path, workers: int) -> dict:
     labels = _labels_csv(images)
     if labels is None:
         return {"cluster scores": "skipped (no labels.csv in the input)"}
-    truth = pd.read_csv(labels, dtype=str, keep_default_na=False)
+    # A build from photos names its crops; it writes the labels under those names too.
+    moved = out / "dataset" / "labels.csv"
+    truth = pd.read_csv(moved if moved.exists() else labels, dtype=str, keep_default_na=False)
     ids = pd.read_parquet(out / "dataset" / "identities.parquet")
     scores = evaluate_assignments(
         dict(zip(ids["path"], ids["identity"].astype(int), strict=True)),
