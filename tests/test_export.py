@@ -30,7 +30,9 @@ def root(tmp_path_factory):
     root = make_review_root(tmp_path_factory.mktemp("export") / "root")
     build_mined(
         root,
-        FFHQRefConfig(plots=False, val_identities=1, test_identities=1),
+        FFHQRefConfig(
+            plots=False, val_identities=1, test_identities=1, cluster_method="average", identity_threshold=0.4
+        ),
         root / "images",
         image_paths(root),
     )

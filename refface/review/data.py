@@ -71,7 +71,8 @@ def root_threshold(root: Path, emb) -> float:
     config = json.loads(build.read_text()).get("config", {}) if build.exists() else {}
     if config.get("identity_threshold") is not None:
         return float(config["identity_threshold"])
-    return default_threshold(emb, config.get("cluster_method", "average"))
+    # As the builders' reference rule (identity_threshold_of): the method's cut, else ReF-LDM's rule.
+    return default_threshold(emb, config.get("cluster_method") or "components")
 
 
 def medoid_order(vectors: np.ndarray) -> tuple[int, np.ndarray]:
