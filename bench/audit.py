@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     import faiss
 
-    from refface.mining.audit import AuditConfig, AuditSet, brute_force_pairs, embedding_pairs, run_audit
+    from refface.audit.config import AuditConfig, AuditSet
+    from refface.audit.run import run_audit
+    from refface.audit.search import brute_force_pairs, embedding_pairs
 
     load_before = round(os.getloadavg()[0], 2)
     base, base_ids, query, query_ids = synthetic_sets(
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         config = AuditConfig(hash_images=False, workers=1, identity_rule=rule)
         start = time.perf_counter()
         result = run_audit([as_set("base", base[:nb]), as_set("query", query[:nq])], config)
-        audits[rule] = (time.perf_counter() - start, result["summary"]["pairs"]["base~query"])
+        audits[rule] = (time.perf_counter() - start, result.summary["pairs"]["base~query"])
 
     start = time.perf_counter()
     r1, c1, _, _ = embedding_pairs(query, base, min_dot)

@@ -68,7 +68,7 @@ def load(root: Path, labels_csv: Path, half: str):
     """Embeddings of the labeled faces of ``half`` (all, tune or holdout) and their identities."""
     import pandas as pd
 
-    from refface.mining.embed import load_embeddings
+    from refface.manifests.embeddings import load_embeddings
 
     emb = load_embeddings(root)
     table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
@@ -119,8 +119,8 @@ def reference_precision(vectors, result, ids) -> dict:
 
 
 def run_one(emb, rows: np.ndarray, ids: np.ndarray, name: str, args) -> dict:
+    from refface.manifests.embeddings import Embeddings
     from refface.mining import cluster as cl
-    from refface.mining.embed import Embeddings
     from refface.mining.metrics import score_labels
 
     method, threshold, _ = RUNS[name]

@@ -136,8 +136,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
 
+    from refface.manifests.embeddings import Embeddings
     from refface.mining.cluster import cluster
-    from refface.mining.embed import DLIB_THRESHOLD, Embeddings
+    from refface.mining.embed import DLIB_THRESHOLD
     from refface.mining.metrics import score_labels
 
     paths, ids = subset(args.data / "labels.csv", args.identities, args.singletons)

@@ -347,7 +347,7 @@ def part_pipeline(dry: bool) -> dict:
     sys.path.insert(0, str(REPO / "bench"))
     import loader  # bench/loader.py: the dataset root and shards it measures on
 
-    from refface.train.data import make_refldm_dataloader
+    from refface.train.loaders import make_refldm_dataloader
 
     workers = 2 if dry else 16
     n_images, per_id, samples = (12, 4, 16) if dry else (240, 6, 2048)

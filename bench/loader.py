@@ -98,17 +98,17 @@ def time_shard_write(root: Path, out: Path, codec: str) -> tuple[float, int]:
 
 def time_loader(shards: Path, samples: int, degrade: bool, augment: bool) -> float:
     """Samples/s of the ReF-LDM training loader in this process (one core)."""
-    from refface.builders.shards import ShardError  # noqa: F401 - import cost outside the timing
-    from refface.train import data
+    from refface.manifests.webdataset import ShardError  # noqa: F401 - import cost outside the timing
+    from refface.train import loaders, samplers
 
-    loader = data.make_refldm_dataloader(
+    loader = loaders.make_refldm_dataloader(
         shards, batch_size=1, num_workers=0, resolution=512, num_refs=5, seed=0, samples_per_epoch=samples
     )
     # Variants switch stages off by replacing them in the freshly reloaded module.
     if not degrade:
-        data._Degrade.__call__ = lambda self, img, key: img  # decode + augment only
+        samplers.LazyDegrader.__call__ = lambda self, img, key: img  # decode + augment only
     if not augment:
-        data.augment_reference = lambda img, rng, aug=None: img
+        samplers.augment_reference = lambda img, rng, aug=None: img
     it = iter(loader)
     next(it)  # warm-up: imports, first shard open
     start = time.perf_counter()
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import importlib
 
-    from refface.builders.shards import make_degrader
+    from refface.degradations import make_degrader
 
     try:
         make_degrader("refldm-train", 0, 512)
@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
         write_mbs = shard_bytes / 1e6 / write_s
         figures = {}
         # Each variant runs in a fresh module state (the variants patch stages out).
-        import refface.train.data as data_module
+        import refface.train.loaders as loaders_module
+        import refface.train.samplers as samplers_module
 
         for name, degrade, augment in (
             ("full (decode + 5 refs + augment + degrade)", True, True),
@@ -164,9 +165,11 @@ def main(argv: list[str] | None = None) -> dict:
         ):
             if degrade and not have_degrader:
                 continue
-            importlib.reload(data_module)
+            importlib.reload(samplers_module)
+            importlib.reload(loaders_module)
             figures[name] = round(time_loader(work / "shards", args.samples, degrade, augment), 2)
-        importlib.reload(data_module)
+        importlib.reload(samplers_module)
+        importlib.reload(loaders_module)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -84,9 +84,10 @@ class AnonPeak:
 def run_one(n: int, args: argparse.Namespace) -> dict:
     """One size, in this process: returns timings, peak memory, recall and cluster quality."""
     import numpy as np
+    from synthetic import write_synthetic_shards
 
     from refface.mining.metrics import explode_singletons, pairwise_prf
-    from refface.mining.sharded import cluster_sharded, sharded_knn, write_synthetic_shards
+    from refface.mining.sharded import cluster_sharded, sharded_knn
 
     work = Path(args.work) / f"n{n}"
     shutil.rmtree(work, ignore_errors=True)

@@ -154,7 +154,7 @@ def _weights(
         check_file("ArcFace", "embed (--embedder arcface), identity loss, IDS metric", arcface, verify),
         check_file("SCRFD det_10g.onnx", "detect (--detector scrfd)", [insight / "det_10g.onnx"], verify),
     ]
-    from refface.train.evaluate import DEFAULT_WEIGHT_FILES
+    from refface.evaluation.evaluate import DEFAULT_WEIGHT_FILES
 
     wdir = weights_dir or Path(os.environ.get("REFFACE_WEIGHTS", "weights"))
     labels = {

@@ -102,7 +102,8 @@ def test_unreadable_image_is_an_error_row(root: Path, tiny_backend: str):
 
 
 def test_attributes_flow_into_shards(root: Path, tiny_backend: str, tmp_path: Path):
-    from refface.builders.shards import ShardsConfig, decode_member, iter_tar_samples, write_shards
+    from refface.builders.shards import ShardsConfig, write_shards
+    from refface.manifests.webdataset import decode_member, iter_tar_samples
 
     run_attributes(root, AttributesConfig(backend=tiny_backend))
     write_shards(root, tmp_path / "s", ShardsConfig())

@@ -9,17 +9,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from refface.mining.audit import (
-    AuditConfig,
-    AuditSet,
-    audit_sets,
-    brute_force_pairs,
-    distance_to_dot,
-    dot_to_distance,
-    embedding_pairs,
-    parse_set_specs,
-    reference_cross_splits,
-)
+from refface.audit.config import AuditConfig, AuditSet, distance_to_dot, dot_to_distance
+from refface.audit.references import reference_cross_splits
+from refface.audit.run import audit_sets
+from refface.audit.search import brute_force_pairs, embedding_pairs
+from refface.audit.sets import parse_set_specs
 from refface.mining.phash import hamming_pairs, hash_images, hash_one, pixel_sha256
 
 MODEL = {"model": "synthetic", "fingerprint": "f" * 64, "metric": "cosine", "identity_threshold": 0.4}

@@ -128,8 +128,8 @@ def identity_groups(root: Path, labeled: pd.DataFrame) -> dict[str, str]:
     Lleyton_Hewitt's cluster, at cosine distance 0.056); a builder keeps what its embedder cannot
     separate on one side, and so does this split.
     """
+    from refface.manifests.embeddings import load_embeddings
     from refface.mining.cluster import cluster
-    from refface.mining.embed import load_embeddings
 
     emb = load_embeddings(root)
     clusters = dict(zip(emb.paths, cluster(emb), strict=True))
@@ -201,7 +201,8 @@ def test_identity_split_reports_no_identity_leaks(view_root, faces_labels, hash_
 
 
 def test_planted_exact_and_near_duplicates_are_all_found(faces_root, faces_dir, hash_cache, tmp_path):  # noqa: F811
-    from refface.mining.audit import AuditConfig, audit_sets
+    from refface.audit.config import AuditConfig
+    from refface.audit.run import audit_sets
 
     sources = [
         "lfw/Tony_Blair/Tony_Blair_0003.jpg",
@@ -305,8 +306,8 @@ def test_report_renders_in_headless_chromium(random_split_audit, tmp_path):
 def test_split_from_the_builders_identities_audits_clean(faces_root, hash_cache, tmp_path):  # noqa: F811
     """A split made from the root's own identities.parquet (as the builder splits) has no leaks."""
     from refface.manifests.atomic import write_parquet
+    from refface.manifests.embeddings import load_embeddings
     from refface.mining.cluster import cluster, identities_frame
-    from refface.mining.embed import load_embeddings
 
     root = make_view(faces_root, tmp_path / "root")
     emb = load_embeddings(root)

@@ -129,10 +129,11 @@ def test_references_agree_with_labels_and_singletons_get_none(built, faces_label
 
 def test_eval_reference_rules(built):
     root, _ = built
-    from refface.builders.ffhq_ref import load_embedding_rows, reference_radii
+    from refface.builders.ffhq_ref import reference_radii
+    from refface.manifests.root import DatasetRoot
     from refface.mining.references import distance_matrix
 
-    emb, paths, vectors = load_embedding_rows(root)
+    emb, paths, vectors = DatasetRoot(root).embeddings_by_path()
     row = {p: i for i, p in enumerate(paths)}
     # Per-face radii from the impostor clustering: a pair's bar is their geometric mean.
     radius = reference_radii(root, emb, paths, config(Path(".")))

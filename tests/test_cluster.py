@@ -11,8 +11,8 @@ import pytest
 from common.faces_root import faces_root  # noqa: F401  (session fixture)
 from typer.testing import CliRunner
 
+from refface.manifests.embeddings import Embeddings, load_embeddings, save_embeddings
 from refface.mining import cluster as cl
-from refface.mining.embed import Embeddings, load_embeddings, save_embeddings
 from refface.mining.metrics import evaluate_assignments, score_labels
 
 

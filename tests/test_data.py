@@ -11,22 +11,21 @@ import numpy as np
 import pytest
 import torch
 
-from refface.builders.shards import ShardError, ShardsConfig, write_shards
+from refface.builders.shards import ShardsConfig, write_shards
 from refface.manifests.io import read_image
 from refface.manifests.shard_index import index_path, read_shard_index
-from refface.train.data import (
+from refface.manifests.webdataset import ShardError
+from refface.train.augment import (
     RefAugment,
     augment_reference,
     color_jitter,
     fill_references,
-    make_mgfr_dataloader,
-    make_refldm_dataloader,
-    make_shard_dataset,
     random_perspective,
     resize_square,
-    resolve_shards,
     to_tensor,
 )
+from refface.train.loaders import make_mgfr_dataloader, make_refldm_dataloader  # noqa: E402
+from refface.train.sources import make_shard_dataset, resolve_shards  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +121,7 @@ def test_resampled_epoch_length_and_determinism(data):
     import sys
 
     code = (
-        "import sys; from refface.train.data import make_shard_dataset, resolve_shards; "
+        "import sys; from refface.train.sources import make_shard_dataset, resolve_shards; "
         f"urls, _ = resolve_shards({str(data['shards'])!r}, 'train'); "
         "print(','.join(make_shard_dataset(urls, lambda r: r['key'], seed=3, epoch=0, samples_per_worker=12)))"
     )

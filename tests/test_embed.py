@@ -9,16 +9,13 @@ import pytest
 from common.tiny_arcface import build_tiny_arcface
 from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 
+from refface.manifests.embeddings import Embeddings, concat_embeddings, load_embeddings, save_embeddings
 from refface.manifests.io import read_image
 from refface.mining.embed import (
     DLIB_THRESHOLD,
     EMBEDDERS,
     ArcFaceEmbedder,
-    Embeddings,
-    concat_embeddings,
-    load_embeddings,
     make_embedder,
-    save_embeddings,
     weights_fingerprint,
 )
 

@@ -10,8 +10,7 @@ import pytest
 import torch
 from common.tiny_refldm import _one_thread  # noqa: F401  (autouse fixture)
 
-from refface.manifests.io import write_png
-from refface.train.evaluate import (
+from refface.evaluation.evaluate import (
     EvalModels,
     EvalWeights,
     evaluate_folders,
@@ -19,6 +18,7 @@ from refface.train.evaluate import (
     frechet_distance,
     markdown_table,
 )
+from refface.manifests.io import write_png
 from refface.train.refldm.identity import iresnet
 from refface.train.refldm.lpips import LPIPS
 

@@ -222,8 +222,8 @@ def _same_rows_then_downstream(single, sharded):
     from typer.testing import CliRunner
 
     from refface.cli import app
+    from refface.manifests.embedding_shards import ShardedEmbeddings
     from refface.mining.cluster import cluster_root
-    from refface.mining.sharded import ShardedEmbeddings
 
     reader = ShardedEmbeddings(sharded / "embeddings_shards")
     assert reader.n_shards == 3 and not (sharded / "embeddings.npy").exists()

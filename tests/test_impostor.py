@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from refface.manifests.embeddings import Embeddings
 from refface.mining import cluster as cl
 from refface.mining.communities import chinese_whispers, infomap, leiden, undirected
-from refface.mining.embed import Embeddings
 from refface.mining.impostor import fit_impostor_model
 from refface.mining.metrics import score_labels
 from refface.mining.references import (

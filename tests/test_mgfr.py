@@ -273,7 +273,7 @@ def test_entry_point_writes_checkpoints_logs_and_grids(trained_run):
 
 
 def test_stage2_first_output_equals_stage1(sd_dir, trained_run):
-    from refface.train.loop import load_trainable_weights
+    from refface.train.checkpoints import load_trainable_weights
     from refface.train.mgfr.model import MGFRAdapters, encode_images, encode_prompts, predict
     from refface.train.mgfr.train import build_adapters
 
@@ -463,7 +463,8 @@ def test_train_command_names_a_missing_sd_folder(tmp_path):
 
 
 def test_stage2_with_frozen_lca_trains_rca_only_and_ema_loads_strictly(sd_dir, tmp_path):
-    from refface.train.loop import load_trainable_weights, train
+    from refface.train.checkpoints import load_trainable_weights
+    from refface.train.loop import train
     from refface.train.mgfr.model import MGFRAdapters
     from refface.train.mgfr.train import MGFRTask, build_adapters
 
@@ -508,7 +509,7 @@ def test_id_dim_comes_from_the_dataset_and_a_mismatch_names_both_sides(tmp_path)
 
 
 def test_negative_attribute_samples_appear_at_the_configured_share():
-    from refface.train.data import MGFRSampler, SamplingConfig
+    from refface.train.samplers import MGFRSampler, SamplingConfig
 
     nq, na, n = 0.2, 0.3, 400
     sampler = MGFRSampler(

@@ -271,8 +271,8 @@ def _digest_sharded(root) -> dict[str, str]:
 
 
 def test_sharded_embeddings_hold_the_same_rows_one_shard_per_partition(mined, photos, tmp_path, monkeypatch):
-    from refface.mining.embed import embeddings_digest, embeddings_files, load_embeddings
-    from refface.mining.sharded import ShardedEmbeddings
+    from refface.manifests.embedding_shards import ShardedEmbeddings
+    from refface.manifests.embeddings import embeddings_digest, embeddings_files, load_embeddings
 
     reference, _ = mined
     root = tmp_path / "sharded"

@@ -8,13 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from refface.manifests.references import (
-    format_ref_list,
-    parse_ref_list,
-    read_references,
-    references_filename,
-    write_references,
-)
+from refface.manifests.layout import references_filename
+from refface.manifests.references import format_ref_list, parse_ref_list, read_references, write_references
 from refface.mining.references import (
     ReferenceConfig,
     distance_matrix,

@@ -10,7 +10,8 @@ import pytest
 import torch
 from common.tiny_refldm import TINY, _fresh_accelerate_state, _one_thread  # noqa: F401  (autouse fixtures)
 
-from refface.train.loop import LoopConfig, list_checkpoints, train
+from refface.train.checkpoints import list_checkpoints
+from refface.train.loop import LoopConfig, train
 from refface.train.refldm import train as refldm_train
 from refface.train.refldm.identity import iresnet
 from refface.train.refldm.model import RefLDMUNet

@@ -230,7 +230,9 @@ def test_corrections_rebuild_changes_exactly_the_corrected_identities(built, tmp
 def test_audit_reads_the_corrected_identities(built, tmp_path):
     import shutil
 
-    from refface.mining.audit import AuditConfig, audit_sets, root_identities
+    from refface.audit.config import AuditConfig
+    from refface.audit.run import audit_sets
+    from refface.audit.sets import root_identities
 
     root = tmp_path / "root"
     shutil.copytree(built, root)

@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from refface.mining import sharded
-from refface.mining.sharded import (
-    FLAT_MAX,
-    ShardedEmbeddings,
-    cluster_edges,
-    cluster_sharded,
-    finish_shards,
-    index_bytes,
-    plan_index,
-    shard_embeddings,
-    sharded_knn,
-    synthetic_identities,
-    write_shard,
-    write_synthetic_shards,
-)
+from refface.manifests import embedding_shards
+from refface.manifests.embedding_shards import ShardedEmbeddings, finish_shards, write_shard
+from refface.manifests.embeddings import shard_embeddings
+from refface.mining.ann import FLAT_MAX, index_bytes, plan_index
+from refface.mining.sharded import cluster_edges, cluster_sharded, sharded_knn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from synthetic import synthetic_identities, write_synthetic_shards
 
 
 def _unit(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -77,7 +72,7 @@ def test_incomplete_or_foreign_folders_are_refused(tmp_path):
 
 
 def test_shard_a_dataset_root(tmp_path):
-    from refface.mining.embed import Embeddings, save_embeddings
+    from refface.manifests.embeddings import Embeddings, save_embeddings
 
     x = _unit(23, 16, seed=1)
     paths = [f"p/{i:03d}.jpg" for i in range(23)]
@@ -96,7 +91,7 @@ def test_shard_a_dataset_root(tmp_path):
 
 
 def test_a_sharded_root_is_read_where_it_is(tmp_path):
-    from refface.mining.embed import load_embeddings, save_embedding_tables
+    from refface.manifests.embeddings import load_embeddings, save_embedding_tables
 
     x = _unit(12, 8, seed=2)
     paths = [f"q/{i}.jpg" for i in range(12)]
@@ -216,7 +211,10 @@ def test_cluster_edges_scales_with_edges_not_nodes():
 
 
 def test_module_names_its_layout():
-    assert sharded.INDEX_FILE == "index.json" and sharded.shard_name(3) == "shard-000003"
+    assert (
+        embedding_shards.INDEX_FILE == "index.json"
+        and embedding_shards.vector_shard_name(3) == "shard-000003"
+    )
 
 
 def test_knn_graph_command_end_to_end(synth, tmp_path):
@@ -224,7 +222,7 @@ def test_knn_graph_command_end_to_end(synth, tmp_path):
     from typer.testing import CliRunner
 
     from refface.cli import app
-    from refface.mining.embed import Embeddings, save_embeddings
+    from refface.manifests.embeddings import Embeddings, save_embeddings
 
     reader, labels = synth
     paths = [f"id{label}/{i}.jpg" for i, label in enumerate(labels)]

@@ -11,18 +11,17 @@ import pandas as pd
 import pytest
 from common.tiny_root import EMB_DIM, make_tiny_root
 
-from refface.builders.shards import (
+from refface.builders.shards import ShardsConfig, write_shards
+from refface.manifests.io import read_image
+from refface.manifests.shard_index import find_indexes, index_path, read_shard_index
+from refface.manifests.webdataset import (
     ShardError,
-    ShardsConfig,
     decode_member,
     iter_tar_samples,
     sample_key,
     unique_keys,
     verify_shards,
-    write_shards,
 )
-from refface.manifests.io import read_image
-from refface.manifests.shard_index import find_indexes, index_path, read_shard_index
 
 
 @pytest.fixture()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from refface.manifests.splits import read_split_lists, split_filename, write_split_lists
+from refface.manifests.layout import split_filename
+from refface.manifests.splits import read_split_lists, write_split_lists
 from refface.mining.splits import PAPER_IDENTITIES, SplitConfig, assign_splits, split_summary
 
 

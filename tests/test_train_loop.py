@@ -9,14 +9,8 @@ import pytest
 import torch
 from common.tiny_refldm import _fresh_accelerate_state  # noqa: F401  (autouse fixture)
 
-from refface.train.loop import (
-    LoopConfig,
-    TrainTask,
-    find_checkpoint,
-    list_checkpoints,
-    load_trainable_weights,
-    train,
-)
+from refface.train.checkpoints import find_checkpoint, list_checkpoints, load_trainable_weights
+from refface.train.loop import LoopConfig, TrainTask, train
 
 
 class ToyTask:

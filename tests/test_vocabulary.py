@@ -188,7 +188,8 @@ def test_clip_missing_folder_is_named(tmp_path: Path):
 
 
 def test_clip_stage_writes_vocabulary_table_and_shards(clip_dir: Path, tmp_path: Path):
-    from refface.builders.shards import ShardsConfig, decode_member, iter_tar_samples, write_shards
+    from refface.builders.shards import ShardsConfig, write_shards
+    from refface.manifests.webdataset import decode_member, iter_tar_samples
     from refface.mining.attributes import AttributesConfig, run_attributes
 
     root = make_tiny_root(tmp_path / "root")

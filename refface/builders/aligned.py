@@ -84,17 +84,17 @@ def align_stage(image_root: Path, root: Path, config: Any) -> tuple[dict, bool]:
     """
     import shutil
 
-    from refface.builders.ffhq_ref import file_digest, load_embedding_rows
-    from refface.manifests.atomic import sha256_file, write_parquet
+    from refface.manifests.atomic import file_digest, sha256_file, write_parquet
+    from refface.manifests.embeddings import Embeddings, embeddings_digest, save_embeddings
     from refface.manifests.errors import ErrorsTable
+    from refface.manifests.root import DatasetRoot
     from refface.mining.align import ffhq_template
-    from refface.mining.embed import Embeddings, embeddings_digest, save_embeddings
     from refface.stages import map_chunks, run_stage
 
     mined = root / MINED_DIR
 
     def work() -> dict:
-        emb, paths, vectors = load_embedding_rows(mined)
+        emb, paths, vectors = DatasetRoot(mined).embeddings_by_path()
         faces = pd.read_parquet(mined / "faces.parquet").drop_duplicates("path").set_index("path")
         images = pd.read_parquet(mined / "images.parquet").drop_duplicates("path").set_index("path")
         names = {p: f"{s}.png" for p, s in unique_stems(paths).items()}
@@ -167,7 +167,7 @@ def align_stage(image_root: Path, root: Path, config: Any) -> tuple[dict, bool]:
 
 def gt_folder_stage(root: Path, image_root: Path) -> tuple[dict, bool]:
     """``gt512/<unique stem>.png``: every val/test target at 512x512 (PIL bicubic when resized, RGB)."""
-    from refface.builders.ffhq_ref import file_digest
+    from refface.manifests.atomic import file_digest
     from refface.manifests.references import read_references
     from refface.stages import run_stage
 

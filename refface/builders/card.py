@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 
 from refface.manifests.atomic import atomic_path, write_text
+from refface.manifests.layout import SPLITS, SPLITS_TABLE, references_filename
+from refface.manifests.root import DatasetRoot
 
 PLOTS_DIR = "plots"
-SPLITS = ("train", "val", "test")
 
 
 def _save(fig, target: Path) -> None:
@@ -23,10 +24,9 @@ def _save(fig, target: Path) -> None:
 
 def reference_distances(root: Path, refs: dict[str, pd.DataFrame]) -> dict[str, np.ndarray]:
     """Target-reference cosine distances per split."""
-    from refface.builders.ffhq_ref import load_embedding_rows
     from refface.mining.references import distance_matrix
 
-    emb, paths, vectors = load_embedding_rows(root)
+    emb, paths, vectors = DatasetRoot(root).embeddings_by_path()
     row = {p: i for i, p in enumerate(paths)}
     out = {}
     for split, df in refs.items():
@@ -105,9 +105,9 @@ def write_card(root: str | Path, config: Any, title: str) -> list[str]:
     from refface.manifests.references import read_references
 
     root = Path(root)
-    assigned = pd.read_parquet(root / "splits.parquet")
+    assigned = pd.read_parquet(root / SPLITS_TABLE)
     table = assigned
-    refs = {s: read_references(root / f"{s}_references.csv") for s in SPLITS}
+    refs = {s: read_references(root / references_filename(s)) for s in SPLITS}
     distances = reference_distances(root, refs)
     outputs = draw_plots(root, table, assigned, refs, distances) if config.plots else []
 

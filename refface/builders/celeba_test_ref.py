@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 
 from refface.manifests.atomic import write_parquet
+from refface.manifests.layout import EMBEDDINGS_NPY, IMAGES, references_filename, split_filename
+from refface.manifests.root import DatasetRoot
 from refface.mining.references import ReferenceConfig, reference_order
 
 TARGETS_DIR = "mined/targets"
@@ -71,7 +73,7 @@ class CelebATestRefConfig:
 
 
 def _sha_by_path(root: Path) -> dict[str, str]:
-    table = pd.read_parquet(root / "images.parquet")
+    table = pd.read_parquet(root / IMAGES)
     return dict(zip(table["path"].astype(str), table["sha256"].astype(str), strict=True))
 
 
@@ -154,7 +156,6 @@ def build_celeba_test_ref(
     """
     from refface.builders.ffhq_ref import (
         identity_threshold_of,
-        load_embedding_rows,
         remove_stale_temps,
         run_mining,
         stage_timings,
@@ -181,8 +182,8 @@ def build_celeba_test_ref(
     }
 
     def work() -> dict:
-        emb_t, tp, tv = load_embedding_rows(root / TARGETS_DIR)
-        emb_p, pp, pv = load_embedding_rows(root / POOL_DIR)
+        emb_t, tp, tv = DatasetRoot(root / TARGETS_DIR).embeddings_by_path()
+        emb_p, pp, pv = DatasetRoot(root / POOL_DIR).embeddings_by_path()
         if emb_t.fingerprint != emb_p.fingerprint:
             raise ValueError("targets and pool were embedded by different models; rebuild one of them")
         threshold = identity_threshold_of(emb_t, config)
@@ -217,8 +218,8 @@ def build_celeba_test_ref(
         dropped = set(correction_report.dropped) if correction_report else set()
         for path in sorted(set(t_paths) - set(tp) - dropped):
             errors.add(path, "celeba_test_ref", "target has no embedding (see mined/targets/errors.csv)")
-        write_references(root / "test_references.csv", rows, with_lq=True)
-        write_split_list(root / "test_image.txt", [r["gt_image"] for r in rows])
+        write_references(root / references_filename("test"), rows, with_lq=True)
+        write_split_list(root / split_filename("test"), [r["gt_image"] for r in rows])
         # Which pool image each reference came from, with its distance, for auditing.
         audit = [
             {"gt_image": r["gt_image"], "ref_image": ref, "rank": k}
@@ -230,15 +231,20 @@ def build_celeba_test_ref(
         )
         errors.write(root)
         return {
-            "outputs": ["test_references.csv", "test_image.txt", "reference_pairs.parquet", "errors.parquet"],
+            "outputs": [
+                references_filename("test"),
+                split_filename("test"),
+                "reference_pairs.parquet",
+                "errors.parquet",
+            ],
             "targets": len(tp),
             "targets_with_refs": len(rows),
             "corrections": correction_report.to_dict() if correction_report else None,
         }
 
     inputs = {
-        "targets": sha256_file(root / TARGETS_DIR / "embeddings.npy"),
-        "pool": sha256_file(root / POOL_DIR / "embeddings.npy"),
+        "targets": sha256_file(root / TARGETS_DIR / EMBEDDINGS_NPY),
+        "pool": sha256_file(root / POOL_DIR / EMBEDDINGS_NPY),
         "lq_files": sorted(lq_lookup(lq_root).items()) if lq_root else None,
         "corrections": sha256_file(config.corrections) if config.corrections else None,
     }
@@ -252,7 +258,7 @@ def build_celeba_test_ref(
     timings["references"] = round(time.perf_counter() - start, 3)
     from refface.manifests.references import read_references
 
-    df = read_references(root / "test_references.csv")
+    df = read_references(root / references_filename("test"))
     summary: dict[str, Any] = {
         "root": str(root),
         "targets": len(t_paths),
@@ -296,7 +302,7 @@ def write_card_celeba(
     from refface.manifests.atomic import write_text
     from refface.manifests.references import read_references
 
-    df = read_references(root / "test_references.csv")
+    df = read_references(root / references_filename("test"))
     hist = df["ref_image"].map(len).value_counts().sort_index()
     lines = ["# CelebA-Test-Ref-style test set", "", "| what | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary.items() if k != "root"]

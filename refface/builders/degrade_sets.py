@@ -19,12 +19,13 @@ from pathlib import Path
 import pandas as pd
 
 from refface.manifests.atomic import write_json, write_parquet, write_text
+from refface.manifests.layout import BUILD, references_filename
 
 log = logging.getLogger(__name__)
 
 STAGE = "degrade"
 MANIFEST_VERSION = 1
-REFERENCE_CSVS = ("test_references.csv", "val_references.csv")
+REFERENCE_CSVS = (references_filename("test"), references_filename("val"))
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def resolve_target(target: str | Path, images: str | Path | None = None) -> Targ
     csvs = [root / name for name in REFERENCE_CSVS if (root / name).exists()]
     if csvs:
         image_root = None
-        build = root / "build.json"
+        build = root / BUILD
         if build.exists():
             recorded = json.loads(build.read_text()).get("image_root")
             if recorded:

@@ -13,8 +13,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from refface.manifests.atomic import sha256_file, write_json, write_parquet
-from refface.mining.embed import embeddings_digest
+from refface.manifests.atomic import file_digest, sha256_file, write_json, write_parquet
+from refface.manifests.embeddings import embeddings_digest
+from refface.manifests.layout import ATTRIBUTES, EMBEDDINGS_META, IMAGES, SPLITS, references_filename
+from refface.manifests.root import DatasetRoot
 from refface.mining.references import ReferenceConfig
 from refface.mining.splits import SplitConfig
 
@@ -153,11 +155,6 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def file_digest(root: Path, name: str) -> str | None:
-    path = root / name
-    return sha256_file(path) if path.exists() else None
-
-
 # --------------------------------------------------------------------------------------------- stages
 
 
@@ -168,20 +165,6 @@ def run_mining(image_root: Path, root: Path, config: Any, exclude: tuple[str, ..
     start = time.perf_counter()
     mine_folder(image_root, root, mining_config(config, exclude))
     return {"seconds": round(time.perf_counter() - start, 3)}
-
-
-def load_embedding_rows(root: Path):
-    """Embeddings with one row per image path (the first face when several rows share a path)."""
-    from refface.mining.embed import load_embeddings
-
-    emb = load_embeddings(root)
-    paths = [str(p) for p in emb.paths]
-    first: dict[str, int] = {}
-    for i, p in enumerate(paths):
-        first.setdefault(p, i)
-    rows = sorted(first.values(), key=lambda i: paths[i])
-    vectors = np.asarray(emb.vectors, dtype=np.float32)[rows]
-    return emb, [paths[i] for i in rows], vectors
 
 
 def clustering_table(root: Path) -> pd.DataFrame | None:
@@ -259,10 +242,10 @@ def covering_table(root: Path, all_paths: list[str]) -> pd.DataFrame:
     return table.sort_values("path", kind="stable").reset_index(drop=True)
 
 
-def read_attributes(root: Path, config: Any) -> pd.Series | None:
+def balance_labels(root: Path, config: Any) -> pd.Series | None:
     if not config.balance_column:
         return None
-    source = Path(config.attributes) if config.attributes else root / "attributes.parquet"
+    source = Path(config.attributes) if config.attributes else root / ATTRIBUTES
     if not source.exists():
         raise ValueError(
             f"balance_column={config.balance_column!r} needs an attributes table; {source} not found "
@@ -275,7 +258,7 @@ def read_attributes(root: Path, config: Any) -> pd.Series | None:
 
 
 def _hashes(root: Path, paths: list[str]) -> list[str] | None:
-    images = root / "images.parquet"
+    images = root / IMAGES
     if not images.exists():
         return None
     table = pd.read_parquet(images)
@@ -289,7 +272,7 @@ def eval_eligible(root: Path, config: Any, table: pd.DataFrame) -> set[int]:
     """Identities in which at least one target would get ``min_refs`` val/test references."""
     from refface.mining.references import select_references
 
-    emb, paths, vectors = load_embedding_rows(root)
+    emb, paths, vectors = DatasetRoot(root).embeddings_by_path()
     label_of = dict(zip(table["path"], table["identity"], strict=True))
     labels = np.array([label_of.get(p, -1) for p in paths])
     refs = select_references(
@@ -315,7 +298,7 @@ def splits_stage(root: Path, config: Any, all_paths: list[str]) -> tuple[dict, b
     def work() -> dict:
         table = covering_table(root, all_paths)
         eligible = eval_eligible(root, config, table)
-        assigned = assign_splits(table, config.split_config(), read_attributes(root, config), eligible)
+        assigned = assign_splits(table, config.split_config(), balance_labels(root, config), eligible)
         assigned = assigned.merge(table[["path", "cluster_size", "embedded"]], on="path", how="left")
         write_parquet(root / SPLITS_FILE, assigned)
         names = write_split_lists(root, {s: assigned.loc[assigned["split"] == s, "path"] for s in SPLITS})
@@ -334,17 +317,14 @@ def splits_stage(root: Path, config: Any, all_paths: list[str]) -> tuple[dict, b
     return run_stage(root, "splits", cfg, inputs, work)
 
 
-SPLITS = ("train", "val", "test")
-
-
 def references_stage(root: Path, config: Any) -> tuple[dict, bool]:
     """train/val/test_references.csv in ReF-LDM's format (paths relative to the image root)."""
-    from refface.manifests.references import references_filename, write_references
+    from refface.manifests.references import write_references
     from refface.mining.references import select_references
     from refface.stages import run_stage
 
     def work() -> dict:
-        emb, paths, vectors = load_embedding_rows(root)
+        emb, paths, vectors = DatasetRoot(root).embeddings_by_path()
         assigned = pd.read_parquet(root / SPLITS_FILE)
         split_of = dict(zip(assigned["path"], assigned["split"], strict=True))
         label_of = dict(zip(assigned["path"], assigned["identity"], strict=True))
@@ -431,7 +411,7 @@ def card_stage(root: Path, config: Any, title: str, extra_inputs: dict | None = 
         return {"outputs": outputs}
 
     names = [IDENTITIES_FILE, SPLITS_FILE, "errors.parquet", "corrections.json"]
-    names += [f"{s}_references.csv" for s in SPLITS]
+    names += [references_filename(s) for s in SPLITS]
     inputs = {n: file_digest(root, n) for n in names}
     inputs["embeddings.npy"] = embeddings_digest(root)  # the key it always had, also for shards
     inputs["labels"] = sha256_file(config.labels) if config.labels else None
@@ -490,7 +470,7 @@ def write_build_json(
     from refface.stages import folder_fingerprint
 
     model = {}
-    emb_json = (embeddings_root or root) / "embeddings.json"
+    emb_json = (embeddings_root or root) / EMBEDDINGS_META
     if emb_json.exists():
         model = json.loads(emb_json.read_text())
     info = {
@@ -541,7 +521,7 @@ def build_summary(root: Path) -> dict:
 
     for split in SPLITS:
         out[f"{split}_images"] = int((assigned["split"] == split).sum())
-        out[f"{split}_targets"] = int(len(read_references(root / f"{split}_references.csv")))
+        out[f"{split}_targets"] = int(len(read_references(root / references_filename(split))))
     out["errors"] = int(sum(error_counts(root).values()))
     refs_manifest = root / ".stages" / "references.json"
     if refs_manifest.exists():

@@ -14,6 +14,8 @@ import pandas as pd
 
 from refface.builders.ffhq_ref import FFHQRefConfig
 from refface.manifests.atomic import write_parquet, write_text
+from refface.manifests.layout import FACES, IDENTITIES, IMAGES
+from refface.manifests.root import DatasetRoot
 
 MINED_DIR = "mined"
 IMAGES_DIR = "images"
@@ -243,14 +245,14 @@ def _crop_chunk(items: list[tuple[int, str, list[float], str, int, str | None]])
 
 
 def _niqe(crop: np.ndarray, params_path: str) -> float:
-    from refface.train.evaluate import niqe
+    from refface.evaluation.evaluate import niqe
 
     return niqe(crop, _niqe_model(params_path))
 
 
 @functools.lru_cache(maxsize=2)
 def _niqe_model(path: str) -> dict:
-    from refface.train.evaluate import load_niqe_params
+    from refface.evaluation.evaluate import load_niqe_params
 
     return load_niqe_params(path)
 
@@ -273,19 +275,19 @@ def quality_rejections(quality: pd.DataFrame, config: RefaceHQConfig) -> dict[in
 
 def curate_stage(folders: Path, root: Path, config: RefaceHQConfig) -> tuple[dict, bool]:
     """Curate the mined photos into ``images/<identity>/<n>.png`` plus the tables the later stages read."""
-    from refface.builders.ffhq_ref import file_digest, identity_threshold_of, load_embedding_rows
-    from refface.manifests.atomic import sha256_file
+    from refface.builders.ffhq_ref import identity_threshold_of
+    from refface.manifests.atomic import file_digest, sha256_file
+    from refface.manifests.embeddings import Embeddings, embeddings_digest, save_embeddings
     from refface.manifests.errors import ErrorsTable
-    from refface.mining.embed import Embeddings, embeddings_digest, save_embeddings
     from refface.stages import map_chunks, run_stage
 
     mined = root / MINED_DIR
 
     def work() -> dict:
-        emb, paths, vectors = load_embedding_rows(mined)
-        faces = pd.read_parquet(mined / "faces.parquet").drop_duplicates("path").set_index("path")
+        emb, paths, vectors = DatasetRoot(mined).embeddings_by_path()
+        faces = pd.read_parquet(mined / FACES).drop_duplicates("path").set_index("path")
         faces = faces.loc[paths].reset_index()
-        images = pd.read_parquet(mined / "images.parquet").set_index("path")
+        images = pd.read_parquet(mined / IMAGES).set_index("path")
         sha = [str(images.loc[p, "sha256"]) for p in paths]
         threshold = identity_threshold_of(emb, config)
         out_dir = root / IMAGES_DIR
@@ -331,7 +333,7 @@ def curate_stage(folders: Path, root: Path, config: RefaceHQConfig) -> tuple[dic
         # A folder left with one photo is a singleton: it can have no references.
         identity = identity.where(size >= 2, -1)
         write_parquet(
-            root / "identities.parquet",
+            root / IDENTITIES,
             pd.DataFrame({"path": kept["out"], "identity": identity, "cluster_size": size}),
         )
         write_parquet(
@@ -341,7 +343,7 @@ def curate_stage(folders: Path, root: Path, config: RefaceHQConfig) -> tuple[dic
             ),
         )
         write_parquet(
-            root / "images.parquet",
+            root / IMAGES,
             pd.DataFrame(
                 {
                     "path": kept["out"],
@@ -439,7 +441,7 @@ def build_reface_hq(
     # The output crop size is this builder's own; mining embeds from its default alignment.
     timings = {"mine": run_mining(folders, root / MINED_DIR, config, exclude=("crop_size",))["seconds"]}
     manifest, _ = curate_stage(folders, root, config)
-    kept = pd.read_parquet(root / "identities.parquet")["path"].tolist()
+    kept = pd.read_parquet(root / IDENTITIES)["path"].tolist()
     kept, corrections = corrected_paths(root, config, STAGE, kept)
     splits_stage(root, config, kept)
     references_stage(root, config)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
-SPLITS = ("train", "val", "test")
+from refface.manifests.layout import BUILD, IDENTITIES, SPLITS, references_filename, split_filename
+from refface.manifests.root import PathEscapesRoot, safe_relative
+
 # Published FFHQ-Ref keeps the CSVs and split lists in these subfolders.
 PUBLISHED_DIRS = {"references": "reference_mapping", "splits": "id_based_ffhq_split"}
 MAX_LISTED = 20
@@ -114,8 +116,8 @@ def validate_root(
     root = Path(root)
     report = ValidationReport()
     build = {}
-    if (root / "build.json").exists():
-        build = json.loads((root / "build.json").read_text())
+    if (root / BUILD).exists():
+        build = json.loads((root / BUILD).read_text())
     image_root = (
         Path(image_root) if image_root else (Path(build["image_root"]) if build.get("image_root") else None)
     )
@@ -129,7 +131,7 @@ def validate_root(
 
     refs: dict[str, pd.DataFrame] = {}
     for split in SPLITS:
-        path = _find(root, f"{split}_references.csv", PUBLISHED_DIRS["references"])
+        path = _find(root, references_filename(split), PUBLISHED_DIRS["references"])
         if path is None:
             continue
         bad_rows: list[str] = []
@@ -165,7 +167,7 @@ def validate_root(
         return report
 
     # Identities: every reference must carry its target's identity.
-    ident_path = root / "identities.parquet"
+    ident_path = root / IDENTITIES
     if ident_path.exists():
         ident = pd.read_parquet(ident_path)
         label_of = dict(zip(ident["path"], ident["identity"], strict=True))
@@ -184,7 +186,7 @@ def validate_root(
     split_of: dict[str, str] = {}
     lists_found = False
     for split in SPLITS:
-        path = _find(root, f"{split}_image.txt", PUBLISHED_DIRS["splits"])
+        path = _find(root, split_filename(split), PUBLISHED_DIRS["splits"])
         if path is None:
             continue
         lists_found = True
@@ -218,15 +220,25 @@ def validate_root(
         report.notes.append("image root unknown (no build.json, no --images): files not checked")
     else:
         wanted: dict[Path, str] = {}
+        escaping: list[str] = []
+
+        def want(base: Path, rel: str, what: str) -> None:
+            # A path that leaves its folder is reported and never opened.
+            try:
+                wanted[base / safe_relative(rel)] = what
+            except PathEscapesRoot as e:
+                escaping.append(f"{rel} ({what}): {e}")
+
         for split, df in refs.items():
             for gt in df["gt_image"]:
-                wanted[image_root / gt] = f"{split} target"
+                want(image_root, gt, f"{split} target")
             for ref_list in df["ref_image"]:
                 for r in ref_list:
-                    wanted[ref_root / r] = f"{split} reference"
+                    want(ref_root, r, f"{split} reference")
             if lq_root is not None and "lq_image" in df.columns:
                 for lq in df["lq_image"]:
-                    wanted[lq_root / lq] = f"{split} LQ"
+                    want(lq_root, lq, f"{split} LQ")
+        report.add("path leaves the image root", escaping)
         missing, broken = _check_files(wanted, decode)
         report.add("missing file", missing)
         report.add("file does not decode", broken)

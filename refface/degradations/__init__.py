@@ -10,6 +10,7 @@ _EXPORTS = {
     "Degrader": "refface.degradations.degrader",
     "apply_params": "refface.degradations.degrader",
     "prepare_input": "refface.degradations.degrader",
+    "make_degrader": "refface.degradations.degrader",
     "sample_params": "refface.degradations.degrader",
     "PRESETS": "refface.degradations.presets",
     "PresetConfig": "refface.degradations.presets",

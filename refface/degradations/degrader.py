@@ -225,3 +225,8 @@ class Degrader:
         lw, lh = ops.lq_size(w, h, params["scale"])
         params.update(lq_width=lw, lq_height=lh, width=w, height=h)
         return apply_params(prepared, params, self.fast, self.tolerance), params
+
+
+def make_degrader(preset: str, seed: int, out_size: int | None) -> Degrader:
+    """The CPU degrader for the named ``preset`` producing ``out_size`` squares (None: the input's size)."""
+    return Degrader(get_preset(preset, out_size=out_size), seed)

@@ -43,7 +43,7 @@ class BasicSRExportConfig:
 
 
 def flat_key(path: str) -> str:
-    from refface.builders.shards import sample_key
+    from refface.manifests.webdataset import sample_key
 
     return sample_key(path)
 
@@ -144,7 +144,7 @@ def export_basicsr(root: str | Path, out: str | Path, config: BasicSRExportConfi
 
 
 def _keys(source: ExportSource) -> dict[str, str]:
-    from refface.builders.shards import unique_keys
+    from refface.manifests.webdataset import unique_keys
 
     paths = sorted({p for rows in source.splits.values() for p in rows.paths})
     return dict(zip(paths, unique_keys(paths), strict=True))

@@ -91,7 +91,7 @@ def _yaml_feature(name: str, feature: dict) -> dict:
 
 def attributes_of(source: ExportSource, path: str) -> tuple[str, dict[str, str]]:
     """(attributes JSON, prompts) of an image, as the shard writer records them."""
-    from refface.builders.shards import attrs_record
+    from refface.mining.attributes import attrs_record
 
     record = attrs_record(source.attributes.get(path))
     prompts = {p: str(record.pop(p, "")) for p in PROMPTS}

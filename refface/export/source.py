@@ -7,7 +7,6 @@ splits, so a reference is addressed by its row number inside the same split.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
@@ -15,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from refface.manifests.layout import references_filename
+from refface.manifests.root import DatasetRoot
 
 SPLITS = ("train", "val", "test")
 PARAMS_SKIP = ("gt_image", "lq_image", "status", "reason")
@@ -110,18 +112,18 @@ def read_lq_sets(root: Path) -> list[LQSet]:
 
 def read_source(root: str | Path, splits: tuple[str, ...] = SPLITS) -> ExportSource:
     """Read a built root's split lists, identities, reference CSVs, LQ sets and attributes."""
-    from refface.builders.shards import image_root_of, load_attribute_table, load_identity_table
     from refface.manifests.references import read_references
     from refface.manifests.splits import read_split_lists
 
-    root = Path(root)
-    build = json.loads((root / "build.json").read_text()) if (root / "build.json").exists() else {}
+    dataset = DatasetRoot(root)
+    root = dataset.path
+    build = dataset.build_record()
     ref_root = Path(build["ref_root"]) if build.get("ref_root") else None
     lists = read_split_lists(root)
-    identity = load_identity_table(root)
+    identity = dataset.identity_of()
     out: dict[str, SplitRows] = {}
     for split in splits:
-        csv = root / f"{split}_references.csv"
+        csv = root / references_filename(split)
         if split not in lists and not csv.exists():
             continue
         refs_of: dict[str, list[str]] = {}
@@ -146,10 +148,10 @@ def read_source(root: str | Path, splits: tuple[str, ...] = SPLITS) -> ExportSou
         raise FileNotFoundError(f"{root} has no split lists or reference CSVs: build it first")
     return ExportSource(
         root,
-        image_root_of(root),
+        dataset.image_root() or root,
         ref_root,
         str(build.get("kind", "")),
         out,
         read_lq_sets(root),
-        load_attribute_table(root),
+        dataset.attributes_of(),
     )

@@ -75,3 +75,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def file_digest(root: str | os.PathLike, name: str) -> str | None:
+    """sha256 of ``root / name``, or None when the file does not exist."""
+    path = Path(root) / name
+    return sha256_file(path) if path.exists() else None

@@ -13,14 +13,6 @@ from refface.manifests.atomic import write_text
 
 TRAIN_COLUMNS = ["gt_image", "ref_image"]
 EVAL_COLUMNS = ["gt_image", "lq_image", "ref_image"]
-SPLITS = ("train", "val", "test")
-
-
-def references_filename(split: str) -> str:
-    """``train_references.csv`` etc., the names the published FFHQ-Ref files use."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    return f"{split}_references.csv"
 
 
 def format_ref_list(refs: Sequence[str]) -> str:

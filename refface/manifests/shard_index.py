@@ -29,6 +29,10 @@ def shard_record_path(folder: str | os.PathLike, name: str) -> Path:
     return Path(folder) / ".done" / f"{name}.json"
 
 
+class ShardError(Exception):
+    """A shard that is missing, truncated or does not match its index; the message names it."""
+
+
 @dataclass(frozen=True)
 class ShardEntry:
     """One finished shard: its file name (relative to the folder) and what it holds."""

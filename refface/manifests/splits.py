@@ -7,14 +7,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from refface.manifests.atomic import write_text
-
-SPLITS = ("train", "val", "test")
-
-
-def split_filename(split: str) -> str:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    return f"{split}_image.txt"
+from refface.manifests.layout import SPLITS, split_filename
 
 
 def write_split_list(path: str | os.PathLike, paths: Iterable[str]) -> None:

@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from refface.manifests.layout import ATTRIBUTES
+from refface.manifests.root import DatasetRoot
+
 log = logging.getLogger(__name__)
 
 STAGE = "attributes"
-ATTRIBUTES_FILE = "attributes.parquet"
 ATTRIBUTE_COLUMNS = [
     "path",
     "age",
@@ -307,10 +309,28 @@ def columns_of(backend: str) -> list[str]:
     return ATTRIBUTE_COLUMNS
 
 
-def read_attributes(root: str | os.PathLike) -> pd.DataFrame | None:
-    """``attributes.parquet`` of a dataset root, or None when the stage has not run."""
-    path = Path(root) / ATTRIBUTES_FILE
-    return pd.read_parquet(path) if path.exists() else None
+def attrs_record(attrs: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``attrs.json`` content: attributes (when known) and the three prompts."""
+    record: dict[str, Any] = {"negative_quality_prompt": NEGATIVE_QUALITY_PROMPT}
+    if attrs:
+        # Every attribute column of the table (deepface's or the vocabulary's), JSON-ready.
+        for name, value in attrs.items():
+            if name in ("path", "scores", "prompt", "negative_attribute_prompt"):
+                continue
+            if isinstance(value, (float, np.floating)):
+                value = None if np.isnan(value) else float(value)
+            elif isinstance(value, np.integer):
+                value = int(value)
+            record[name] = value
+        record["prompt"] = str(attrs.get("prompt") or FALLBACK_PROMPT)
+        negative = attrs.get("negative_attribute_prompt")
+        if not negative and {"age", "gender", "emotion"} <= set(attrs):
+            negative = build_negative_attribute_prompt(attrs)
+        record["negative_attribute_prompt"] = str(negative or "")
+    else:
+        record["prompt"] = FALLBACK_PROMPT
+        record["negative_attribute_prompt"] = ""
+    return record
 
 
 def run_attributes(
@@ -326,16 +346,16 @@ def run_attributes(
     Returns:
         (stage manifest, ran) as :func:`refface.stages.run_stage` returns them.
     """
-    from refface.builders.shards import dataset_image_paths, image_root_of
     from refface.manifests.atomic import write_parquet
     from refface.manifests.errors import ErrorsTable
     from refface.stages import folder_fingerprint, run_stage
 
     config = config or AttributesConfig()
     config.validate()
-    root = Path(root)
-    image_root = image_root_of(root)
-    paths = dataset_image_paths(root)
+    dataset = DatasetRoot(root)
+    root = dataset.path
+    image_root = dataset.image_root() or root
+    paths = dataset.image_paths()
     inputs: dict[str, Any] = {"images": folder_fingerprint(image_root, paths)}
     if config.thresholds:
         from refface.mining.vocabulary import load_thresholds
@@ -346,9 +366,9 @@ def run_attributes(
         analyzer = ANALYZERS[config.backend](config)
         errors = ErrorsTable()
         df = analyze_images(image_root, paths, analyzer, config, errors)
-        write_parquet(root / ATTRIBUTES_FILE, df)
+        write_parquet(root / ATTRIBUTES, df)
         if len(errors):
             errors.write(root, name="errors_attributes")
-        return {"outputs": [ATTRIBUTES_FILE], "rows": len(df), "errors": len(errors)}
+        return {"outputs": [ATTRIBUTES], "rows": len(df), "errors": len(errors)}
 
     return run_stage(root, STAGE, config, inputs, work, force=force)

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from refface.manifests.embeddings import ARCFACE_THRESHOLD
+from refface.manifests.layout import IDENTITIES
 from refface.mining.impostor import RANK_START
 from refface.mining.metrics import SINGLETON
 
@@ -19,7 +21,7 @@ STAGE = "identities"
 STAGE_VERSION = 2
 DEFAULT_METHOD = "impostor"
 # Cosine-distance threshold used when the embeddings carry none: ReF-LDM's ArcFace rule.
-ARCFACE_THRESHOLD = 0.4
+
 # Cut heights of average linkage per embedding model, measured against labels (docs/mining.md).
 # dlib's pairwise rule (Euclidean 0.6 on raw descriptors, cosine ~0.088 on unit vectors) is too
 # loose as an *average* cut: whole same-gender/same-ethnicity identities then merge pairwise.
@@ -358,13 +360,22 @@ def default_threshold(emb: Any, method: str) -> float:
     ``average`` uses the model's measured cut from ``AVERAGE_THRESHOLDS`` when listed. Bare
     arrays fall back to ArcFace's 0.4.
     """
-    model = getattr(emb, "model", None)
+    return model_threshold(
+        getattr(emb, "model", None),
+        getattr(emb, "identity_threshold", None),
+        getattr(emb, "metric", "cosine"),
+        method,
+    )
+
+
+def model_threshold(model: str | None, identity_threshold: float | None, metric: str, method: str) -> float:
+    """:func:`default_threshold` from the facts an embeddings file records (model name, its pairwise
+    identity threshold and metric)."""
     if method == "average" and model in AVERAGE_THRESHOLDS:
         return AVERAGE_THRESHOLDS[model]
-    value = getattr(emb, "identity_threshold", None)
-    if value is None:
+    if identity_threshold is None:
         return ARCFACE_THRESHOLD
-    return cosine_threshold(value, getattr(emb, "metric", "cosine"))
+    return cosine_threshold(identity_threshold, metric)
 
 
 def resolve_config(emb: Any, config: ClusterConfig | None = None) -> ClusterConfig:
@@ -507,7 +518,7 @@ def cluster_root(
     manifest carries the cluster counts and, for ``impostor``, the fitted model.
     """
     from refface.manifests.atomic import write_parquet
-    from refface.mining.embed import embeddings_files, load_embeddings
+    from refface.manifests.embeddings import embeddings_files, load_embeddings
     from refface.stages import folder_fingerprint, run_stage
 
     root = Path(root)
@@ -524,7 +535,7 @@ def cluster_root(
         result = run_clustering(_vectors(emb), resolved)
         labels, info = result.labels, result.info
         df = identities_frame(emb.paths, labels, result.radius, result.scale)
-        write_parquet(root / "identities.parquet", df)
+        write_parquet(root / IDENTITIES, df)
         n_clusters = int(labels.max() + 1) if labels.size and labels.max() >= 0 else 0
         return {
             "outputs": ["identities.parquet"],

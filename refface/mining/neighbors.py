@@ -21,7 +21,7 @@ GPU_MAX_K = 2048
 INDEX_KINDS = ("flat", "ivf")
 
 
-def _faiss():
+def load_faiss():
     # FAISS logs every CPU-variant probe at INFO; those lines are noise in a progress display.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
@@ -33,7 +33,7 @@ def _faiss():
 
 def gpu_available() -> bool:
     """True when the installed FAISS is a GPU build and sees at least one GPU."""
-    faiss = _faiss()
+    faiss = load_faiss()
     get = getattr(faiss, "get_num_gpus", None)
     return bool(get and get() > 0)
 
@@ -108,7 +108,7 @@ def build_index(
         train_iters: k-means iterations of the IVF quantizer (FAISS's default 25 buys little
             recall for 2.5x the training time at 1M vectors).
     """
-    faiss = _faiss()
+    faiss = load_faiss()
     base = _as_f32(base)
     n, dim = base.shape
     kind = choose_index(n, index)

@@ -17,6 +17,7 @@ import numpy as np
 from refface.executors import uses_gpu
 from refface.manifests.errors import ImageError
 from refface.manifests.io import DEFAULT_MAX_PIXELS
+from refface.manifests.layout import EMBEDDINGS_NPY, FACES, IMAGES
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -289,7 +290,7 @@ def _write_vector_shards(
     Only one shard's vectors are in memory at a time. Partitions without faces write no shard,
     so shards stay numbered without gaps. Returns the relative paths written (index.json last).
     """
-    from refface.mining.sharded import INDEX_FILE, finish_shards, write_shard
+    from refface.manifests.embedding_shards import INDEX_FILE, finish_shards, write_shard
 
     folder.mkdir(parents=True, exist_ok=True)
     names: list[str] = []
@@ -415,15 +416,15 @@ def mine_folder(
     """
 
     from refface.manifests.atomic import write_parquet
-    from refface.manifests.errors import ErrorsTable
-    from refface.manifests.io import list_images
-    from refface.mining.embed import (
+    from refface.manifests.embedding_shards import DEFAULT_FOLDER
+    from refface.manifests.embeddings import (
         SHARDED_LAYOUT,
         Embeddings,
         save_embedding_tables,
         save_embeddings,
     )
-    from refface.mining.sharded import DEFAULT_FOLDER
+    from refface.manifests.errors import ErrorsTable
+    from refface.manifests.io import list_images
     from refface.stages import fingerprint, folder_fingerprint, map_chunks, run_stage
 
     cfg = config or MiningConfig()
@@ -478,8 +479,8 @@ def mine_folder(
         errors = ErrorsTable()
         errors.extend(error_rows)
         dim = dim or (128 if cfg.embedder == "dlib" else 512)
-        write_parquet(root / "images.parquet", images)
-        write_parquet(root / "faces.parquet", faces_df)
+        write_parquet(root / IMAGES, images)
+        write_parquet(root / FACES, faces_df)
         outputs = ["images.parquet", "faces.parquet"]
         paths, image_ids = faces_df["path"].tolist(), faces_df["image_id"].tolist()
         meta = {
@@ -496,7 +497,7 @@ def mine_folder(
             outputs += _write_vector_shards(shards_dir, n_chunks, per_shard, part_path, meta)
             layout = {"dim": dim, "layout": SHARDED_LAYOUT, "shards": DEFAULT_FOLDER}
             outputs += save_embedding_tables(root, paths, image_ids, norms, {**meta, **layout})
-            (root / "embeddings.npy").unlink(missing_ok=True)
+            (root / EMBEDDINGS_NPY).unlink(missing_ok=True)
         else:
             vectors = _stream_vectors(parts_dir / "vectors.npy", (len(paths), dim), n_chunks, part_path)
             emb = Embeddings(vectors=vectors, paths=paths, image_ids=image_ids, norms=norms, **meta)

@@ -1,5 +1,5 @@
 """No-reference quality of an aligned face crop: sharpness of the face region, and NIQE when a pristine
-model is given (the evaluation metric, :func:`refface.train.evaluate.niqe`)."""
+model is given (the evaluation metric, :func:`refface.evaluation.evaluate.niqe`)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ SHARPNESS_SIDE = 256
 
 
 def face_region(crop: np.ndarray) -> np.ndarray:
-    """The face box of an FFHQ-aligned crop (fractions from :data:`refface.train.evaluate.FACE_BOX`)."""
-    from refface.train.evaluate import FACE_BOX
+    """The face box of an FFHQ-aligned crop (fractions from :data:`refface.evaluation.evaluate.FACE_BOX`)."""
+    from refface.evaluation.evaluate import FACE_BOX
 
     h, w = crop.shape[:2]
     x0, y0, x1, y1 = FACE_BOX

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from refface.manifests.layout import SPLITS
 from refface.seeding import item_seed
 
 # FFHQ-Ref (ReF-LDM §4): identities with references split 6,073 / 300 / 150 (images 18,816 / 732 / 857).
 PAPER_IDENTITIES = {"train": 6073, "val": 300, "test": 150}
 PAPER_IMAGES = {"train": 18816, "val": 732, "test": 857}
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from refface.manifests.root import DatasetRoot
+
 SPLITS = ("train", "val", "test")
 
 
@@ -107,12 +109,11 @@ def _near(query: np.ndarray, means: np.ndarray, bar: float, k: int, block: int =
 
 def review_data(root: str | Path, config: ReviewConfig | None = None) -> dict:
     """Everything the page shows except thumbnails (face rows, clusters, pairs, references)."""
-    from refface.builders.ffhq_ref import load_embedding_rows
     from refface.manifests.references import read_references
 
     config = config or ReviewConfig()
     root = Path(root)
-    emb, paths, vectors = load_embedding_rows(root)
+    emb, paths, vectors = DatasetRoot(root).embeddings_by_path()
     vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     threshold = root_threshold(root, emb)
     table = clustered_identities(root)

@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 
 from refface.manifests.atomic import write_bytes, write_text
+from refface.manifests.layout import IMAGES
+from refface.manifests.root import DatasetRoot
 
 from .data import ReviewConfig, review_data
 
@@ -69,13 +71,12 @@ def write_thumbs(
     root: Path, paths: list[str], out: Path, config: ReviewConfig
 ) -> tuple[list[str], list[str]]:
     """Thumbnail file names (relative to the page) for ``paths``; writes the missing ones."""
-    from refface.builders.shards import image_root_of
     from refface.stages import map_chunks
 
-    image_root = image_root_of(root)
+    image_root = DatasetRoot(root).image_root() or root
     sha: dict[str, str] = {}
-    if (root / "images.parquet").exists():
-        images = pd.read_parquet(root / "images.parquet")
+    if (root / IMAGES).exists():
+        images = pd.read_parquet(root / IMAGES)
         if "sha256" in images.columns:
             sha = dict(zip(images["path"].astype(str), images["sha256"].astype(str), strict=True))
     landmarks: dict[str, list[float]] = {}

@@ -27,7 +27,7 @@ class EMA:
         self.num_updates = 0
         self.shadow: dict[str, torch.Tensor] = {}
         for name, module in modules.items():
-            for pname, p in _unwrap(module).named_parameters():
+            for pname, p in unwrap_model(module).named_parameters():
                 if p.requires_grad and p.is_floating_point():
                     self.shadow[f"{name}.{pname}"] = p.detach().to(torch.float32).clone()
 
@@ -102,7 +102,7 @@ class EMA:
         folder.mkdir(parents=True, exist_ok=True)
         names = sorted({k.split(".", 1)[0] for k in self.shadow} | set(modules or {}))
         for name in names:
-            full = dict(_unwrap(modules[name]).state_dict()) if modules and name in modules else {}
+            full = dict(unwrap_model(modules[name]).state_dict()) if modules and name in modules else {}
             full.update(self.module_state_dict(name))
             tensors = {k: v.detach().cpu().contiguous() for k, v in full.items()}
             with atomic_path(folder / f"{name}.safetensors") as tmp:
@@ -127,7 +127,7 @@ class EMA:
         self.load_state_dict({"decay": meta["decay"], "num_updates": meta["num_updates"], "shadow": shadow})
 
 
-def _unwrap(module):
+def unwrap_model(module):
     """Strip DDP / torch.compile wrappers so parameter names match the bare module."""
     while True:
         if hasattr(module, "_orig_mod"):
@@ -143,6 +143,6 @@ def _unwrap(module):
 
 def _named_params(modules: dict):
     for name, module in modules.items():
-        for pname, p in _unwrap(module).named_parameters():
+        for pname, p in unwrap_model(module).named_parameters():
             if p.requires_grad and p.is_floating_point():
                 yield f"{name}.{pname}", p

@@ -24,20 +24,28 @@ uninterrupted run's next losses bit for bit (same device, same kernels).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
+from refface.manifests.atomic import atomic_path, write_json
+from refface.seeding import item_seed
+from refface.train import tracking
+from refface.train.checkpoints import LoopState, find_checkpoint, load_checkpoint, save_checkpoint
+from refface.train.ema import EMA
+
 logger = logging.getLogger(__name__)
 
+
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+
+
 LR_SCHEDULES = ("constant", "cosine", "linear")
-STATE_VERSION = 1
 
 
 def config_from_dict(cls: type, d: dict[str, Any], what: str) -> Any:
@@ -122,11 +130,9 @@ class LoopConfig:
             raise ValueError("gradient_accumulation_steps must be >= 1")
         if self.checkpoint_every < 1:
             raise ValueError("checkpoint_every must be >= 1 (a final checkpoint is always written)")
-        from refface.train.tracking import parse_report_to
-
         if isinstance(self.report_to, list | tuple):
             self.report_to = ",".join(str(n) for n in self.report_to)
-        parse_report_to(self.report_to)  # unknown tracker names raise here, before any work
+        tracking.parse_report_to(self.report_to)  # unknown tracker names raise here, before any work
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) or null, got {self.ema_decay}")
 
@@ -177,75 +183,9 @@ class TrainTask(Protocol):
         ...
 
 
-@dataclass
-class LoopState:
-    """Where training stands: optimizer steps done and the data position within the epoch."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def step_seed(seed: int, step: int, micro: int, process: int) -> int:
     """The 63-bit seed of one micro-batch's generator, from ``(seed, step, micro-batch, process)``."""
-    from refface.seeding import item_seed
-
     return item_seed(seed, f"step={step}/micro={micro}/proc={process}") & ((1 << 63) - 1)
-
-
-def find_checkpoint(output_dir: str | Path, which: str | None = "latest") -> Path | None:
-    """Resolve ``which`` to a complete checkpoint folder (one with ``state.json``).
-
-    Args:
-        output_dir: the run's output folder.
-        which: ``"latest"`` (newest complete checkpoint or ``None`` when there is none), a
-            checkpoint folder path, or ``None`` (never resume).
-
-    Raises:
-        FileNotFoundError: ``which`` names a folder that is not a complete checkpoint.
-    """
-    if which is None or which == "":
-        return None
-    if which == "latest":
-        ckpts = list_checkpoints(output_dir)
-        return ckpts[-1] if ckpts else None
-    path = Path(which)
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.json inside)")
-    return path
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints under ``<output_dir>/checkpoints``, oldest first."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step_*") if p.is_dir() and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
-def load_trainable_weights(checkpoint: str | Path, modules: dict[str, Any], use_ema: bool = True) -> str:
-    """Load a checkpoint's weights into ``modules`` (name -> module) for inference or a later stage.
-
-    Args:
-        checkpoint: a checkpoint folder (``.../checkpoints/step_N``).
-        modules: the modules to fill, keyed like the task's ``trainable_modules()``.
-        use_ema: prefer the EMA weights when the checkpoint has them.
-
-    Returns:
-        ``"ema"`` or ``"trainable"``: which weights were loaded.
-    """
-    from safetensors.torch import load_file
-
-    checkpoint = Path(checkpoint)
-    kind = "ema" if use_ema and (checkpoint / "ema" / "ema.json").is_file() else "trainable"
-    for name, module in modules.items():
-        f = checkpoint / kind / f"{name}.safetensors"
-        if not f.is_file():
-            raise FileNotFoundError(f"checkpoint {checkpoint} has no weights for module {name!r} ({f})")
-        _unwrap(module).load_state_dict(load_file(str(f)), strict=True)
-    return kind
 
 
 def train(
@@ -276,10 +216,100 @@ def train(
         processes), ``lr``, ``grad_norm``, ``step_time_s`` (wall time of the step on this process, data
         loading of later micro-batches included) and the task's extra logs.
     """
+    run = _setup(task, dataloader, config, accelerator)
+    state = _resume(run, config)
+    _start_logging(run, task, config)
+    run.progress = _TrainProgress(run.accelerator, state.step, config.max_steps)
+    task.bind(run.modules, run.weight_dtype, run.accelerator.device)
+
+    logs: list[dict[str, float]] = []
+    acc = _Accumulation()
+    done = state.step >= config.max_steps
+    while not done:
+        _set_epoch(run.dataloader, state.epoch)
+        epoch_iter = (
+            run.accelerator.skip_first_batches(run.dataloader, state.batch_in_epoch)
+            if state.batch_in_epoch
+            else run.dataloader
+        )
+        # A checkpoint written on an epoch's last batch resumes with nothing left to skip into.
+        resumed_at_end = state.batch_in_epoch > 0
+        seen = 0
+        for batch in epoch_iter:
+            seen += 1
+            state.batch_in_epoch += 1
+            if acc.micro == 0:
+                acc.start = time.perf_counter()
+            if run.streaming:
+                batch = _to_device(batch, run.accelerator.device)
+            if validation_batch is None:
+                # Taken from the stream rather than by iterating the loader again, which would move
+                # the data position and break exact resume.
+                validation_batch = batch
+            if not _micro_step(run, task, config, state, acc, batch):
+                continue
+            logs.append(_finish_step(run, config, state, acc))
+            done = state.step >= config.max_steps
+            _end_of_step(run, task, config, state, done, validation_batch)
+            if done:
+                break
+        else:
+            if seen == 0 and not resumed_at_end:
+                raise ValueError(f"the dataloader yielded no batch in epoch {state.epoch}")
+            state.epoch += 1
+            state.batch_in_epoch = 0
+
+    run.progress.close()
+    if run.trackers:
+        run.accelerator.end_training()
+    run.accelerator.wait_for_everyone()
+    return logs
+
+
+@dataclass
+class _Run:
+    """What :func:`train` sets up once: the accelerator and the prepared modules, optimizer and data."""
+
+    out: Path
+    accelerator: Any
+    modules: dict[str, Any]
+    params: list
+    optimizer: Any
+    scheduler: Any
+    dataloader: Any
+    streaming: bool
+    weight_dtype: Any
+    ema: Any = None
+    trackers: list[str] = field(default_factory=list)
+    progress: Any = None
+
+
+@dataclass
+class _Accumulation:
+    """Sums over the micro-batches of the optimizer step in progress."""
+
+    micro: int = 0
+    loss: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+    grad_norm: Any = None
+    start: float = 0.0
+
+    def reset(self) -> None:
+        self.micro, self.loss, self.extra = 0, 0.0, {}
+
+
+def weight_dtype(mixed_precision: str):
+    """The torch dtype of frozen weights and autocast under accelerate's ``mixed_precision``."""
+    import torch
+
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def _setup(task: TrainTask, dataloader, config: LoopConfig, accelerator) -> _Run:
+    """Devices and precision of every module, the optimizer and schedule, accelerate's preparation."""
     import torch
     from accelerate.utils import set_seed
 
-    out = Path(config.output_dir)
     if accelerator is None:
         accelerator = make_accelerator(config)
     set_seed(config.seed)  # model init inside the task already happened; this fixes data-order seeds
@@ -288,14 +318,12 @@ def train(
     frozen = dict(task.frozen_modules())
     if not trainable:
         raise ValueError("the task has no trainable modules")
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        accelerator.mixed_precision
-    ]
+    dtype = weight_dtype(accelerator.mixed_precision)
     keep_fp32 = set(task.fp32_frozen_modules()) if hasattr(task, "fp32_frozen_modules") else set()
     for name, module in frozen.items():
         module.requires_grad_(False)
         module.eval()
-        _move(module, accelerator.device, torch.float32 if name in keep_fp32 else weight_dtype)
+        _move(module, accelerator.device, torch.float32 if name in keep_fp32 else dtype)
     for module in trainable.values():
         _move(module, accelerator.device, torch.float32)
         module.train()
@@ -330,127 +358,115 @@ def train(
     # The scheduler is stepped by hand once per optimizer step (not prepared), so its schedule does not
     # depend on the process count; it is checkpointed through accelerate's custom-object hook.
     accelerator.register_for_checkpointing(scheduler)
-    ema = None
-    if config.ema_decay is not None:
-        from refface.train.ema import EMA
+    ema = EMA(prepared_modules, config.ema_decay) if config.ema_decay is not None else None
+    return _Run(
+        Path(config.output_dir),
+        accelerator,
+        prepared_modules,
+        params,
+        optimizer,
+        scheduler,
+        dataloader,
+        streaming,
+        dtype,
+        ema,
+    )
 
-        ema = EMA(prepared_modules, config.ema_decay)
 
-    state = LoopState()
-    ckpt = find_checkpoint(out, config.resume)
-    if ckpt is not None:
-        state = _load_checkpoint(ckpt, accelerator, ema)
-        accelerator.print(f"resumed from {ckpt} at step {state.step}")
+def _resume(run: _Run, config: LoopConfig) -> LoopState:
+    """The state to start from: the checkpoint ``config.resume`` names (loaded), else step 0."""
+    ckpt = find_checkpoint(run.out, config.resume)
+    if ckpt is None:
+        return LoopState()
+    state = load_checkpoint(ckpt, run.accelerator, run.ema)
+    run.accelerator.print(f"resumed from {ckpt} at step {state.step}")
+    return state
 
-    trackers = [str(getattr(t, "value", t)) for t in (accelerator.log_with or [])]
+
+def _start_logging(run: _Run, task: TrainTask, config: LoopConfig) -> None:
+    """``config.json`` of the run (with its devices) and the experiment trackers."""
+    accelerator = run.accelerator
+    run.trackers = [str(getattr(t, "value", t)) for t in (accelerator.log_with or [])]
     if accelerator.is_main_process:
-        from refface.manifests.atomic import write_json
-
         write_json(
-            out / "config.json",
+            run.out / "config.json",
             {"loop": config.to_dict(), "task": task.config_dict(), "devices": _devices(accelerator)},
         )
-        if "tensorboard" in trackers:
-            (out / "logs").mkdir(parents=True, exist_ok=True)
-    if trackers:
-        from refface.train import tracking
-
-        tracking.prepare_environment(trackers, out)
+        if "tensorboard" in run.trackers:
+            (run.out / "logs").mkdir(parents=True, exist_ok=True)
+    if run.trackers:
+        tracking.prepare_environment(run.trackers, run.out)
         accelerator.init_trackers(
-            tracking.PROJECT, config=_flat_hparams(config), init_kwargs=tracking.init_kwargs(trackers, out)
+            tracking.PROJECT,
+            config=_flat_hparams(config),
+            init_kwargs=tracking.init_kwargs(run.trackers, run.out),
         )
-    progress = _TrainProgress(accelerator, state.step, config.max_steps)
 
-    task.bind(prepared_modules, weight_dtype, accelerator.device)
 
-    logs: list[dict[str, float]] = []
-    micro = 0
-    acc_loss = 0.0
-    acc_extra: dict[str, float] = {}
-    done = state.step >= config.max_steps
-    while not done:
-        _set_epoch(dataloader, state.epoch)
-        epoch_iter = (
-            accelerator.skip_first_batches(dataloader, state.batch_in_epoch)
-            if state.batch_in_epoch
-            else dataloader
-        )
-        # A checkpoint written on an epoch's last batch resumes with nothing left to skip into.
-        resumed_at_end = state.batch_in_epoch > 0
-        seen = 0
-        for batch in epoch_iter:
-            seen += 1
-            state.batch_in_epoch += 1
-            if micro == 0:
-                step_start = time.perf_counter()
-            if streaming:
-                batch = _to_device(batch, accelerator.device)
-            if validation_batch is None:
-                # Taken from the stream rather than by iterating the loader again, which would move
-                # the data position and break exact resume.
-                validation_batch = batch
-            g = torch.Generator(device=accelerator.device)
-            g.manual_seed(step_seed(config.seed, state.step, micro, accelerator.process_index))
-            with accelerator.accumulate(*prepared_modules.values()):
-                with accelerator.autocast():
-                    loss, extra = task.compute_loss(batch, g)
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro += 1
-            acc_loss += float(loss.detach())
-            for k, v in extra.items():
-                acc_extra[k] = acc_extra.get(k, 0.0) + float(v)
-            if not accelerator.sync_gradients:
-                continue
+def _micro_step(
+    run: _Run, task: TrainTask, config: LoopConfig, state: LoopState, acc: _Accumulation, batch
+) -> bool:
+    """Forward and backward of one micro-batch; True when it completed an optimizer step."""
+    import torch
 
-            # One optimizer step finished.
-            scheduler.step()
-            if ema is not None:
-                ema.update(prepared_modules)
-            mean_loss = torch.tensor(acc_loss / micro, device=accelerator.device)
-            record = {
-                "step": state.step + 1,
-                "loss": float(accelerator.reduce(mean_loss, "mean")),
-                "lr": float(scheduler.get_last_lr()[0]),
-                "step_time_s": time.perf_counter() - step_start,
-            }
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            record.update({k: v / micro for k, v in acc_extra.items()})
-            logs.append(record)
-            micro, acc_loss, acc_extra = 0, 0.0, {}
-            state.step += 1
-            if trackers and (state.step % config.log_every == 0 or state.step == 1):
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
-            progress.update(state.step, record["loss"], log_line=state.step % config.log_every == 0)
+    accelerator = run.accelerator
+    g = torch.Generator(device=accelerator.device)
+    g.manual_seed(step_seed(config.seed, state.step, acc.micro, accelerator.process_index))
+    with accelerator.accumulate(*run.modules.values()):
+        with accelerator.autocast():
+            loss, extra = task.compute_loss(batch, g)
+        accelerator.backward(loss)
+        acc.grad_norm = None
+        if accelerator.sync_gradients and config.max_grad_norm > 0:
+            acc.grad_norm = accelerator.clip_grad_norm_(run.params, config.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    acc.micro += 1
+    acc.loss += float(loss.detach())
+    for k, v in extra.items():
+        acc.extra[k] = acc.extra.get(k, 0.0) + float(v)
+    return bool(accelerator.sync_gradients)
 
-            done = state.step >= config.max_steps
-            if done or state.step % config.checkpoint_every == 0:
-                _save_checkpoint(out, state, config, task, accelerator, prepared_modules, ema)
-            if config.validate_every > 0 and (state.step % config.validate_every == 0 or done):
-                if accelerator.is_main_process:
-                    _validate(
-                        out, state.step, task, config, accelerator, prepared_modules, ema, validation_batch
-                    )
-                accelerator.wait_for_everyone()
-                task.bind(prepared_modules, weight_dtype, accelerator.device)
-            if done:
-                break
-        else:
-            if seen == 0 and not resumed_at_end:
-                raise ValueError(f"the dataloader yielded no batch in epoch {state.epoch}")
-            state.epoch += 1
-            state.batch_in_epoch = 0
 
-    progress.close()
-    if trackers:
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
-    return logs
+def _finish_step(run: _Run, config: LoopConfig, state: LoopState, acc: _Accumulation) -> dict[str, float]:
+    """After an optimizer step: schedule, EMA, the step's log record (also to the trackers and the bar)."""
+    import torch
+
+    accelerator = run.accelerator
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update(run.modules)
+    mean_loss = torch.tensor(acc.loss / acc.micro, device=accelerator.device)
+    record = {
+        "step": state.step + 1,
+        "loss": float(accelerator.reduce(mean_loss, "mean")),
+        "lr": float(run.scheduler.get_last_lr()[0]),
+        "step_time_s": time.perf_counter() - acc.start,
+    }
+    if acc.grad_norm is not None:
+        record["grad_norm"] = float(acc.grad_norm)
+    record.update({k: v / acc.micro for k, v in acc.extra.items()})
+    acc.reset()
+    state.step += 1
+    if run.trackers and (state.step % config.log_every == 0 or state.step == 1):
+        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
+    run.progress.update(state.step, record["loss"], log_line=state.step % config.log_every == 0)
+    return record
+
+
+def _end_of_step(
+    run: _Run, task: TrainTask, config: LoopConfig, state: LoopState, done: bool, validation_batch
+) -> None:
+    """Checkpoint and validation grid when they are due."""
+    if done or state.step % config.checkpoint_every == 0:
+        save_checkpoint(run.out, state, config, task, run.accelerator, run.modules, run.ema)
+    if config.validate_every > 0 and (state.step % config.validate_every == 0 or done):
+        if run.accelerator.is_main_process:
+            _validate(
+                run.out, state.step, task, config, run.accelerator, run.modules, run.ema, validation_batch
+            )
+        run.accelerator.wait_for_everyone()
+        task.bind(run.modules, run.weight_dtype, run.accelerator.device)
 
 
 def make_accelerator(config: LoopConfig):
@@ -466,23 +482,17 @@ def make_accelerator(config: LoopConfig):
     # Without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine without CUDA and every
     # process would train alone; with CUDA present the flag must stay off.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    from refface.train.tracking import resolve_trackers
-
     return Accelerator(
         cpu=multi_cpu,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
-        log_with=resolve_trackers(config.report_to) or None,
+        log_with=tracking.resolve_trackers(config.report_to) or None,
         project_config=ProjectConfiguration(
             project_dir=str(config.output_dir), logging_dir=str(Path(config.output_dir) / "logs")
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,
     )
-
-
-# ----------------------------------------------------------------------------------------------------
-# internals
 
 
 def _lr_lambda(config: LoopConfig):
@@ -527,12 +537,6 @@ def _set_epoch(dataloader, epoch: int) -> None:
     for holder in (getattr(dataloader, "sampler", None), getattr(dataloader, "dataset", None)):
         if holder is not None and hasattr(holder, "set_epoch"):
             holder.set_epoch(epoch)
-
-
-def _unwrap(module):
-    from refface.train.ema import _unwrap as unwrap
-
-    return unwrap(module)
 
 
 def _devices(accelerator) -> dict[str, Any]:
@@ -609,83 +613,11 @@ def _flat_hparams(config: LoopConfig) -> dict[str, Any]:
     }
 
 
-def _save_checkpoint(out: Path, state: LoopState, config, task, accelerator, modules, ema) -> None:
-    from safetensors.torch import save_file
-
-    from refface.manifests.atomic import atomic_path, write_json
-
-    root = out / "checkpoints"
-    final = root / f"step_{state.step:06d}"
-    tmp = root / f".step_{state.step:06d}.tmp"
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    # Every process writes its own RNG state; the main process writes models and optimizer.
-    accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True)
-    # Every rank's RNG file must be in place before the folder is renamed into its final name.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "trainable").mkdir()
-        for name, module in modules.items():
-            sd = {
-                k: v.detach().cpu().contiguous()
-                for k, v in accelerator.unwrap_model(module).state_dict().items()
-            }
-            with atomic_path(tmp / "trainable" / f"{name}.safetensors") as t:
-                save_file(sd, str(t))
-        if ema is not None:
-            ema.save(tmp / "ema", {n: accelerator.unwrap_model(m) for n, m in modules.items()})
-        write_json(
-            tmp / "state.json",
-            {
-                "version": STATE_VERSION,
-                "step": state.step,
-                "epoch": state.epoch,
-                "batch_in_epoch": state.batch_in_epoch,
-                "loop": config.to_dict(),
-                "task": task.config_dict(),
-            },
-        )
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        if config.checkpoints_total_limit > 0:
-            for old in list_checkpoints(out)[: -config.checkpoints_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-        logger.info("checkpoint written: %s", final)
-    accelerator.wait_for_everyone()
-
-
-def _load_checkpoint(ckpt: Path, accelerator, ema) -> LoopState:
-    meta = json.loads((ckpt / "state.json").read_text())
-    if meta.get("version") != STATE_VERSION:
-        raise ValueError(
-            f"{ckpt}/state.json has version {meta.get('version')}, this loop reads {STATE_VERSION}"
-        )
-    accelerator.load_state(str(ckpt / "accelerate"))
-    if ema is not None:
-        if (ckpt / "ema" / "ema.json").is_file():
-            ema.load(ckpt / "ema")
-        else:
-            logger.warning("%s has no EMA weights; the EMA restarts from the current weights", ckpt)
-    return LoopState(
-        step=int(meta["step"]), epoch=int(meta["epoch"]), batch_in_epoch=int(meta["batch_in_epoch"])
-    )
-
-
 def _validate(out: Path, step: int, task, config, accelerator, modules, ema, batch) -> None:
-    import numpy as np
     import torch
 
-    from refface.manifests.atomic import atomic_path
-
     bare = {n: accelerator.unwrap_model(m) for n, m in modules.items()}
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        accelerator.mixed_precision
-    ]
-    task.bind(bare, weight_dtype, accelerator.device)
+    task.bind(bare, weight_dtype(accelerator.mixed_precision), accelerator.device)
     was_training = {n: m.training for n, m in bare.items()}
     for m in bare.values():
         m.eval()
@@ -713,6 +645,4 @@ def _validate(out: Path, step: int, task, config, accelerator, modules, ema, bat
         raise RuntimeError(f"could not encode the validation grid for step {step}")
     with atomic_path(target) as t:
         t.write_bytes(buf.tobytes())
-    from refface.train.tracking import log_image
-
-    log_image(accelerator, "validation", grid, step)
+    tracking.log_image(accelerator, "validation", grid, step)

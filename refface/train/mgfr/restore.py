@@ -23,7 +23,7 @@ def load_mgfr(checkpoint: str | Path, sd: str | Path, use_ema: bool = True, devi
     """
     import torch
 
-    from refface.train.loop import load_trainable_weights
+    from refface.train.checkpoints import load_trainable_weights
     from refface.train.mgfr.model import MGFRAdapters, load_frozen_sd
     from refface.train.mgfr.train import resolve_checkpoint
 

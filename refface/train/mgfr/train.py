@@ -274,7 +274,7 @@ def load_stage1_lca(adapters, source: str | Path, use_ema: bool = True) -> Path:
 
 def resolve_checkpoint(source: str | Path) -> Path:
     """A checkpoint folder, or a run's output folder (-> its latest complete checkpoint)."""
-    from refface.train.loop import find_checkpoint
+    from refface.train.checkpoints import find_checkpoint
 
     source = Path(source)
     if (source / "state.json").is_file():
@@ -323,7 +323,23 @@ def load_yaml_config(
 # command line
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class MGFRRun:
+    """One training stage: the flags of ``python -m refface.train.mgfr.train`` and ``refface train mgfr``."""
+
+    config: str
+    sd: str
+    output: str
+    dataset: str | None = None
+    stage: int = 1
+    init_from: str | None = None
+    max_steps: int | None = None
+    resume: str | None = None
+    mixed_precision: str | None = None
+    overrides: tuple[str, ...] = ()
+
+
+def parse_args(argv: list[str] | None = None) -> MGFRRun:
     p = argparse.ArgumentParser(
         prog="python -m refface.train.mgfr.train",
         description="Train MGFR (LCA/RCA adapters on a frozen Stable Diffusion). Launch with "
@@ -332,7 +348,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--config", required=True, help="YAML config (configs/mgfr_sd15.yaml, configs/mgfr_tiny.yaml)"
     )
-    p.add_argument("--dataset", help="dataset root or shard folder/pattern (refface.train.data)")
+    p.add_argument("--dataset", help="dataset root or shard folder/pattern (refface.train.loaders)")
     p.add_argument("--sd", required=True, help="local diffusers Stable Diffusion 1.x/2.x folder")
     p.add_argument(
         "--stage", type=int, choices=STAGES, default=1, help="1: text + LQ; 2: adds reference/identity"
@@ -356,16 +372,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override any config field, e.g. loop.max_steps=100 loop.report_to=wandb mgfr.batch_size=2",
     )
-    return p.parse_args(argv)
+    return MGFRRun(**vars(p.parse_args(argv)))
 
 
-def main(args: argparse.Namespace, dataloader=None) -> list[dict[str, float]]:
+def main(args: MGFRRun, dataloader=None) -> list[dict[str, float]]:
     """Run one stage as ``args`` say; returns the per-step logs.
 
     Args:
         args: parsed by :func:`parse_args` (never modified).
         dataloader: a ready dataloader of MGFR batches (programmatic use and tests); by default
-            ``refface.train.data.make_mgfr_dataloader(args.dataset, ...)``.
+            ``refface.train.loaders.make_mgfr_dataloader(args.dataset, ...)``.
     """
     from refface.train.loop import LoopConfig, train
     from refface.train.mgfr.model import load_frozen_sd
@@ -400,7 +416,7 @@ def dataset_id_dim(dataset: str) -> tuple[int | None, str]:
     """``(D, description)`` of a dataset's identity embeddings; D is None when it holds none."""
     import json
 
-    from refface.train.data import infer_embedding_dim
+    from refface.train.sources import infer_embedding_dim
 
     meta = Path(dataset) / "embeddings.json"
     what = f"dataset {dataset}"
@@ -457,7 +473,7 @@ def check_resume_id_dim(cfg: MGFRConfig, out_dir: Path, resume: str | None) -> N
     import json
 
     from refface.mining.embed import check_embedding_dim
-    from refface.train.loop import find_checkpoint
+    from refface.train.checkpoints import find_checkpoint
 
     if cfg.stage != 2 or cfg.id_dim is None:
         return
@@ -476,14 +492,14 @@ def check_resume_id_dim(cfg: MGFRConfig, out_dir: Path, resume: str | None) -> N
 
 
 def make_dataloader(dataset: str | None, cfg: MGFRConfig, seed: int):
-    """MGFR batches from the shared input pipeline (``refface.train.data.make_mgfr_dataloader``)."""
+    """MGFR batches from the shared input pipeline (``refface.train.loaders.make_mgfr_dataloader``)."""
     if not dataset:
         raise ValueError("--dataset is required: a dataset root or a shard folder/pattern")
     try:
-        from refface.train.data import make_mgfr_dataloader
+        from refface.train.loaders import make_mgfr_dataloader
     except ImportError as exc:
         raise ImportError(
-            "refface.train.data.make_mgfr_dataloader is not available; the MGFR trainer reads its batches "
+            "refface.train.loaders.make_mgfr_dataloader is not available; the MGFR trainer reads its batches "
             f"from the shared input pipeline ({exc})"
         ) from exc
     return make_mgfr_dataloader(

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from refface.manifests.root import DatasetRoot
+
 logger = logging.getLogger(__name__)
 
 MAX_REFS = 5
@@ -38,7 +40,7 @@ def load_refldm(checkpoint: str | os.PathLike, device: str = "cpu"):
     """
     from diffusers import VQModel
 
-    from refface.train.loop import find_checkpoint
+    from refface.train.checkpoints import find_checkpoint
     from refface.train.refldm.model import RefLDMUNet
     from refface.train.refldm.train import (
         MODEL_DIR,
@@ -92,17 +94,6 @@ def _resolve(name: str, roots: list[Path]) -> Path:
     return roots[0] / name
 
 
-def _dataset_image_root(folder: Path) -> Path | None:
-    """The ``image_root`` a dataset root's ``build.json`` records, if ``folder`` is one."""
-    import json
-
-    build = folder / "build.json"
-    if not build.is_file():
-        return None
-    root = json.loads(build.read_text()).get("image_root")
-    return Path(root) if root else None
-
-
 def collect_items(input_path: Path, references: Path | None = None) -> list[RestoreItem]:
     """The images to restore and their references.
 
@@ -125,7 +116,7 @@ def collect_items(input_path: Path, references: Path | None = None) -> list[Rest
             )
         roots = [r for r in (references if references and references.is_dir() else None, csv.parent) if r]
         # A CSV inside a built dataset root names images relative to the root's image folder.
-        image_root = _dataset_image_root(csv.parent)
+        image_root = DatasetRoot(csv.parent).image_root()
         if image_root is not None:
             roots.append(image_root)
         lq_roots = ([lq_root] if lq_root else []) + roots + [csv.parent / "lq"]

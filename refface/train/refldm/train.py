@@ -95,7 +95,7 @@ class TaskConfig:
 
 @dataclass
 class DataConfig:
-    """Arguments of ``refface.train.data.make_refldm_dataloader`` (dataset root given on the command line)."""
+    """Arguments of ``refface.train.loaders.make_refldm_dataloader`` (dataset root given on the command line)."""
 
     resolution: int = 512
     batch_size: int = 8
@@ -377,10 +377,10 @@ class VQGANTask:
     def compute_loss(self, batch: dict, generator) -> tuple[Any, dict[str, float]]:
         import torch
 
-        from refface.train.ema import _unwrap
+        from refface.train.ema import unwrap_model
         from refface.train.refldm.vqgan import vqgan_losses
 
-        disc = _unwrap(self.modules["disc"])
+        disc = unwrap_model(self.modules["disc"])
         # The discriminator counts the micro-batches it has seen in a buffer, so the start step survives
         # checkpoints and resumes without the loop passing its step.
         step = int(disc.seen_batches) // self.accum
@@ -472,7 +472,7 @@ def build_task(cfg: RefLDMConfig, output: str | Path, gradient_accumulation_step
 def export_model(task, stage_dir: str | Path) -> Path:
     """Write the final (EMA) weights as ``save_pretrained`` folders under ``<stage_dir>/model``."""
     from refface.manifests.atomic import write_json
-    from refface.train.loop import find_checkpoint
+    from refface.train.checkpoints import find_checkpoint
 
     stage_dir = Path(stage_dir)
     ckpt = find_checkpoint(stage_dir, "latest")
@@ -494,7 +494,21 @@ def export_model(task, stage_dir: str | Path) -> Path:
 # entry point
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class RefLDMRun:
+    """One training run: the flags of ``python -m refface.train.refldm.train`` and ``refface train refldm``."""
+
+    config: str
+    dataset: str
+    output: str
+    stage: str = "refldm"
+    max_steps: int | None = None
+    resume: str | None = None
+    init: str | None = None
+    overrides: tuple[str, ...] = ()
+
+
+def parse_args(argv: list[str] | None = None) -> RefLDMRun:
     p = argparse.ArgumentParser(description="Train ReF-LDM: stage vqgan (A), ldm (B) or refldm (C).")
     p.add_argument("--config", required=True, help="YAML config (configs/refldm.yaml)")
     p.add_argument(
@@ -517,7 +531,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override any config field, e.g. loop.max_steps=100 loop.report_to=wandb data.batch_size=4",
     )
-    return p.parse_args(argv)
+    return RefLDMRun(**vars(p.parse_args(argv)))
 
 
 def apply_init(cfg: RefLDMConfig, init: str | Path) -> RefLDMConfig:
@@ -555,12 +569,12 @@ _VQ_ARCH = (
 
 
 def make_dataloader(dataset: str, cfg: RefLDMConfig, seed: int):
-    """The training loader from ``refface.train.data`` (clear error when that module is absent)."""
+    """The training loader from ``refface.train.loaders`` (clear error when that module is absent)."""
     try:
-        from refface.train.data import make_refldm_dataloader
+        from refface.train.loaders import make_refldm_dataloader
     except ImportError as e:
         raise ImportError(
-            "refface.train.data.make_refldm_dataloader is not available; the ReF-LDM input pipeline is "
+            "refface.train.loaders.make_refldm_dataloader is not available; the ReF-LDM input pipeline is "
             f"needed to read {dataset} ({e})"
         ) from e
     d = cfg.data
@@ -575,7 +589,7 @@ def make_dataloader(dataset: str, cfg: RefLDMConfig, seed: int):
     )
 
 
-def main(args: argparse.Namespace) -> list[dict[str, float]]:
+def main(args: RefLDMRun) -> list[dict[str, float]]:
     """Train one stage as configured; export its model folder when the run is complete."""
     from refface.console import print_summary
     from refface.manifests.atomic import write_text

@@ -1,34 +1,51 @@
-"""``refface shards``, ``refface shards verify`` and ``refface attributes``."""
+"""``refface shards write|verify`` and ``refface attributes``: data files derived from a dataset root."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import click
 import typer
+from typer.core import TyperGroup
 
-SHARDS_HELP = """Write a split of a dataset root as WebDataset shards, or verify written shards.
+from refface.cli.errors import exits_on_error
+from refface.console import console, print_summary
+from refface.manifests.layout import ATTRIBUTES
+from refface.manifests.shard_index import ShardError
+
+
+class _WriteByDefault(TyperGroup):
+    """``refface shards ROOT ...`` (no sub-command) means ``refface shards write ROOT ...``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["write", *args]
+        return super().parse_args(ctx, args)
+
+
+shards_app = typer.Typer(
+    cls=_WriteByDefault,
+    no_args_is_help=True,
+    help="""Write a split of a dataset root as WebDataset shards, or verify written shards.
 
 \b
-  refface shards ROOT --out DIR [--split train|val] [--max-refs 5] [--codec png|jpeg|webp]
+  refface shards write ROOT --out DIR [--split train|val] [--max-refs 5] [--codec png|jpeg|webp]
   refface shards verify DIR [--skip-bad-shards]
-
-Writing reads ROOT's <split>_references.csv, build.json (image_root), embeddings, identities.parquet
-and attributes.parquet (when present) and writes DIR/<split>-NNNNNN.tar plus DIR/index-<split>.json
-(shard -> samples, bytes, sha256), the index last. Tars are reproducible (fixed mtime/owner, sorted
-members); a killed run resumes after its last finished shard; a rerun with the same inputs does
-nothing. Verifying re-reads every shard against its index and decodes every member.
-"""
+  refface shards ROOT --out DIR       (the same as write)
+""",
+)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("shards", help=SHARDS_HELP)(shards)
+    app.add_typer(shards_app, name="shards")
     app.command("attributes")(attributes)
 
 
-def shards(
-    root: str = typer.Argument(..., help="Dataset root to write from, or the word 'verify'."),
-    folder: Path | None = typer.Argument(None, help="With 'verify': the shard folder to check."),
-    out: Path | None = typer.Option(None, "--out", help="Shard folder to write into."),
+@shards_app.command("write")
+@exits_on_error(code=2)
+def write(
+    root: Path = typer.Argument(..., help="Dataset root to write from."),
+    out: Path = typer.Option(..., "--out", help="Shard folder to write into."),
     split: str = typer.Option("train", help="Split to write: train, val or test."),
     max_refs: int = typer.Option(5, help="References stored per target (the first K of its list)."),
     codec: str = typer.Option("png", help="Image codec: png (lossless), jpeg or webp."),
@@ -41,35 +58,17 @@ def shards(
     seed: int = typer.Option(0, help="Seed of the fixed LQ degradation."),
     workers: int = typer.Option(1, help="Encoder processes (the shard bytes do not depend on it)."),
     force: bool = typer.Option(False, help="Rewrite even when the index is up to date."),
-    skip_bad_shards: bool = typer.Option(
-        False, "--skip-bad-shards", help="verify: warn about bad shards and go on instead of stopping."
-    ),
 ) -> None:
-    from refface.builders.shards import ShardError, ShardsConfig, verify_shards, write_shards
-    from refface.console import console, print_summary
+    """Write a split of a dataset root as WebDataset shards.
 
-    if root == "verify":
-        if folder is None:
-            raise typer.BadParameter("usage: refface shards verify DIR")
-        try:
-            result = verify_shards(folder, skip_bad_shards=skip_bad_shards)
-        except (ShardError, FileNotFoundError, ValueError) as e:
-            console.print(f"[red]{e}")
-            raise typer.Exit(1) from e
-        print_summary(
-            f"refface shards verify {folder}",
-            {
-                "splits": ", ".join(result["splits"]),
-                "shards": result["shards"],
-                "samples": result["samples"],
-                "bad shards (skipped)": len(result["bad"]),
-            },
-        )
-        for message in result["bad"]:
-            console.print(f"[yellow]bad: {message}")
-        return
-    if out is None:
-        raise typer.BadParameter("--out DIR is required when writing shards")
+    Reads ROOT's <split>_references.csv, build.json (image_root), embeddings, identities.parquet
+    and attributes.parquet (when present) and writes DIR/<split>-NNNNNN.tar plus DIR/index-<split>.json
+    (shard -> samples, bytes, sha256), the index last. Tars are reproducible (fixed mtime/owner, sorted
+    members); a killed run resumes after its last finished shard; a rerun with the same inputs does
+    nothing. A target or reference path that leaves the image root becomes an error row, unread.
+    """
+    from refface.builders.shards import ShardsConfig, write_shards
+
     config = ShardsConfig(
         split=split,
         max_refs=max_refs,
@@ -81,12 +80,8 @@ def shards(
         seed=seed,
         workers=workers,
     )
-    try:
-        config.validate()
-        result = write_shards(root, out, config, force=force)
-    except (ValueError, FileNotFoundError) as e:
-        console.print(f"[red]{e}")
-        raise typer.Exit(2) from e
+    config.validate()
+    result = write_shards(root, out, config, force=force)
     print_summary(
         f"refface shards {split}",
         {
@@ -101,6 +96,32 @@ def shards(
     )
 
 
+@shards_app.command("verify")
+@exits_on_error(code=1, errors=(ShardError, FileNotFoundError, ValueError))
+def verify(
+    folder: Path = typer.Argument(..., help="The shard folder to check."),
+    skip_bad_shards: bool = typer.Option(
+        False, "--skip-bad-shards", help="Warn about bad shards and go on instead of stopping."
+    ),
+) -> None:
+    """Re-read every shard of a folder against its index and decode every member."""
+    from refface.manifests.webdataset import verify_shards
+
+    result = verify_shards(folder, skip_bad_shards=skip_bad_shards)
+    print_summary(
+        f"refface shards verify {folder}",
+        {
+            "splits": ", ".join(result["splits"]),
+            "shards": result["shards"],
+            "samples": result["samples"],
+            "bad shards (skipped)": len(result["bad"]),
+        },
+    )
+    for message in result["bad"]:
+        console.print(f"[yellow]bad: {message}")
+
+
+@exits_on_error(code=2)
 def attributes(
     root: Path = typer.Argument(..., help="Dataset root (images.parquet or reference CSVs, build.json)."),
     backend: str = typer.Option(
@@ -132,33 +153,28 @@ def attributes(
     force: bool = typer.Option(False, help="Recompute even when attributes.parquet is up to date."),
 ) -> None:
     """Attributes of every aligned crop and its text prompts -> attributes.parquet (docs/shards.md)."""
-    from refface.console import console, print_summary
     from refface.mining.attributes import DEFAULT_PROMPT_TEMPLATE, AttributesConfig, run_attributes
 
-    try:
-        if calibrate is not None:
-            return _calibrate(root, calibrate, thresholds, precision)
-        config = AttributesConfig(
-            backend=backend,
-            deepface_home=deepface_home,
-            model_path=model,
-            clip_model=clip_model,
-            thresholds=thresholds,
-            device=device,
-            template=template or DEFAULT_PROMPT_TEMPLATE,
-            batch_size=batch_size,
-        )
-        manifest, ran = run_attributes(root, config, force=force)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        console.print(f"[red]{e}")
-        raise typer.Exit(2) from e
+    if calibrate is not None:
+        return _calibrate(root, calibrate, thresholds, precision)
+    config = AttributesConfig(
+        backend=backend,
+        deepface_home=deepface_home,
+        model_path=model,
+        clip_model=clip_model,
+        thresholds=thresholds,
+        device=device,
+        template=template or DEFAULT_PROMPT_TEMPLATE,
+        batch_size=batch_size,
+    )
+    manifest, ran = run_attributes(root, config, force=force)
     print_summary(
         "refface attributes",
         {
             "rows": manifest.get("rows"),
             "errors": manifest.get("errors"),
             "up to date (skipped)": not ran,
-            "output": str(Path(root) / "attributes.parquet"),
+            "output": str(Path(root) / ATTRIBUTES),
         },
     )
 
@@ -170,12 +186,12 @@ def _calibrate(root: Path, labels: str, out: str | None, precision: float) -> No
 
     from refface.console import print_summary
     from refface.manifests.atomic import write_text
-    from refface.mining.attributes import read_attributes
+    from refface.manifests.root import DatasetRoot
     from refface.mining.vocabulary import calibrate_thresholds
 
     if out is None:
         raise ValueError("--calibrate writes its thresholds to --thresholds FILE; name the file")
-    table = read_attributes(root)
+    table = DatasetRoot(root).attributes()
     if table is None or "scores" not in table.columns:
         raise FileNotFoundError(
             f"{root}/attributes.parquet with clip scores not found; run --backend clip first"

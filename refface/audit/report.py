@@ -13,6 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from refface.audit.config import LEAK_KINDS, AuditResult, AuditSet, distance_to_dot
+from refface.manifests.atomic import write_text
+from refface.manifests.errors import ImageError
+from refface.manifests.io import read_image
+
 log = logging.getLogger(__name__)
 
 THUMB = 128
@@ -121,9 +126,6 @@ def histogram_png(
 def _thumb(path: str | None) -> Any:
     from PIL import Image
 
-    from refface.manifests.errors import ImageError
-    from refface.manifests.io import read_image
-
     canvas = Image.new("RGB", (THUMB, THUMB), (235, 235, 235))
     if not path:
         return canvas
@@ -191,11 +193,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], table_id: str |
     return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def render_html(result: dict, sets: Sequence[Any]) -> str:
-    """The report page for an audit result (see :func:`refface.mining.audit.run_audit`)."""
-    summary = result["summary"]
-    th = result["thresholds"]
-    from refface.mining.audit import LEAK_KINDS, distance_to_dot
+def render_html(result: AuditResult, sets: Sequence[AuditSet]) -> str:
+    """The report page for an audit result (see :func:`refface.audit.run.run_audit`)."""
+    summary = result.summary
+    th = result.thresholds
 
     identity_sim = distance_to_dot(th.identity, th.metric)
     near_sim = distance_to_dot(th.near_duplicate, th.metric)
@@ -292,8 +293,8 @@ def render_html(result: dict, sets: Sequence[Any]) -> str:
     else:
         parts.append("<p>No dataset root with split lists and reference CSVs among the sets.</p>")
     by_name = {s.name: s for s in sets}
-    leaks = result["leaks"]
-    for pr in result["pairs"]:
+    leaks = result.leaks
+    for pr in result.pairs:
         key = f"{pr.a}~{pr.b}"
         parts.append(f"<h2>{html.escape(key)}</h2>")
         timings = ", ".join(f"{k} {v:.3g}" for k, v in pr.stats.get("timings", {}).items())
@@ -305,8 +306,8 @@ def render_html(result: dict, sets: Sequence[Any]) -> str:
         a, b = by_name[pr.a], by_name[pr.b]
         cross_label = f"{b.name}→{a.name}" if len(a.vectors) > len(b.vectors) else f"{a.name}→{b.name}"
         same = {
-            pr.a: result["same_nearest"].get(pr.a, np.empty(0)),
-            pr.b: result["same_nearest"].get(pr.b, np.empty(0)),
+            pr.a: result.same_nearest.get(pr.a, np.empty(0)),
+            pr.b: result.same_nearest.get(pr.b, np.empty(0)),
         }
         finite = pr.nearest_cross[np.isfinite(pr.nearest_cross)]
         if any(len(v) for v in same.values()) or len(finite):
@@ -328,7 +329,7 @@ def render_html(result: dict, sets: Sequence[Any]) -> str:
         if len(pair_leaks) and not has_images:
             parts.append(f"<p>{len(pair_leaks)} leaked pairs; the sets carry no image files to show.</p>")
         elif len(pair_leaks):
-            top = pair_leaks.head(result["summary"]["config"]["sheet_pairs"]).to_dict("records")
+            top = pair_leaks.head(result.summary["config"]["sheet_pairs"]).to_dict("records")
             parts.append(
                 f"<p>Strongest {len(top)} of {len(pair_leaks)} leaked pairs (left: {html.escape(pr.a)}, "
                 f"right: {html.escape(pr.b)}; exact first, then near-duplicates, then same identity):</p>"
@@ -352,8 +353,7 @@ def render_html(result: dict, sets: Sequence[Any]) -> str:
     return "\n".join(parts)
 
 
-def write_report(path: str | Path, result: dict, sets: Sequence[Any]) -> None:
+def write_report(path: str | Path, result: AuditResult, sets: Sequence[AuditSet]) -> None:
     """Write report.html atomically."""
-    from refface.manifests.atomic import write_text
 
     write_text(path, render_html(result, sets))

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from refface.cli.errors import exits_on_error
+
 export_app = typer.Typer(
     help="Export a built dataset root: Hugging Face Parquet dataset (hf) or BasicSR paired folders (basicsr).",
     no_args_is_help=True,
@@ -16,14 +18,8 @@ def register(app: typer.Typer) -> None:
     app.add_typer(export_app, name="export")
 
 
-def _fail(e: Exception) -> None:
-    from refface.console import console
-
-    console.print(f"[red]error:[/red] {e}")
-    raise typer.Exit(2) from e
-
-
 @export_app.command("hf")
+@exits_on_error()
 def hf(
     root: Path = typer.Argument(..., help="Built dataset root (split lists, reference CSVs, build.json)."),
     out: Path = typer.Option(
@@ -45,16 +41,14 @@ def hf(
     from refface.console import print_summary
     from refface.export.hf import HFExportConfig, export_hf
 
-    try:
-        summary = export_hf(
-            root, out, HFExportConfig(shard_rows=shard_rows, push_to_hub=push_to_hub, private=private)
-        )
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
+    summary = export_hf(
+        root, out, HFExportConfig(shard_rows=shard_rows, push_to_hub=push_to_hub, private=private)
+    )
     print_summary("refface export hf", summary)
 
 
 @export_app.command("basicsr")
+@exits_on_error()
 def basicsr(
     root: Path = typer.Argument(
         ..., help="Built dataset root, degraded with `refface degrade` for LQ pairs."
@@ -69,8 +63,5 @@ def basicsr(
     from refface.console import print_summary
     from refface.export.basicsr import BasicSRExportConfig, export_basicsr
 
-    try:
-        summary = export_basicsr(root, out, BasicSRExportConfig(copy=copy, out_size=out_size))
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
+    summary = export_basicsr(root, out, BasicSRExportConfig(copy=copy, out_size=out_size))
     print_summary("refface export basicsr", summary)

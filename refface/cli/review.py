@@ -6,11 +6,14 @@ from pathlib import Path
 
 import typer
 
+from refface.cli.errors import exits_on_error
+
 
 def register(app: typer.Typer) -> None:
     app.command("review")(review)
 
 
+@exits_on_error()
 def review(
     root: Path = typer.Argument(..., help="Built dataset root (identities.parquet + embeddings)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Page folder (default ROOT/review)."),
@@ -32,20 +35,16 @@ def review(
 
     Open the page from disk in any browser; decisions stay in the browser until exported.
     """
-    from refface.console import console, print_summary
+    from refface.console import print_summary
     from refface.review.data import ReviewConfig
     from refface.review.page import write_review
 
-    try:
-        config = ReviewConfig(
-            near_ratio=near_ratio,
-            max_pairs=max_pairs,
-            thumb_size=thumb_size,
-            workers=workers,
-            labels=str(labels) if labels else None,
-        )
-        summary = write_review(root, config, out)
-    except (ValueError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
+    config = ReviewConfig(
+        near_ratio=near_ratio,
+        max_pairs=max_pairs,
+        thumb_size=thumb_size,
+        workers=workers,
+        labels=str(labels) if labels else None,
+    )
+    summary = write_review(root, config, out)
     print_summary("refface review", summary)

@@ -6,11 +6,14 @@ from pathlib import Path
 
 import typer
 
+from refface.cli.errors import exits_on_error
+
 
 def register(app: typer.Typer) -> None:
     app.command("audit")(audit)
 
 
+@exits_on_error()
 def audit(
     sets: list[str] = typer.Option(
         ...,
@@ -64,29 +67,27 @@ def audit(
     to cross splits. Writes OUT/summary.json, OUT/leaks.csv and a self-contained OUT/report.html.
     Exits 1 when leakage exceeds --max-leak-rate (default 0), so it can gate CI; exits 2 on bad input.
     """
+    from refface.audit.config import AuditConfig
+    from refface.audit.run import audit_sets
+    from refface.audit.sets import parse_set_specs
     from refface.console import console, print_summary
-    from refface.mining.audit import AuditConfig, audit_sets, parse_set_specs
 
-    try:
-        named = parse_set_specs(sets)
-        config = AuditConfig(
-            identity_rule=identity_rule,
-            identity_threshold=identity_threshold,
-            near_dup_threshold=near_dup_threshold,
-            phash_distance=phash_distance,
-            max_leak_rate=max_leak_rate,
-            detector=detector,
-            embedder=embedder,
-            workers=workers,
-            index=index,
-            sheet_pairs=sheet_pairs,
-            hash_images=not no_hash,
-            image_root=str(image_root) if image_root else None,
-        )
-        summary = audit_sets(named, out, config)
-    except (ValueError, FileNotFoundError) as e:
-        console.print(f"[red]audit: {e}")
-        raise typer.Exit(2) from e
+    named = parse_set_specs(sets)
+    config = AuditConfig(
+        identity_rule=identity_rule,
+        identity_threshold=identity_threshold,
+        near_dup_threshold=near_dup_threshold,
+        phash_distance=phash_distance,
+        max_leak_rate=max_leak_rate,
+        detector=detector,
+        embedder=embedder,
+        workers=workers,
+        index=index,
+        sheet_pairs=sheet_pairs,
+        hash_images=not no_hash,
+        image_root=str(image_root) if image_root else None,
+    )
+    summary = audit_sets(named, out, config)
 
     from rich.table import Table
 

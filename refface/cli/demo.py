@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import typer
+
+from refface.cli.errors import exits_on_error
+from refface.console import console, print_summary
+from refface.demo_input import SampleUnavailable, resolve_sample_dir
+from refface.manifests.layout import IDENTITIES, SPLITS, references_filename, split_filename
 
 
 def register(app: typer.Typer) -> None:
@@ -29,7 +33,7 @@ def step_build(images: Path, out: Path, workers: int) -> dict:
     return {
         "dataset root": summary["root"],
         "images / identities": f"{summary['images']} / {summary['identities']}",
-        "targets train/val/test": "/".join(str(summary[f"{s}_targets"]) for s in ("train", "val", "test")),
+        "targets train/val/test": "/".join(str(summary[f"{s}_targets"]) for s in SPLITS),
         "errors": summary["errors"],
     }
 
@@ -46,7 +50,7 @@ def step_scores(images: Path, out: Path, workers: int) -> dict:
     # A build from photos names its crops; it writes the labels under those names too.
     moved = out / "dataset" / "labels.csv"
     truth = pd.read_csv(moved if moved.exists() else labels, dtype=str, keep_default_na=False)
-    ids = pd.read_parquet(out / "dataset" / "identities.parquet")
+    ids = pd.read_parquet(out / "dataset" / IDENTITIES)
     scores = evaluate_assignments(
         dict(zip(ids["path"], ids["identity"].astype(int), strict=True)),
         dict(zip(truth["path"], truth["identity"], strict=True)),
@@ -64,12 +68,13 @@ def step_scale(images: Path, out: Path, workers: int) -> dict:
     import numpy as np
     import pandas as pd
 
+    from refface.manifests.embedding_shards import ShardedEmbeddings
+    from refface.manifests.embeddings import load_embeddings, shard_embeddings
     from refface.manifests.io import list_images
     from refface.mining.cluster import default_threshold
-    from refface.mining.embed import load_embeddings
     from refface.mining.metrics import evaluate_assignments, explode_singletons, pairwise_prf
     from refface.mining.pipeline import MiningConfig, mine_folder
-    from refface.mining.sharded import ShardedEmbeddings, cluster_sharded, shard_embeddings, sharded_knn
+    from refface.mining.sharded import cluster_sharded, sharded_knn
 
     rows: dict[str, object] = {}
     # 1. Mining on Ray Data, written as one shard per partition of 2 chunks of 8 photos.
@@ -102,7 +107,7 @@ def step_scale(images: Path, out: Path, workers: int) -> dict:
         shards, knn_dir, k=16, kind="ivf_pq", rerank=8, recall_sample=100, recall_radius=2 * tau
     )
     labels = cluster_sharded(result, tau, "average")
-    dense = pd.read_parquet(root / "identities.parquet").set_index("path")["identity"]
+    dense = pd.read_parquet(root / IDENTITIES).set_index("path")["identity"]
     dense_labels = explode_singletons(dense.loc[emb.paths].to_numpy())
     _, _, agree = pairwise_prf(dense_labels, explode_singletons(labels))
     rows["k-NN graph"] = (
@@ -157,11 +162,12 @@ def step_export_hf(images: Path, out: Path, workers: int) -> dict:
 
 def step_audit(images: Path, out: Path, workers: int) -> dict:
     """Audit identity leakage between the train and test splits."""
-    from refface.mining.audit import AuditConfig, audit_sets
+    from refface.audit.config import AuditConfig
+    from refface.audit.run import audit_sets
 
     root = out / "dataset"
     summary = audit_sets(
-        {"train": root / "train_image.txt", "test": root / "test_image.txt"},
+        {"train": root / split_filename("train"), "test": root / split_filename("test")},
         out / "audit",
         AuditConfig(workers=workers, max_leak_rate=1.0),
     )
@@ -185,7 +191,8 @@ def step_attributes(images: Path, out: Path, workers: int) -> dict:
 
 def step_shards(images: Path, out: Path, workers: int) -> dict:
     """Pack the train split into WebDataset shards and verify them against their index."""
-    from refface.builders.shards import ShardsConfig, verify_shards, write_shards
+    from refface.builders.shards import ShardsConfig, write_shards
+    from refface.manifests.webdataset import verify_shards
 
     write_shards(out / "dataset", out / "shards", ShardsConfig(split="train", workers=workers))
     report = verify_shards(out / "shards")
@@ -242,18 +249,24 @@ def _resized_targets(images: Path, csv: Path, restored: Path, out: Path) -> Path
 
 def step_restore_evaluate(images: Path, out: Path, workers: int) -> dict:
     """Restore the severe LQ test set with the tiny ReF-LDM, then score it against the GT."""
-    from refface.train.evaluate import evaluate_folders
+    from refface.evaluation.evaluate import evaluate_folders
     from refface.train.refldm.restore import restore_folder
 
     root = out / "dataset"
     lq_sets = sorted((root / "lq").glob("severe_*"))
     restored = out / "restored" / "refldm"
     counts = restore_folder(
-        lq_sets[0], restored, checkpoint=out / "refldm", references=root / "test_references.csv", steps=10
+        lq_sets[0],
+        restored,
+        checkpoint=out / "refldm",
+        references=root / references_filename("test"),
+        steps=10,
     )
-    image_root = Path(json.loads((root / "build.json").read_text())["image_root"])
-    gt = _resized_targets(image_root, root / "test_references.csv", restored, out / "gt-resized")
-    result = evaluate_folders(restored, gt, refs_csv=root / "test_references.csv", out=out / "metrics")
+    from refface.manifests.root import DatasetRoot
+
+    image_root = DatasetRoot(root).image_root() or root
+    gt = _resized_targets(image_root, root / references_filename("test"), restored, out / "gt-resized")
+    result = evaluate_folders(restored, gt, refs_csv=root / references_filename("test"), out=out / "metrics")
     return {
         "restored (ReF-LDM)": f"{counts['restored'] + counts['skipped']} images in {restored}",
         "metrics table": str(out / "metrics" / "metrics.md"),
@@ -347,6 +360,7 @@ STEPS: list[tuple[str, Callable[[Path, Path, int], dict]]] = [
 ]
 
 
+@exits_on_error(code=1, errors=(SampleUnavailable,))
 def demo(
     out: Path = typer.Option(Path("out/demo"), help="Folder that receives every result."),
     data: Path | None = typer.Option(
@@ -363,14 +377,7 @@ def demo(
     k-NN graph, sparse clustering), and train tiny ReF-LDM and MGFR models for a few steps, then restore and
     evaluate, and restore every face of a whole photo. Rerunning skips finished work.
     """
-    from refface.console import console, print_summary
-    from refface.sample import SampleUnavailable, resolve_sample_dir
-
-    try:
-        images = resolve_sample_dir(data)
-    except SampleUnavailable as e:
-        console.print(f"[red]{e}")
-        raise typer.Exit(1) from e
+    images = resolve_sample_dir(data)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, object] = {"input": str(images)}
     for title, step in STEPS:

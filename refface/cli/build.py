@@ -1,4 +1,4 @@
-"""``refface build ffhq-ref|celeba-test-ref|reface-hq`` and ``refface validate``."""
+"""``refface build ffhq-ref|celeba-test-ref|reface-hq``, ``refface validate`` and ``refface degrade``."""
 
 from __future__ import annotations
 
@@ -6,22 +6,19 @@ from pathlib import Path
 
 import typer
 
-build_app = typer.Typer(
-    help="Build reference datasets (FFHQ-Ref, CelebA-Test-Ref, Reface-HQ-style) with identity-disjoint splits.",
-    no_args_is_help=True,
-)
+from refface.cli.errors import exits_on_error
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(build_app, name="build")
     app.command("validate")(validate)
+    app.command("degrade")(degrade)
 
 
-def _fail(e: Exception) -> None:
-    from refface.console import console
-
-    console.print(f"[red]error:[/red] {e}")
-    raise typer.Exit(2) from e
+build_app = typer.Typer(
+    help="Build reference datasets (FFHQ-Ref, CelebA-Test-Ref, Reface-HQ-style) with identity-disjoint splits.",
+    no_args_is_help=True,
+)
 
 
 def resolve_embedder_name(name: str, model: Path | None) -> str:
@@ -55,6 +52,7 @@ NEAR_DUP_HELP = (
 
 
 @build_app.command("ffhq-ref")
+@exits_on_error()
 def ffhq_ref(
     images: Path = typer.Argument(
         ..., help="Face images: FFHQ images1024x1024 (nested 00000/00000.png or flat)."
@@ -134,46 +132,44 @@ def ffhq_ref(
     from refface.builders.ffhq_ref import FFHQRefConfig, build_ffhq_ref
     from refface.console import print_summary
 
-    try:
-        config = FFHQRefConfig(
-            detector="prealigned" if prealigned else detector,
-            embedder=resolve_embedder_name(embedder, model),
-            model_path=_opt(model),
-            model_root=_opt(model_root),
-            dlib_detector=dlib_detector,
-            face_policy=face_policy,
-            crop_size=crop_size,
-            workers=workers,
-            chunk_size=chunk_size,
-            cluster_method=cluster_method,
-            identity_threshold=identity_threshold,
-            max_false_merge=max_false_merge,
-            min_refs=min_refs,
-            max_refs=max_refs,
-            ref_order=ref_order,
-            near_duplicate_distance=near_duplicate_distance,
-            within_threshold=within_threshold,
-            train_exclude_near_duplicates=train_exclude_near_duplicates,
-            seed=seed,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            val_identities=val_identities,
-            test_identities=test_identities,
-            min_eval_size=min_eval_size,
-            balance_column=balance_column,
-            attributes=_opt(attributes),
-            singleton_split=singleton_split,
-            labels=_opt(labels),
-            corrections=_opt(corrections),
-            plots=plots,
-        )
-        summary = build_ffhq_ref(images, out, config)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
+    config = FFHQRefConfig(
+        detector="prealigned" if prealigned else detector,
+        embedder=resolve_embedder_name(embedder, model),
+        model_path=_opt(model),
+        model_root=_opt(model_root),
+        dlib_detector=dlib_detector,
+        face_policy=face_policy,
+        crop_size=crop_size,
+        workers=workers,
+        chunk_size=chunk_size,
+        cluster_method=cluster_method,
+        identity_threshold=identity_threshold,
+        max_false_merge=max_false_merge,
+        min_refs=min_refs,
+        max_refs=max_refs,
+        ref_order=ref_order,
+        near_duplicate_distance=near_duplicate_distance,
+        within_threshold=within_threshold,
+        train_exclude_near_duplicates=train_exclude_near_duplicates,
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        val_identities=val_identities,
+        test_identities=test_identities,
+        min_eval_size=min_eval_size,
+        balance_column=balance_column,
+        attributes=_opt(attributes),
+        singleton_split=singleton_split,
+        labels=_opt(labels),
+        corrections=_opt(corrections),
+        plots=plots,
+    )
+    summary = build_ffhq_ref(images, out, config)
     print_summary("refface build ffhq-ref", summary)
 
 
 @build_app.command("celeba-test-ref")
+@exits_on_error()
 def celeba_test_ref(
     targets: Path = typer.Argument(..., help="Target HQ images (e.g. CelebA-Test HQ)."),
     pool: Path = typer.Argument(..., help="Reference pool searched for each target (e.g. all of CelebA-HQ)."),
@@ -212,31 +208,29 @@ def celeba_test_ref(
     from refface.builders.celeba_test_ref import CelebATestRefConfig, build_celeba_test_ref
     from refface.console import print_summary
 
-    try:
-        config = CelebATestRefConfig(
-            detector=detector,
-            embedder=resolve_embedder_name(embedder, model),
-            model_path=_opt(model),
-            model_root=_opt(model_root),
-            dlib_detector=dlib_detector,
-            crop_size=crop_size,
-            workers=workers,
-            identity_threshold=identity_threshold,
-            min_refs=min_refs,
-            max_refs=max_refs,
-            ref_order=ref_order,
-            near_duplicate_distance=near_duplicate_distance,
-            lq=_opt(lq),
-            labels=_opt(labels),
-            corrections=_opt(corrections),
-        )
-        summary = build_celeba_test_ref(targets, pool, out, config)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
+    config = CelebATestRefConfig(
+        detector=detector,
+        embedder=resolve_embedder_name(embedder, model),
+        model_path=_opt(model),
+        model_root=_opt(model_root),
+        dlib_detector=dlib_detector,
+        crop_size=crop_size,
+        workers=workers,
+        identity_threshold=identity_threshold,
+        min_refs=min_refs,
+        max_refs=max_refs,
+        ref_order=ref_order,
+        near_duplicate_distance=near_duplicate_distance,
+        lq=_opt(lq),
+        labels=_opt(labels),
+        corrections=_opt(corrections),
+    )
+    summary = build_celeba_test_ref(targets, pool, out, config)
     print_summary("refface build celeba-test-ref", summary)
 
 
 @build_app.command("reface-hq")
+@exits_on_error()
 def reface_hq(
     folders: Path = typer.Argument(
         ..., help="Identity folders: FOLDERS/<identity>/*.jpg (web photos, any size)."
@@ -299,38 +293,36 @@ def reface_hq(
     from refface.builders.reface_hq import RefaceHQConfig, build_reface_hq
     from refface.console import print_summary
 
-    try:
-        config = RefaceHQConfig(
-            detector=detector,
-            embedder=resolve_embedder_name(embedder, model),
-            model_path=_opt(model),
-            model_root=_opt(model_root),
-            dlib_detector=dlib_detector,
-            face_policy=face_policy,
-            crop_size=crop_size,
-            min_face_size=min_face_size,
-            min_det_score=min_det_score,
-            min_sharpness=min_sharpness or None,
-            niqe_params=_opt(niqe_params),
-            max_niqe=max_niqe,
-            identity_threshold=identity_threshold,
-            outlier_ratio=outlier_ratio,
-            merge_ratio=merge_ratio,
-            near_duplicate_distance=near_duplicate_distance,
-            seed=seed,
-            min_refs=min_refs,
-            max_refs=max_refs,
-            ref_order=ref_order,
-            labels=_opt(labels),
-            corrections=_opt(corrections),
-            workers=workers,
-        )
-        summary = build_reface_hq(folders, out, config)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
+    config = RefaceHQConfig(
+        detector=detector,
+        embedder=resolve_embedder_name(embedder, model),
+        model_path=_opt(model),
+        model_root=_opt(model_root),
+        dlib_detector=dlib_detector,
+        face_policy=face_policy,
+        crop_size=crop_size,
+        min_face_size=min_face_size,
+        min_det_score=min_det_score,
+        min_sharpness=min_sharpness or None,
+        niqe_params=_opt(niqe_params),
+        max_niqe=max_niqe,
+        identity_threshold=identity_threshold,
+        outlier_ratio=outlier_ratio,
+        merge_ratio=merge_ratio,
+        near_duplicate_distance=near_duplicate_distance,
+        seed=seed,
+        min_refs=min_refs,
+        max_refs=max_refs,
+        ref_order=ref_order,
+        labels=_opt(labels),
+        corrections=_opt(corrections),
+        workers=workers,
+    )
+    summary = build_reface_hq(folders, out, config)
     print_summary("refface build reface-hq", summary)
 
 
+@exits_on_error()
 def validate(
     root: Path = typer.Argument(..., help="Dataset root (built here, or a published FFHQ-Ref folder)."),
     images: Path | None = typer.Option(
@@ -361,3 +353,114 @@ def validate(
     if not report.ok:
         raise typer.Exit(1)
     console.print("[green]valid[/green]")
+
+
+def _list_table():
+    from rich.table import Table
+
+    from refface.degradations import PRESETS
+
+    def rng(r) -> str:
+        return "-" if r is None else f"[{r[0]:g}, {r[1]:g}]"
+
+    def values(v) -> str:
+        return "{" + ", ".join(f"{x:g}" for x in v) + "}"
+
+    table = Table(title="degradation presets", title_justify="left", show_lines=True)
+    table.add_column("name", no_wrap=True, style="bold")
+    table.add_column("set folder · ranges (blur σ, scale r, noise σ, JPEG q) · extras")
+    for name in sorted(PRESETS):
+        p = PRESETS[name]
+        if p.grid is not None:
+            g = p.grid
+            ranges = f"σ {values(g['sigma_x'])} r {values(g['scale'])} n {values(g['noise'])} q {values(g['jpeg'])}"
+        else:
+            ranges = f"σ {rng(p.blur_sigma)} r {rng(p.downsample_range)} n {rng(p.noise_range)} q {rng(p.jpeg_range)}"
+        extras = [p.description] if p.description else []
+        if p.color_jitter_prob:
+            extras.append(f"colour jitter p={p.color_jitter_prob:g}")
+        if p.gray_prob:
+            extras.append(f"gray p={p.gray_prob:g}")
+        if p.poisson_scale_range:
+            extras.append(f"poisson {rng(p.poisson_scale_range)}")
+        table.add_row(name, "\n".join([p.set_name, ranges, "; ".join(extras)]))
+    return table
+
+
+@exits_on_error()
+def degrade(
+    target: Path | None = typer.Argument(
+        None,
+        help="Dataset root (with test_references.csv / val_references.csv) or any folder of images.",
+    ),
+    preset: list[str] = typer.Option(
+        ["refldm-severe", "refldm-moderate"],
+        "--preset",
+        "-p",
+        help="Preset name; repeat for several sets (see --list).",
+    ),
+    list_: bool = typer.Option(False, "--list", help="List the presets and their ranges, then exit."),
+    out: Path | None = typer.Option(
+        None, help="Output folder for the sets (default: <root>/lq, or <folder>_lq beside a folder)."
+    ),
+    workers: int = typer.Option(1, help="Worker processes."),
+    seed: int = typer.Option(0, help="Seed; each image's draws come from (seed, preset, image path)."),
+    presets_file: Path | None = typer.Option(
+        None, "--presets-file", help="YAML file of custom presets (name -> fields, optional base: <preset>)."
+    ),
+    images: Path | None = typer.Option(
+        None, help="Image root of gt_image paths when the dataset's build.json has no image_root."
+    ),
+    chunk_size: int = typer.Option(16, help="Images per resumable chunk."),
+    exact: bool = typer.Option(
+        False, help="Blur every pixel with OpenCV (BasicSR's exact calls) instead of the fused fast path."
+    ),
+) -> None:
+    """Write LQ sets with named degradation presets, deterministically per image.
+
+    For a dataset root the targets are the gt_image column of its test/val reference CSVs (under build.json's image_root); for a folder, every image in it. Each set goes to OUT/<set folder>/ (ReF-LDM names such as severe_b8-16_r8-32_n0-20_j30-100) with one PNG per target at its relative path, params.parquet/.csv (every sampled value), errors.parquet/.csv and manifest.json; the lq_image column of the reference CSVs is then filled in.
+
+    Reruns skip finished sets and chunks; a killed run resumes and ends with the same bytes.
+    """
+    from refface.console import console, print_summary
+
+    if presets_file is not None:
+        from refface.degradations import load_presets_file
+
+        loaded = load_presets_file(presets_file)
+        console.print(f"loaded presets: {', '.join(sorted(loaded))}")
+    if list_:
+        console.print(_list_table())
+        return
+    if target is None:
+        console.print("[red]give a TARGET (dataset root or folder), or --list")
+        raise typer.Exit(2)
+    from refface.builders.degrade_sets import DegradeConfig, degrade_target
+    from refface.degradations import get_preset
+
+    for name in preset:
+        get_preset(name)
+    config = DegradeConfig(
+        presets=tuple(dict.fromkeys(preset)),
+        seed=seed,
+        workers=workers,
+        chunk_size=chunk_size,
+        fast=not exact,
+    )
+    summary = degrade_target(target, config, out=out, images=images)
+    rows: list[tuple[str, object]] = [
+        ("target", f"{summary['target']} ({summary['kind']})"),
+        ("out", summary["out"]),
+    ]
+    for s in summary["sets"]:
+        state = "written" if s["ran"] else "up to date"
+        rows.append(
+            (
+                s["set"],
+                f"{s['images']} images, {s['written']} new, {s['already_done']} resumed, "
+                f"{s['errors']} errors, {s['seconds']:.1f} s ({state})",
+            )
+        )
+    for csv in summary["csvs"]:
+        rows.append(("lq_image filled", csv))
+    print_summary("refface degrade", rows)

@@ -1,4 +1,4 @@
-"""``refface doctor``: the command line of :mod:`refface.doctor`."""
+"""``refface doctor``: GPUs, runtime builds and the weights refface finds (:mod:`refface.doctor`)."""
 
 from __future__ import annotations
 

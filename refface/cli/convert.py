@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from refface.cli.errors import exits_on_error
+
 convert_app = typer.Typer(
     name="convert",
     help="Convert released model weights into refface model folders.",
@@ -19,6 +21,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(convert_app, name="convert")
 
 
+@exits_on_error()
 def convert_refldm_official(
     ckpt: Path = typer.Option(..., "--ckpt", help="The official refldm.ckpt (Lightning LatentDiffusion)."),
     vqgan: Path | None = typer.Option(
@@ -48,22 +51,19 @@ def convert_refldm_official(
     from refface.console import print_summary
     from refface.train.refldm.official import convert_release, inspect_release
 
-    try:
-        if inspect:
-            info = inspect_release(ckpt, vqgan, trust_checkpoint)
-            typer.echo(json.dumps(info, indent=2))
-            return
-        if out is None:
-            raise typer.BadParameter("--out is required unless --inspect", param_hint="--out")
-        summary = convert_release(
-            ckpt,
-            out,
-            vqgan,
-            use_ema=not no_ema,
-            attention_head_dim=attention_head_dim,
-            resolution=resolution,
-            trust=trust_checkpoint,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        raise typer.BadParameter(str(e)) from e
+    if inspect:
+        info = inspect_release(ckpt, vqgan, trust_checkpoint)
+        typer.echo(json.dumps(info, indent=2))
+        return
+    if out is None:
+        raise typer.BadParameter("--out is required unless --inspect", param_hint="--out")
+    summary = convert_release(
+        ckpt,
+        out,
+        vqgan,
+        use_ema=not no_ema,
+        attention_head_dim=attention_head_dim,
+        resolution=resolution,
+        trust=trust_checkpoint,
+    )
     print_summary("refface convert refldm-official", summary)
