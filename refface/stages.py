@@ -20,7 +20,7 @@ from typing import Any
 
 from refface import __version__
 from refface.devices import runtime_devices
-from refface.manifests.atomic import sha256_file, write_json
+from refface.manifests.atomic import write_json
 
 log = logging.getLogger(__name__)
 MANIFEST_VERSION = 1
@@ -55,10 +55,6 @@ def folder_fingerprint(root: str | os.PathLike, relpaths: Sequence[str]) -> str:
         except OSError:
             h.update(f"{rel}\0missing\n".encode())
     return h.hexdigest()
-
-
-def file_fingerprint(path: str | os.PathLike) -> str:
-    return sha256_file(path)
 
 
 def manifest_path(root: str | os.PathLike, stage: str) -> Path:

@@ -610,12 +610,3 @@ def labels_on_crops(root: Path, config: Any) -> Any:
     moved = sources.merge(labels.rename(columns={"path": "source"}), on="source")[["path", "identity"]]
     write_text(root / "labels.csv", moved.to_csv(index=False, lineterminator="\n"))
     return replace(config, labels=str(root / "labels.csv"))
-
-
-def with_overrides(config: FFHQRefConfig, **overrides: Any) -> FFHQRefConfig:
-    """A copy of ``config`` with the given fields changed (unknown names raise ValueError)."""
-    known = {f.name for f in fields(config)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
-    return replace(config, **overrides)

@@ -64,23 +64,6 @@ def bivariate_plateau(
     return kernel / np.sum(kernel)
 
 
-def circular_lowpass_kernel(cutoff: float, kernel_size: int, pad_to: int = 0) -> np.ndarray:
-    """2-D sinc (circular low-pass) kernel, ``cutoff`` in radians (π is the maximum)."""
-    from scipy import special
-
-    c = (kernel_size - 1) / 2
-    yy, xx = np.mgrid[0:kernel_size, 0:kernel_size].astype(np.float64)
-    rr = np.sqrt((yy - c) ** 2 + (xx - c) ** 2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kernel = cutoff * special.j1(cutoff * rr) / (2 * np.pi * rr)
-    kernel[(kernel_size - 1) // 2, (kernel_size - 1) // 2] = cutoff**2 / (4 * np.pi)
-    kernel = kernel / np.sum(kernel)
-    if pad_to > kernel_size:
-        pad = (pad_to - kernel_size) // 2
-        kernel = np.pad(kernel, ((pad, pad), (pad, pad)))
-    return kernel
-
-
 def _gaussian_family(p: dict, size: int) -> np.ndarray:
     return bivariate_gaussian(size, p["sigma_x"], p["sigma_y"], p["theta"], p["kernel_type"] == "iso")
 

@@ -38,6 +38,7 @@ from refface.seeding import item_seed
 from refface.train import tracking
 from refface.train.checkpoints import LoopState, find_checkpoint, load_checkpoint, save_checkpoint
 from refface.train.ema import EMA
+from refface.train.progress import TrainProgress, run_devices
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def train(
     run = _setup(task, dataloader, config, accelerator)
     state = _resume(run, config)
     _start_logging(run, task, config)
-    run.progress = _TrainProgress(run.accelerator, state.step, config.max_steps)
+    run.progress = TrainProgress(run.accelerator, state.step, config.max_steps)
     task.bind(run.modules, run.weight_dtype, run.accelerator.device)
 
     logs: list[dict[str, float]] = []
@@ -390,7 +391,7 @@ def _start_logging(run: _Run, task: TrainTask, config: LoopConfig) -> None:
     if accelerator.is_main_process:
         write_json(
             run.out / "config.json",
-            {"loop": config.to_dict(), "task": task.config_dict(), "devices": _devices(accelerator)},
+            {"loop": config.to_dict(), "task": task.config_dict(), "devices": run_devices(accelerator)},
         )
         if "tensorboard" in run.trackers:
             (run.out / "logs").mkdir(parents=True, exist_ok=True)
@@ -537,73 +538,6 @@ def _set_epoch(dataloader, epoch: int) -> None:
     for holder in (getattr(dataloader, "sampler", None), getattr(dataloader, "dataset", None)):
         if holder is not None and hasattr(holder, "set_epoch"):
             holder.set_epoch(epoch)
-
-
-def _devices(accelerator) -> dict[str, Any]:
-    """What the run trains on (recorded in ``config.json``)."""
-    from refface.devices import runtime_devices
-
-    return {
-        "device": str(accelerator.device),
-        "processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,
-        **runtime_devices(),
-    }
-
-
-class _TrainProgress:
-    """A progress bar with loss, it/s and ETA on the main process (REFFACE_PROGRESS=0 hides it);
-    where the console is not a terminal (a batch job's log file) a status line every ``log_every``."""
-
-    def __init__(self, accelerator, start: int, total: int) -> None:
-        from refface.console import console, progress_enabled
-
-        self.main = accelerator.is_main_process
-        self.start, self.total = start, total
-        self.t0 = time.perf_counter()
-        self.bar = None
-        self.interactive = console.is_terminal and progress_enabled()
-        if self.main and self.interactive and start < total:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"),
-                TextColumn("{task.fields[rate]} it/s"),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=console,
-            )
-            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", rate="-")
-            self.bar.start()
-
-    def rate(self, step: int) -> float:
-        return (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
-
-    def update(self, step: int, loss: float, log_line: bool) -> None:
-        from refface.console import progress_enabled
-
-        if not self.main:
-            return
-        rate = self.rate(step)
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:.2f}")
-        elif log_line and progress_enabled():
-            eta = (self.total - step) / rate if rate > 0 else float("inf")
-            logger.info("step %d/%d  loss %.4f  %.2f it/s  ETA %s", step, self.total, loss, rate, _hms(eta))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def _hms(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "-"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def _flat_hparams(config: LoopConfig) -> dict[str, Any]:
