@@ -8,10 +8,10 @@ import math
 import time
 from typing import Any
 
-from refface.console import console, progress_enabled
 from refface.devices import runtime_devices
 
-logger = logging.getLogger(__name__)
+# Status lines belong to the training loop's log (a batch job filters on refface.train.loop).
+logger = logging.getLogger("refface.train.loop")
 
 
 def run_devices(accelerator) -> dict[str, Any]:
@@ -30,6 +30,8 @@ class TrainProgress:
     where the console is not a terminal (a batch job's log file) a status line every ``log_every``."""
 
     def __init__(self, accelerator, start: int, total: int) -> None:
+        # Looked up per bar, not bound at import: the console can be swapped (tests, redirected output).
+        from refface.console import console, progress_enabled
 
         self.main = accelerator.is_main_process
         self.start, self.total = start, total
@@ -56,6 +58,7 @@ class TrainProgress:
         return (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
 
     def update(self, step: int, loss: float, log_line: bool) -> None:
+        from refface.console import progress_enabled
 
         if not self.main:
             return
