@@ -44,9 +44,11 @@ $(VENV)/.installed: $(PY) pyproject.toml requirements-test.txt scripts/select_ru
 
 install: $(VENV)/.installed  ## create .venv and install refface (GPU=1: CUDA builds; see docs/install.md)
 
-lint: install  ## ruff lint + format check
+lint: install  ## ruff lint + format check, mypy type check, import-linter layer contracts
 	$(BIN)/ruff check refface tests bench
 	$(BIN)/ruff format --check refface tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports --no-logo
 
 format: install
 	$(BIN)/ruff format refface tests bench
@@ -86,4 +88,4 @@ bench: install  ## run every CPU benchmark in bench/ (results in bench/results/)
 	for f in bench/*.py; do case $$f in bench/gpu_check.py|bench/install_check.py) continue;; esac; $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .import_linter_cache
