@@ -126,9 +126,9 @@ def _ort_info() -> dict:
 def _faiss_info() -> dict:
     packages = devices.installed_versions(devices.FAISS_PACKAGES)
     try:
-        from refface.mining.neighbors import _faiss
+        from refface.mining.neighbors import load_faiss
 
-        faiss = _faiss()
+        faiss = load_faiss()
     except ImportError:
         return {"installed": False, "packages": packages, "gpus": 0}
     get = getattr(faiss, "get_num_gpus", None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -22,7 +23,7 @@ def reference_cross_splits(root: Path) -> tuple[pd.DataFrame, dict]:
     """
 
     rows = []
-    checked = {}
+    checked: dict[str, dict[str, Any]] = {}
     for folder in [root, *sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))]:
         splits = read_split_lists(folder)
         if not splits:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -195,9 +196,9 @@ def resolve_set(name: str, source: str | os.PathLike, cache_dir: Path, config: A
         out.errors.extend(_unreadable(root))
         return out
     wanted = _listed_paths(src, kind)
-    root = find_dataset_root(src)
-    if root is not None:
-        return _subset_from_root(name, str(src), kind, root, wanted, config.image_root)
+    listed_root = find_dataset_root(src)
+    if listed_root is not None:
+        return _subset_from_root(name, str(src), kind, listed_root, wanted, config.image_root)
     # A list outside any dataset root: its paths are relative to --image-root (or the list's folder).
     base = Path(config.image_root) if config.image_root else src.parent
     staged = cache_dir / "listed" / name / "images"
@@ -222,7 +223,8 @@ def resolve_set(name: str, source: str | os.PathLike, cache_dir: Path, config: A
     )
     mined.paths = [str(base / k) for k in mined.keys]
     mined.errors.extend(errors)
-    mined.errors.extend(_unreadable(Path(mined.root)))
+    if mined.root is not None:
+        mined.errors.extend(_unreadable(Path(mined.root)))
     return mined
 
 
@@ -255,11 +257,13 @@ def check_models(sets: list[AuditSet]) -> dict:
 def attach_hashes(s: AuditSet, cache_dir: Path | None, workers: int) -> None:
     """Hash the set's images (cached); undecodable images become error rows."""
 
-    rows = [dict.fromkeys(HASH_COLUMNS) for _ in range(s.n_images)]
+    rows: list[dict[str, Any]] = [dict.fromkeys(HASH_COLUMNS) for _ in range(s.n_images)]
     present = [i for i, p in enumerate(s.paths) if p is not None]
     if present:
         cache = cache_dir / "hashes.parquet" if cache_dir is not None else None
-        found = hash_images([s.paths[i] for i in present], cache, workers, description=f"hashing {s.name}")
+        found = hash_images(
+            [str(s.paths[i]) for i in present], cache, workers, description=f"hashing {s.name}"
+        )
         for i, rec in zip(present, found.to_dict("records"), strict=True):
             rows[i] = rec
             if isinstance(rec["error"], str) and rec["error"]:

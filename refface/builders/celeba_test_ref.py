@@ -206,7 +206,8 @@ def build_celeba_test_ref(
             config.reference_config(),
         )
         lqs = lq_lookup(lq_root)
-        rows, errors = [], ErrorsTable()
+        rows: list[dict[str, Any]] = []
+        errors = ErrorsTable()
         for path, ref_rows in zip(tp, refs, strict=True):
             if not ref_rows:
                 continue

@@ -147,7 +147,9 @@ def encode_sample(
     except ImageError as e:
         return None, [(job.gt, str(e))]
     members: dict[str, bytes] = {"__key__": job.key.encode(), f"hq.{ext}": hq_bytes}
-    ref_paths, ref_sha, ref_embs = [], [], []
+    ref_paths: list[str] = []
+    ref_sha: list[str] = []
+    ref_embs: list[np.ndarray | None] = []
     for rel, emb in zip(job.refs, job.ref_embeddings, strict=True):
         try:
             ref_data = _read_source(ctx.image_root, rel)
@@ -162,7 +164,7 @@ def encode_sample(
     if job.embedding is not None:
         members["id.npy"] = npy_bytes(job.embedding.astype(np.float32))
     if ref_embs and all(e is not None for e in ref_embs):
-        members["refemb.npy"] = npy_bytes(np.stack(ref_embs).astype(np.float32))
+        members["refemb.npy"] = npy_bytes(np.stack([e for e in ref_embs if e is not None]).astype(np.float32))
     members["attrs.json"] = json_bytes(attrs_record(job.attrs))
     meta = {
         "key": job.key,
@@ -278,7 +280,7 @@ class _ShardRotation:
         self.config = config
         self.fp = fp
         self.number = start_number
-        self.writer = None
+        self.writer: Any = None  # webdataset's TarWriter while a shard is open
         self.tmp: Path | None = None
         self.count = 0
         self.size = 0
@@ -319,6 +321,8 @@ class _ShardRotation:
         self.stream.close()
         name = shard_name(self.split, self.number)
         final = self.folder / name
+        if self.tmp is None:
+            raise RuntimeError("no shard is open")
         os.replace(self.tmp, final)
         entry = ShardEntry(
             name=name,

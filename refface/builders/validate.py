@@ -234,7 +234,7 @@ def validate_root(
                 want(image_root, gt, f"{split} target")
             for ref_list in df["ref_image"]:
                 for r in ref_list:
-                    want(ref_root, r, f"{split} reference")
+                    want(ref_root if ref_root is not None else image_root, r, f"{split} reference")
             if lq_root is not None and "lq_image" in df.columns:
                 for lq in df["lq_image"]:
                     want(lq_root, lq, f"{split} LQ")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -17,7 +17,7 @@ from refface.manifests.shard_index import ShardError
 class _WriteByDefault(TyperGroup):
     """``refface shards ROOT ...`` (no sub-command) means ``refface shards write ROOT ...``."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # typer's own click Context
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
             args = ["write", *args]
         return super().parse_args(ctx, args)

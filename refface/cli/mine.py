@@ -301,7 +301,8 @@ def eval_clusters_cmd(
         from refface.mining.cluster import ClusterConfig, cluster
 
         emb = load_embeddings(root)
-        for tau in threshold or [None]:
+        taus: list[float | None] = list(threshold) if threshold else [None]
+        for tau in taus:
             lab = cluster(
                 emb,
                 method=method,

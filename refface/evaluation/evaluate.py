@@ -12,6 +12,9 @@ from typing import Any
 
 import numpy as np
 
+# The LPIPS-box region: hair and background do not count.
+from refface.mining.quality import FACE_BOX
+
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("refldm", "refface")
@@ -24,9 +27,6 @@ COLUMNS = {
     + [("fid", "FID↓"), ("psnr", "PSNR↑"), ("ssim", "SSIM↑")],
 }
 TABLE_COLUMNS = COLUMNS["refldm"]
-# LPIPS-box region of an FFHQ-aligned face (x0, y0, x1, y1 as fractions): brows to chin, cheek to cheek,
-# so hair and background do not count.
-FACE_BOX = (0.1875, 0.25, 0.8125, 0.9375)
 DEFAULT_WEIGHT_FILES = {
     "refface": {
         "arcface": "w600k_r50.onnx",

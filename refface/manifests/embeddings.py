@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -77,7 +78,7 @@ def concat_embeddings(parts: list[Embeddings]) -> Embeddings:
         ids = [i for p in parts for i in p.image_ids]  # type: ignore[union-attr]
     norms = None
     if all(p.norms is not None for p in parts):
-        norms = np.concatenate([p.norms for p in parts])  # type: ignore[misc]
+        norms = np.concatenate([p.norms for p in parts if p.norms is not None])
     return Embeddings(
         vectors=np.concatenate([p.vectors for p in parts]).reshape(-1, first.dim),
         paths=[x for p in parts for x in p.paths],
@@ -103,7 +104,7 @@ def save_embedding_tables(
     ``embeddings.npy`` the layout (see :data:`SHARDED_LAYOUT`). Returns the relative paths written.
     """
     root = Path(root)
-    table = {"row": np.arange(len(paths), dtype=np.int64)}
+    table: dict[str, Any] = {"row": np.arange(len(paths), dtype=np.int64)}
     table["image_id"] = np.asarray(image_ids if image_ids is not None else [-1] * len(paths), dtype=np.int64)
     table["path"] = list(paths)
     if norms is not None:

@@ -118,11 +118,11 @@ def plan_jobs(root: str | os.PathLike, split: str, max_refs: int) -> list[Sample
     Each job carries the target's first ``max_refs`` references, its identity, the embeddings of the
     target and references (when the root holds embeddings) and its attributes row (when known).
     """
-    root = DatasetRoot(root)
-    refs = root.references(split)
-    embeddings = _embedding_by_path(root)
-    identities = root.identity_of()
-    attributes = root.attributes_of()
+    dataset = DatasetRoot(root)
+    refs = dataset.references(split)
+    embeddings = _embedding_by_path(dataset)
+    identities = dataset.identity_of()
+    attributes = dataset.attributes_of()
     gts = [str(g) for g in refs["gt_image"]]
     keys = unique_keys(gts)
     has_lq = "lq_image" in refs.columns
@@ -159,7 +159,7 @@ def tar_size(members: dict[str, bytes]) -> int:
     return sum(512 + (len(v) + 511) // 512 * 512 for k, v in members.items() if k != "__key__")
 
 
-def iter_tar_samples(path: str | os.PathLike) -> Iterator[dict[str, bytes]]:
+def iter_tar_samples(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """Samples of one shard as {"__key__": key, member suffix: bytes}; raises ShardError on damage."""
     path = Path(path)
     current: dict[str, Any] | None = None
@@ -169,7 +169,10 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[dict[str, bytes]]:
                 if not info.isfile():
                     continue
                 key, _, suffix = info.name.partition(".")
-                data = tar.extractfile(info).read()
+                member = tar.extractfile(info)
+                if member is None:
+                    raise ShardError(f"shard {path}: member {info.name} cannot be read")
+                data = member.read()
                 if len(data) != info.size:
                     raise ShardError(f"shard {path}: member {info.name} is truncated")
                 if current is not None and current["__key__"] != key:

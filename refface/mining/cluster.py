@@ -78,6 +78,14 @@ class ClusterConfig:
     density: float = DENSITY
     rank_start: int = RANK_START
 
+    def resolved(self, name: str, value: Any) -> Any:
+        """A setting :func:`cluster` fills in before a method runs; naming it when still unset."""
+        if value is None:
+            raise ValueError(
+                f"clustering needs {name} set (cluster() fills it from the embeddings' defaults)"
+            )
+        return value
+
     def validate(self) -> ClusterConfig:
         if self.method is not None and self.method not in CLUSTERERS:
             raise ValueError(
@@ -138,7 +146,8 @@ def components(vectors: np.ndarray, config: ClusterConfig) -> np.ndarray:
 
     from refface.mining.neighbors import threshold_graph
 
-    graph = threshold_graph(vectors, config.threshold, index=config.index, nprobe=config.nprobe)
+    threshold = float(config.resolved("threshold", config.threshold))
+    graph = threshold_graph(vectors, threshold, index=config.index, nprobe=config.nprobe)
     _, comp = connected_components(graph, directed=False)
     return relabel(comp)
 
@@ -220,7 +229,7 @@ def average_linkage_graph(
         compact = np.cumsum(alive) - 1
         target = compact[target]
         labels = target[labels]
-        size = np.bincount(target, weights=size, minlength=int(alive.sum()))
+        size = np.asarray(np.bincount(target, weights=size, minlength=int(alive.sum())), dtype=np.float64)
         r, c = target[r], target[c]
         inner = r == c
         r, c, count, dsum = r[~inner], c[~inner], count[~inner], dsum[~inner]
@@ -256,10 +265,11 @@ def average(vectors: np.ndarray, config: ClusterConfig) -> np.ndarray:
     n = vectors.shape[0]
     if n < 2:
         return relabel(np.arange(n))
-    radius = min(1.0, config.graph_factor * config.threshold)
+    threshold = float(config.resolved("threshold", config.threshold))
+    radius = min(1.0, config.graph_factor * threshold)
     dist, idx = neighbour_distances(vectors, config)
     rows, cols, d = _edges(dist, idx, (idx >= 0) & (dist < radius))
-    comp = average_linkage_graph(n, rows, cols, d, config.threshold, radius)
+    comp = average_linkage_graph(n, rows, cols, d, threshold, radius)
     return relabel(comp)
 
 
@@ -269,7 +279,8 @@ def impostor_radii(dist: np.ndarray, config: ClusterConfig) -> tuple[np.ndarray,
     from refface.mining.impostor import fit_impostor_model
 
     model = fit_impostor_model(dist, rank_start=config.rank_start)
-    radius = model.radii(model.cut(dist, config.max_false_merge), config.density)
+    max_false_merge = float(config.resolved("max_false_merge", config.max_false_merge))
+    radius = model.radii(model.cut(dist, max_false_merge), config.density)
     if config.threshold is not None:
         radius = np.minimum(radius, config.threshold)
     return radius, model
@@ -443,8 +454,9 @@ def run_clustering(vectors: np.ndarray, config: ClusterConfig) -> Clustering:
         if np.isfinite(radius).any():
             info["radius_median"] = round(float(np.median(radius[np.isfinite(radius)])), 5)
         return Clustering(labels, radius, scale, info)
-    labels = CLUSTERERS[config.method](vectors, config)
-    return Clustering(labels, np.full(n, float(config.threshold)), np.full(n, np.nan), {})
+    labels = CLUSTERERS[str(config.resolved("method", config.method))](vectors, config)
+    threshold = float(config.resolved("threshold", config.threshold))
+    return Clustering(labels, np.full(n, threshold), np.full(n, np.nan), {})
 
 
 def cluster_and_radius(

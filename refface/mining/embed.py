@@ -189,7 +189,10 @@ class ArcFaceEmbedder:
         return l2_normalize(np.concatenate(outs).reshape(len(crops), -1))
 
 
-EMBEDDERS = {"dlib": DlibEmbedder, "arcface": ArcFaceEmbedder}
+EMBEDDERS: dict[str, type[DlibEmbedder] | type[ArcFaceEmbedder]] = {
+    "dlib": DlibEmbedder,
+    "arcface": ArcFaceEmbedder,
+}
 
 
 def make_embedder(name: str, model_path: str | os.PathLike | None = None, **kwargs):

@@ -354,10 +354,12 @@ def model_devices(config: MiningConfig) -> dict:
     models, the CPU for dlib (raises CpuFallbackError when a GPU would silently go unused)."""
     from refface.mining.detect import onnx_providers
 
-    detector = {"scrfd": None, "dlib": "cpu (dlib)", "prealigned": "none (pre-aligned input)"}[
-        config.detector
-    ]
-    embedder = "cpu (dlib)" if config.embedder == "dlib" else None
+    detector: str | list[str] | None = {
+        "scrfd": None,
+        "dlib": "cpu (dlib)",
+        "prealigned": "none (pre-aligned input)",
+    }[config.detector]
+    embedder: str | list[str] | None = "cpu (dlib)" if config.embedder == "dlib" else None
     if detector is None or embedder is None:
         providers = onnx_providers()
         detector = providers if detector is None else detector

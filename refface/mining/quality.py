@@ -9,12 +9,12 @@ import numpy as np
 # the evaluation's fLPIPS box), resized to this side, so the figure does not depend on the crop size
 # and a blurred background (portrait bokeh) does not count.
 SHARPNESS_SIDE = 256
+# The face box of an FFHQ-aligned crop as fractions (x0, y0, x1, y1): brows to chin, cheek to cheek.
+FACE_BOX = (0.1875, 0.25, 0.8125, 0.9375)
 
 
 def face_region(crop: np.ndarray) -> np.ndarray:
-    """The face box of an FFHQ-aligned crop (fractions from :data:`refface.evaluation.evaluate.FACE_BOX`)."""
-    from refface.evaluation.evaluate import FACE_BOX
-
+    """The face box of an FFHQ-aligned crop (fractions in :data:`FACE_BOX`)."""
     h, w = crop.shape[:2]
     x0, y0, x1, y1 = FACE_BOX
     return crop[int(y0 * h) : int(y1 * h), int(x0 * w) : int(x1 * w)]

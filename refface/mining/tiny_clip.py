@@ -11,12 +11,49 @@ from pathlib import Path
 MAX_LENGTH = 64
 
 
+def _byte_chars() -> list[str]:
+    # The 256 printable stand-ins GPT-2/CLIP byte-level BPE uses for raw bytes.
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tokenizer(folder: str | Path, max_length: int = 16) -> Path:
+    """Write a character-level CLIP tokenizer (vocab.json, merges.txt, configs) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _byte_chars()
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": max_length,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+            }
+        )
+    )
+    return folder
+
+
 def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
     """config.json + model.safetensors + a character-level CLIP tokenizer + preprocessor_config.json."""
     import torch
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    from refface.train.mgfr.tiny_sd import write_tokenizer
 
     folder = Path(folder)
     write_tokenizer(folder, max_length=MAX_LENGTH)

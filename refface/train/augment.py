@@ -82,11 +82,12 @@ def affine_matrix(rng: np.random.Generator, aug: RefAugment, w: int, h: int) -> 
 def perspective_matrix(rng: np.random.Generator, distortion: float, w: int, h: int) -> np.ndarray:
     """3x3 matrix moving each corner inwards by up to ``distortion``·half-size (torchvision RandomPerspective)."""
     hw, hh = distortion * w / 2, distortion * h / 2
-    src = np.float32([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]])
+    src = np.array([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], dtype=np.float32)
     sx = rng.uniform(0, hw, 4)
     sy = rng.uniform(0, hh, 4)
-    dst = np.float32(
-        [[sx[0], sy[0]], [w - 1 - sx[1], sy[1]], [w - 1 - sx[2], h - 1 - sy[2]], [sx[3], h - 1 - sy[3]]]
+    dst = np.array(
+        [[sx[0], sy[0]], [w - 1 - sx[1], sy[1]], [w - 1 - sx[2], h - 1 - sy[2]], [sx[3], h - 1 - sy[3]]],
+        dtype=np.float32,
     )
     return cv2.getPerspectiveTransform(src, dst)
 

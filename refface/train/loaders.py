@@ -136,7 +136,8 @@ def _loader_class() -> type:
                     "set_epoch cannot reach persistent DataLoader workers that are already running; "
                     "build the loader with persistent_workers=False"
                 )
-            self.dataset.set_epoch(epoch)
+            dataset: Any = self.dataset  # the datasets this loader is built on all have set_epoch
+            dataset.set_epoch(epoch)
             if self.shuffle_seed is not None and self.generator is not None:
                 self.generator.manual_seed(_shuffle_seed(self.shuffle_seed, epoch))
 

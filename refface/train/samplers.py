@@ -28,7 +28,7 @@ class LazyDegrader:
         self.preset = preset
         self.seed = seed
         self.size = size
-        self._degrader = None
+        self._degrader: Any = None
 
     def __call__(self, img: np.ndarray, key: str) -> np.ndarray:
         if self._degrader is None:
@@ -56,6 +56,10 @@ class Sampler:
     def __init__(self, config: SamplingConfig):
         self.config = config
         self.degrade = LazyDegrader(config.preset, config.seed, config.resolution)
+
+    def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """A training sample (the batch contract of the model) from a raw sample."""
+        raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:
         """Draw this epoch's augmentation, LQ and negative-quality choice from now on."""

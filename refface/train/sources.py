@@ -90,7 +90,9 @@ class ReferenceDataset:
             "hq": read_image(self.image_root / job.gt),
             "refs": refs,
             "id_embedding": job.embedding,
-            "ref_embeddings": np.stack(embs) if embs and all(e is not None for e in embs) else None,
+            "ref_embeddings": np.stack([e for e in embs if e is not None])
+            if embs and all(e is not None for e in embs)
+            else None,
             "attrs": attrs_record(job.attrs),
             "meta": {"key": job.key, "identity": job.identity, "split": job.split, "path": job.gt},
             "lq": lq,
@@ -117,6 +119,8 @@ def resolve_shards(
 
     if isinstance(source, (list, tuple)):
         return [str(s) for s in source], None
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"shards must be a folder, a brace pattern or a list of tar paths, got {source!r}")
     path = Path(source)
     if path.is_dir():
         ipath = index_path(path, split)

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from refface.mining.tiny_clip import write_tokenizer
+
 # Small enough for CPU tests: 32x32 images, a 2x VAE (16x16x4 latents), a 2-level UNet.
 UNET_CONFIG = {
     "sample_size": 16,
@@ -53,45 +55,6 @@ SCHEDULER_CONFIG = {
     "steps_offset": 1,
 }
 IMAGE_SIZE = 32
-
-
-def _byte_chars() -> list[str]:
-    # The 256 printable stand-ins GPT-2/CLIP byte-level BPE uses for raw bytes.
-    bs = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def write_tokenizer(folder: str | Path, max_length: int = 16) -> Path:
-    """Write a character-level CLIP tokenizer (vocab.json, merges.txt, configs) into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = _byte_chars()
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "CLIPTokenizer",
-                "model_max_length": max_length,
-                "bos_token": "<|startoftext|>",
-                "eos_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>",
-            }
-        )
-    )
-    return folder
 
 
 def build_tiny_sd(seed: int = 0) -> dict:

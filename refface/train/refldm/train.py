@@ -597,8 +597,9 @@ def main(args: RefLDMRun) -> list[dict[str, float]]:
 
     cfg, loop_raw = load_config(args.config, getattr(args, "overrides", None))
     cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, stage=args.stage))
-    if getattr(args, "init", None):
-        cfg = apply_init(cfg, args.init)
+    init = getattr(args, "init", None)
+    if init:
+        cfg = apply_init(cfg, init)
     stage_dir = Path(args.output) / args.stage
     loop_raw = {**loop_raw, "output_dir": str(stage_dir)}
     if args.max_steps is not None:

@@ -1,0 +1,1 @@
+"""The leakage audit: which images of one set reappear (same photo, same person) in another."""
