@@ -142,6 +142,19 @@ def test_defaults_are_selected_by_embedder():
         cl.resolve_config(arc, cl.ClusterConfig(max_false_merge=0))
 
 
+def test_a_pool_too_small_for_the_impostor_model_uses_the_fixed_cut():
+    # Nine faces give no strangers past rank 24 to fit the model on: the adaptive cut would call
+    # every pair a stranger and leave only singletons.
+    x, labels = pool(n_ids=2, per=4, n_single=1, noise=0.3)
+    emb = Embeddings(x, [str(i) for i in range(len(x))], "arcface:w600k_r50", "f", "cosine", 0.4)
+    small = cl.resolve_config(emb, faces=len(x))
+    assert small.method == "average" and small.threshold == pytest.approx(0.4)
+    found = cl.cluster(emb)
+    assert score_labels(labels, found).pairwise_f == 1.0
+    big = cl.resolve_config(emb, faces=cl.min_impostor_pool(cl.ClusterConfig()))
+    assert big.method == "impostor"
+
+
 def chain(per: int = 6, seed: int = 3):
     """Identity A, identity B far from A, and a face C close to one A face only (a chain link)."""
     rng = np.random.default_rng(seed)

@@ -12,7 +12,7 @@ import numpy as np
 
 from refface.manifests.embeddings import ARCFACE_THRESHOLD
 from refface.manifests.layout import IDENTITIES
-from refface.mining.impostor import RANK_START
+from refface.mining.impostor import MIN_FIT_RANKS, RANK_START
 from refface.mining.metrics import SINGLETON
 
 log = logging.getLogger(__name__)
@@ -389,13 +389,32 @@ def model_threshold(model: str | None, identity_threshold: float | None, metric:
     return cosine_threshold(identity_threshold, metric)
 
 
-def resolve_config(emb: Any, config: ClusterConfig | None = None) -> ClusterConfig:
+def min_impostor_pool(config: ClusterConfig) -> int:
+    """Fewest faces the impostor model can be fitted on: every face needs neighbours past its own
+    identity's photos (ranks ``rank_start`` onwards) to count strangers with."""
+    return config.rank_start + MIN_FIT_RANKS
+
+
+def resolve_config(emb: Any, config: ClusterConfig | None = None, faces: int | None = None) -> ClusterConfig:
     """Fill what ``config`` leaves open from the embedding model's defaults (``MODEL_DEFAULTS``):
-    the method and, for fixed-cut methods, the threshold. The result is validated."""
+    the method and, for fixed-cut methods, the threshold. The result is validated.
+
+    A pool of ``faces`` too small to fit the impostor model on (:func:`min_impostor_pool`) is
+    clustered by average linkage at the model's measured cut instead: with no strangers to count,
+    an adaptive cut would call every pair a stranger.
+    """
     config = config or ClusterConfig()
     defaults = MODEL_DEFAULTS.get(model_family(emb), MODEL_DEFAULTS["other"])
     if config.method is None:
         config = replace(config, method=defaults["method"])
+    if config.method in ADAPTIVE and faces is not None and faces < min_impostor_pool(config):
+        log.info(
+            "%d faces are too few for the impostor model (needs %d): average linkage at the "
+            "embedding model's cut",
+            faces,
+            min_impostor_pool(config),
+        )
+        config = replace(config, method="average")
     if config.method in ADAPTIVE and config.max_false_merge is None:
         config = replace(config, max_false_merge=defaults.get("max_false_merge", MAX_FALSE_MERGE))
     if config.method == "refldm" and config.threshold is None:
@@ -472,7 +491,7 @@ def cluster_and_radius(
         cfg = replace(cfg, method=method)
     if threshold is not None:
         cfg = replace(cfg, threshold=threshold)
-    result = run_clustering(vectors, resolve_config(emb_or_vectors, cfg))
+    result = run_clustering(vectors, resolve_config(emb_or_vectors, cfg, faces=len(vectors)))
     return result.labels, result.radius
 
 
@@ -535,7 +554,7 @@ def cluster_root(
 
     root = Path(root)
     emb = load_embeddings(root)
-    resolved = resolve_config(emb, config)
+    resolved = resolve_config(emb, config, faces=len(emb.paths))
     inputs = {
         "embeddings_fingerprint": getattr(emb, "fingerprint", None),
         # size + mtime, not a content hash: a 10M x 512 embeddings file would take minutes to hash.
