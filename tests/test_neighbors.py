@@ -126,8 +126,9 @@ def test_choose_index_auto_and_validation():
     assert nb.choose_index(10, "ivf") == "ivf"
     with pytest.raises(ValueError, match="unknown index"):
         nb.choose_index(10, "hnsw")
-    assert nb.default_nlist(1_000_000) == 4000
+    assert nb.default_nlist(1_000_000) == 2048
     assert nb.default_nlist(10) == 1
+    assert nb.default_nlist(10_000_000) == 8192  # the sharded planner's lists at 10M
 
 
 def test_knn_graph_is_symmetric_without_self_loops():

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from refface.manifests.embedding_shards import ShardedEmbeddings
+from refface.mining.neighbors import default_nlist, gpu_available, load_faiss
 
 # Below this many vectors exact search is affordable (and needs no training).
 FLAT_MAX = 1_000_000
@@ -65,17 +66,6 @@ def index_bytes(kind: str, n: int, dim: int, nlist: int = 0, pq_m: int = 0, pq_b
     raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
 
 
-def default_nlist(n: int) -> int:
-    """IVF lists: the power of two nearest 2*sqrt(N), within [16, 262144] and at most N/39.
-
-    FAISS's guideline is 4-16*sqrt(N); the low end keeps the coarse k-means and the per-query
-    centroid scan (N * nlist * D flops in all) affordable on CPUs, and nprobe buys recall back.
-    """
-    target = 2 * math.sqrt(max(n, 1))
-    lists = 2 ** round(math.log2(max(target, 1)))
-    return int(max(1, min(max(16, lists), 262_144, max(1, n // 39))))
-
-
 def available_memory() -> int:
     """Bytes of memory this machine has available now (total when unknown)."""
     try:
@@ -114,8 +104,6 @@ def plan_index(
         nlist, nprobe, pq_m: override the defaults (``default_nlist``; nlist/128 at least 32; D/8).
         rerank: candidate factor of IVF-PQ.
     """
-    from refface.mining.neighbors import gpu_available
-
     if n < 1 or dim < 1:
         raise ValueError(f"need at least one vector of positive dimension, got n={n}, dim={dim}")
     if kind != "auto" and kind not in INDEX_KINDS:
@@ -176,8 +164,6 @@ def build_sharded_index(
     shards: ShardedEmbeddings, plan: IndexPlan, exclude: np.ndarray | None = None, seed: int = 0
 ):
     """Train (on a seeded sample that leaves out ``exclude``) and fill a FAISS index shard by shard."""
-    from refface.mining.neighbors import load_faiss
-
     faiss = load_faiss()
     n, dim = len(shards), shards.dim
     if plan.kind == "flat":

@@ -48,8 +48,15 @@ def choose_index(n: int, index: str = "auto") -> str:
 
 
 def default_nlist(n: int) -> int:
-    """IVF list count: about 4*sqrt(N), at least 1 and never more than N / 39 (FAISS's training floor)."""
-    return int(max(1, min(round(4 * math.sqrt(n)), n // 39 if n >= 39 else 1)))
+    """IVF lists, for the in-memory index and the sharded planner alike: the power of two nearest
+    2*sqrt(N), within [16, 262144] and at most N/39 (FAISS's training floor), at least 1.
+
+    FAISS's guideline is 4-16*sqrt(N); the low end keeps the coarse k-means and the per-query
+    centroid scan (N * nlist * D flops in all) affordable on CPUs, and nprobe buys recall back.
+    """
+    target = 2 * math.sqrt(max(n, 1))
+    lists = 2 ** round(math.log2(max(target, 1)))
+    return int(max(1, min(max(16, lists), 262_144, max(1, n // 39))))
 
 
 def _as_f32(x: np.ndarray) -> np.ndarray:
@@ -101,7 +108,7 @@ def build_index(
         base: (N, D) float vectors.
         index: "auto" (exact below ``EXACT_MAX`` = 1M vectors, IVF from there), "flat" or "ivf".
         nprobe: IVF lists visited per query (recall vs speed).
-        nlist: IVF list count; default about 4*sqrt(N).
+        nlist: IVF list count; default ``default_nlist(N)`` (about 2*sqrt(N)).
         train_size: vectors sampled to train the IVF quantizer; default 32 per list (at least 10k).
         gpu: put the index on GPU; None means "when a FAISS GPU build sees a GPU".
         seed: seed of the training sample.
