@@ -18,6 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from refface import devices
+from refface.evaluation.evaluate import DEFAULT_WEIGHT_FILES
+from refface.mining.attributes import DEEPFACE_WEIGHT_FILES
+from refface.mining.detect import default_model_root, face_recognition_models_dir
+from refface.mining.embed import ARCFACE_FILES
 
 # Published digests of the weights files refface reads: (algorithm, digest, where it is published).
 # "sha256-prefix" is the 8-hex-digit sha256 prefix torch hub puts in the file name.
@@ -142,9 +146,6 @@ def _weights(
     deepface_home: Path | None,
     verify: bool,
 ) -> list[WeightCheck]:
-    from refface.mining.detect import default_model_root, face_recognition_models_dir
-    from refface.mining.embed import ARCFACE_FILES
-
     insight = model_root or default_model_root()
     packs = [insight] if model_root else [insight.parent / pack for pack in ARCFACE_FILES]
     arcface = [p / f for p in packs for f in ARCFACE_FILES.values()]
@@ -154,7 +155,6 @@ def _weights(
         check_file("ArcFace", "embed (--embedder arcface), identity loss, IDS metric", arcface, verify),
         check_file("SCRFD det_10g.onnx", "detect (--detector scrfd)", [insight / "det_10g.onnx"], verify),
     ]
-    from refface.evaluation.evaluate import DEFAULT_WEIGHT_FILES
 
     wdir = weights_dir or Path(os.environ.get("REFFACE_WEIGHTS", "weights"))
     labels = {
@@ -176,7 +176,6 @@ def _weights(
             checks.append(
                 check_file(f"{label} [{fname}]", f"{used} ({protocol} protocol)", [wdir / fname], verify)
             )
-    from refface.mining.attributes import DEEPFACE_WEIGHT_FILES
 
     home = deepface_home or (Path(os.environ["DEEPFACE_HOME"]) if os.environ.get("DEEPFACE_HOME") else None)
     for attr, fname in DEEPFACE_WEIGHT_FILES.items():

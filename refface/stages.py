@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from refface import __version__
+from refface.console import make_progress
 from refface.devices import runtime_devices
+from refface.executors import make_executor
 from refface.manifests.atomic import write_json
 
 log = logging.getLogger(__name__)
@@ -166,9 +168,6 @@ def map_chunks(
     ``executor`` names where chunks run (a key of :data:`refface.executors.EXECUTORS`: ``local``
     process pool, ``ray`` for Ray Data) or is an executor instance; the outputs do not depend on it.
     """
-    from refface.console import make_progress
-    from refface.executors import make_executor
-
     runner = make_executor(executor)
 
     if not collect and (part_path is None or write_part is None):

@@ -570,10 +570,10 @@ def test_negative_attribute_share_reaches_the_training_logs(sd_dir, tmp_path):
 
 
 def _spy_sampler(monkeypatch):
-    import refface.train.mgfr.model as model
+    import refface.train.mgfr.restore as restore
 
     calls = []
-    real = model.sample
+    real = restore.sample
 
     def spy(*args, **kwargs):
         calls.append(
@@ -581,7 +581,7 @@ def _spy_sampler(monkeypatch):
         )
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(model, "sample", spy)
+    monkeypatch.setattr(restore, "sample", spy)  # where restore_folder looks it up
     return calls
 
 

@@ -16,6 +16,7 @@ from refface.manifests.errors import ErrorsTable
 from refface.manifests.layout import EMBEDDINGS_META, IDENTITIES, IMAGES
 from refface.manifests.references import read_references
 from refface.manifests.root import DatasetRoot
+from refface.manifests.splits import read_split_list
 from refface.mining.phash import HASH_COLUMNS, hash_frame, hash_images
 from refface.mining.pipeline import MiningConfig, mine_folder
 
@@ -154,8 +155,6 @@ def _mine(folder: Path, cache: Path, config: AuditConfig) -> Path:
 
 def _listed_paths(source: Path, kind: str) -> list[str]:
     if kind == "split_list":
-        from refface.manifests.splits import read_split_list
-
         return read_split_list(source)
 
     df = read_references(source)

@@ -16,6 +16,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from refface.manifests.atomic import file_digest, sha256_file, write_bytes, write_parquet
+from refface.manifests.embeddings import Embeddings, embeddings_digest, save_embeddings
+from refface.manifests.errors import ErrorsTable, ImageError
+from refface.manifests.io import read_image, write_png
+from refface.manifests.references import read_references
+from refface.manifests.root import DatasetRoot
+from refface.mining.align import ffhq_crop, ffhq_template
+from refface.stages import map_chunks, run_stage
+
 ALIGNED_DIR = "aligned"
 MINED_DIR = "mined"
 GT_DIR = "gt512"
@@ -43,8 +52,6 @@ def eval_names(targets: list[str]) -> dict[str, str]:
 
 def is_ffhq_aligned(landmarks: np.ndarray, width: int, height: int, tol: float = ALIGNED_TOLERANCE) -> bool:
     """Whether a square image's five landmarks already sit on the FFHQ template at its size."""
-    from refface.mining.align import ffhq_template
-
     if width != height:
         return False
     return bool(np.abs(np.asarray(landmarks).reshape(5, 2) - ffhq_template(width)).max() < tol * width)
@@ -53,10 +60,6 @@ def is_ffhq_aligned(landmarks: np.ndarray, width: int, height: int, tol: float =
 def _align_chunk(items: list[tuple[str, list[float], str, int]]) -> list[str]:
     """(source, 10 landmark floats, target, size) -> errors; aligned sources are resized, others warped."""
     import cv2
-
-    from refface.manifests.errors import ImageError
-    from refface.manifests.io import read_image, write_png
-    from refface.mining.align import ffhq_crop
 
     errors = []
     for src, lm, dst, size in items:
@@ -83,13 +86,6 @@ def align_stage(image_root: Path, root: Path, config: Any) -> tuple[dict, bool]:
     source photo, ``prealigned``), the embeddings under the crop names and the errors table.
     """
     import shutil
-
-    from refface.manifests.atomic import file_digest, sha256_file, write_parquet
-    from refface.manifests.embeddings import Embeddings, embeddings_digest, save_embeddings
-    from refface.manifests.errors import ErrorsTable
-    from refface.manifests.root import DatasetRoot
-    from refface.mining.align import ffhq_template
-    from refface.stages import map_chunks, run_stage
 
     mined = root / MINED_DIR
 
@@ -167,16 +163,10 @@ def align_stage(image_root: Path, root: Path, config: Any) -> tuple[dict, bool]:
 
 def gt_folder_stage(root: Path, image_root: Path) -> tuple[dict, bool]:
     """``gt512/<unique stem>.png``: every val/test target at 512x512 (PIL bicubic when resized, RGB)."""
-    from refface.manifests.atomic import file_digest
-    from refface.manifests.references import read_references
-    from refface.stages import run_stage
-
     csvs = [f"{s}_references.csv" for s in ("val", "test")]
 
     def work() -> dict:
         from PIL import Image
-
-        from refface.manifests.atomic import write_bytes
 
         targets: list[str] = []
         for name in csvs:

@@ -9,9 +9,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from refface.builders.validate import label_agreement
 from refface.manifests.atomic import atomic_path, write_text
+from refface.manifests.errors import ErrorsTable
 from refface.manifests.layout import SPLITS, SPLITS_TABLE, references_filename
+from refface.manifests.references import read_references
 from refface.manifests.root import DatasetRoot
+from refface.mining.references import distance_matrix
+from refface.review.stage import card_lines, read_report
 
 PLOTS_DIR = "plots"
 
@@ -24,8 +29,6 @@ def _save(fig, target: Path) -> None:
 
 def reference_distances(root: Path, refs: dict[str, pd.DataFrame]) -> dict[str, np.ndarray]:
     """Target-reference cosine distances per split."""
-    from refface.mining.references import distance_matrix
-
     emb, paths, vectors = DatasetRoot(root).embeddings_by_path()
     row = {p: i for i, p in enumerate(paths)}
     out = {}
@@ -100,10 +103,6 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> str:
 
 def write_card(root: str | Path, config: Any, title: str) -> list[str]:
     """Write ``card.md`` (and plots when ``config.plots``) for a built root; returns relative outputs."""
-    from refface.builders.validate import label_agreement
-    from refface.manifests.errors import ErrorsTable
-    from refface.manifests.references import read_references
-
     root = Path(root)
     assigned = pd.read_parquet(root / SPLITS_TABLE)
     table = assigned
@@ -161,7 +160,6 @@ def write_card(root: str | Path, config: Any, title: str) -> list[str]:
             ),
             "",
         ]
-    from refface.review.stage import card_lines, read_report
 
     lines += card_lines(read_report(root))
     errors = ErrorsTable.read(root).counts_by_stage()

@@ -11,10 +11,26 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from refface.manifests.atomic import write_parquet
+from refface.builders.aligned import gt_folder_stage
+from refface.builders.ffhq_ref import (
+    identity_threshold_of,
+    remove_stale_temps,
+    run_mining,
+    stage_timings,
+    write_build_json,
+)
+from refface.builders.validate import label_agreement
+from refface.manifests.atomic import sha256_file, write_parquet, write_text
+from refface.manifests.errors import ErrorsTable
+from refface.manifests.io import list_images
 from refface.manifests.layout import EMBEDDINGS_NPY, IMAGES, references_filename, split_filename
+from refface.manifests.references import read_references, write_references
 from refface.manifests.root import DatasetRoot
-from refface.mining.references import ReferenceConfig, reference_order
+from refface.manifests.splits import write_split_list
+from refface.mining.references import ReferenceConfig, distance_matrix, reference_order
+from refface.review.corrections import pool_exclusions, read_corrections
+from refface.review.stage import card_lines
+from refface.stages import run_stage
 
 TARGETS_DIR = "mined/targets"
 POOL_DIR = "mined/pool"
@@ -81,7 +97,6 @@ def lq_lookup(lq_root: Path | None) -> dict[str, str]:
     """LQ files by stem (relative paths), so ``00001.png`` finds ``00001.jpg`` or ``sub/00001.png``."""
     if lq_root is None:
         return {}
-    from refface.manifests.io import list_images
 
     out: dict[str, str] = {}
     for rel in list_images(lq_root):
@@ -96,8 +111,6 @@ def consistent_candidates(target: np.ndarray, cand: np.ndarray, threshold: float
     sampling, so candidates are pruned like average linkage: while the candidate with the largest mean
     distance to the rest of {target} + candidates is above the threshold, it is dropped.
     """
-    from refface.mining.references import distance_matrix
-
     group = np.vstack([target[None, :], cand])
     dist = distance_matrix(group, group, "cosine")
     alive = np.ones(len(group), dtype=bool)
@@ -154,20 +167,6 @@ def build_celeba_test_ref(
     Returns:
         Summary counts (targets, targets with references, mean references, errors, root).
     """
-    from refface.builders.ffhq_ref import (
-        identity_threshold_of,
-        remove_stale_temps,
-        run_mining,
-        stage_timings,
-        write_build_json,
-    )
-    from refface.manifests.atomic import sha256_file
-    from refface.manifests.errors import ErrorsTable
-    from refface.manifests.io import list_images
-    from refface.manifests.references import write_references
-    from refface.manifests.splits import write_split_list
-    from refface.stages import run_stage
-
     config = config or CelebATestRefConfig()
     targets_dir, pool_dir, root = Path(targets_dir), Path(pool_dir), Path(out_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -190,8 +189,6 @@ def build_celeba_test_ref(
         t_sha, p_sha = _sha_by_path(root / TARGETS_DIR), _sha_by_path(root / POOL_DIR)
         correction_report = None
         if config.corrections:
-            from refface.review.corrections import pool_exclusions, read_corrections
-
             drop_t, drop_p, correction_report = pool_exclusions(read_corrections(config.corrections), tp, pp)
             keep_t = [i for i, p in enumerate(tp) if p not in drop_t]
             keep_p = [i for i, p in enumerate(pp) if p not in drop_p]
@@ -257,7 +254,6 @@ def build_celeba_test_ref(
     start = time.perf_counter()
     manifest, _ = run_stage(root, "celeba_test_ref", cfg, inputs, work)
     timings["references"] = round(time.perf_counter() - start, 3)
-    from refface.manifests.references import read_references
 
     df = read_references(root / references_filename("test"))
     summary: dict[str, Any] = {
@@ -273,7 +269,6 @@ def build_celeba_test_ref(
         corrections = {"file": str(Path(corrections_file).resolve()), **corrections}
         corrections["sha256"] = sha256_file(corrections_file)
     write_card_celeba(root, config, summary, corrections)
-    from refface.builders.aligned import gt_folder_stage
 
     gt_folder_stage(root, targets_dir)
     extra = {
@@ -300,9 +295,6 @@ def write_card_celeba(
     root: Path, config: CelebATestRefConfig, summary: dict, corrections: dict | None = None
 ) -> None:
     """A short card: counts, reference-count distribution and the rules used."""
-    from refface.manifests.atomic import write_text
-    from refface.manifests.references import read_references
-
     df = read_references(root / references_filename("test"))
     hist = df["ref_image"].map(len).value_counts().sort_index()
     lines = ["# CelebA-Test-Ref-style test set", "", "| what | value |", "|---|---|"]
@@ -310,16 +302,12 @@ def write_card_celeba(
     lines += ["", "## References per target", "", "| references | targets |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in hist.items()]
     if config.labels:
-        from refface.builders.validate import label_agreement
-
         agree = label_agreement({"test": df}, pd.read_csv(config.labels, dtype=str, keep_default_na=False))
         lines += ["", "## Agreement with known labels", "", "| what | value |", "|---|---|"]
         lines += [
             f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in agree.items()
         ]
     if corrections:
-        from refface.review.stage import card_lines
-
         lines += ["", *card_lines(corrections)]
     rules = {
         k: v

@@ -18,8 +18,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from refface.builders.aligned import eval_names
+from refface.degradations import Degrader, PresetConfig, get_preset
+from refface.degradations.degrader import prepare_input
 from refface.manifests.atomic import write_json, write_parquet, write_text
+from refface.manifests.errors import ErrorsTable, ImageError
+from refface.manifests.io import list_images, read_image, write_png
 from refface.manifests.layout import BUILD, references_filename
+from refface.stages import fingerprint, folder_fingerprint, map_chunks
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +81,6 @@ def resolve_target(target: str | Path, images: str | Path | None = None) -> Targ
     Raises:
         ValueError: missing target, no image root for a dataset, or nothing to degrade.
     """
-    from refface.manifests.io import list_images
-
     root = Path(target)
     if not root.exists():
         raise ValueError(f"target not found: {root}")
@@ -104,7 +108,6 @@ def resolve_target(target: str | Path, images: str | Path | None = None) -> Targ
             items.update(v for v in df["gt_image"] if v)
         if not items:
             raise ValueError(f"no targets listed in {', '.join(c.name for c in csvs)}")
-        from refface.builders.aligned import eval_names
 
         return Target("dataset", root, image_root, sorted(items), csvs, eval_names(sorted(items)))
     if not root.is_dir():
@@ -158,8 +161,6 @@ def degrade_chunk(
     """Degrade one chunk of targets; pure apart from writing each PNG atomically. Picklable."""
     from threadpoolctl import threadpool_limits
 
-    from refface.degradations import Degrader, PresetConfig
-
     cfg = PresetConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in preset.items()})
     degrader = Degrader(cfg, seed=seed, fast=fast, tolerance=tolerance)
     # One BLAS thread whatever the caller set, so the bytes never depend on the worker count.
@@ -174,10 +175,6 @@ def degrade_chunk(
 
 def _degrade_one(rel: str, image_root: Path, set_dir: Path, degrader, name: str) -> dict:
     """One target: its params row, or an error row with the reason."""
-    from refface.degradations.degrader import prepare_input
-    from refface.manifests.errors import ImageError
-    from refface.manifests.io import read_image, write_png
-
     out_path = set_dir / name
     try:
         img = read_image(image_root / rel)
@@ -229,10 +226,6 @@ def _claim_set_dir(set_dir: Path, preset: dict, config: DegradeConfig) -> None:
 
 def degrade_set(target: Target, out: Path, preset_name: str, config: DegradeConfig) -> dict:
     """Write one LQ set; skipped when its manifest matches. Returns the set's summary."""
-    from refface.degradations import get_preset
-    from refface.manifests.errors import ErrorsTable
-    from refface.stages import fingerprint, folder_fingerprint, map_chunks
-
     preset = get_preset(preset_name)
     set_dir = out / preset.set_name
     fp = fingerprint(

@@ -13,12 +13,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from refface.manifests.atomic import file_digest, sha256_file, write_json, write_parquet
+from refface.builders.aligned import ALIGNED_DIR, MINED_DIR, align_stage, eval_names, gt_folder_stage
+from refface.builders.card import write_card
+from refface.manifests.atomic import file_digest, sha256_file, write_json, write_parquet, write_text
 from refface.manifests.embeddings import embeddings_digest
+from refface.manifests.errors import ErrorsTable
+from refface.manifests.io import list_images
 from refface.manifests.layout import ATTRIBUTES, EMBEDDINGS_META, IMAGES, SPLITS, references_filename
+from refface.manifests.references import read_references, write_references
 from refface.manifests.root import DatasetRoot
-from refface.mining.references import ReferenceConfig
-from refface.mining.splits import SplitConfig
+from refface.manifests.splits import write_split_lists
+from refface.mining.cluster import ClusterConfig, cluster_root, default_threshold
+from refface.mining.pipeline import MiningConfig, mine_folder
+from refface.mining.references import ReferenceConfig, estimated_reference_precision, select_references
+from refface.mining.splits import SplitConfig, assign_splits, split_summary
+from refface.review.stage import corrections_stage
+from refface.stages import fingerprint, folder_fingerprint, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +146,6 @@ class FFHQRefConfig:
 
 def mining_config(config: Any, exclude: tuple[str, ...] = ()):
     """The mining core's config from a builder config: every field the two share is passed on."""
-    from refface.mining.pipeline import MiningConfig
-
     names = {f.name for f in fields(MiningConfig)} - set(exclude)
     values = {k: v for k, v in asdict(config).items() if k in names}
     return MiningConfig(**values)
@@ -160,8 +168,6 @@ def package_versions() -> dict[str, str]:
 
 def run_mining(image_root: Path, root: Path, config: Any, exclude: tuple[str, ...] = ()) -> dict:
     """Mine ``image_root`` into ``root`` (the mining core skips its own unchanged stages)."""
-    from refface.mining.pipeline import mine_folder
-
     start = time.perf_counter()
     mine_folder(image_root, root, mining_config(config, exclude))
     return {"seconds": round(time.perf_counter() - start, 3)}
@@ -193,8 +199,6 @@ def identity_threshold_of(emb, config: Any) -> float:
     One number serves both the clusters and the reference rule, so a reference is never farther from
     its target than the bar that put them in one identity.
     """
-    from refface.mining.cluster import default_threshold
-
     if config.identity_threshold is not None:
         return float(config.identity_threshold)
     return default_threshold(emb, config.cluster_method or "components")
@@ -202,8 +206,6 @@ def identity_threshold_of(emb, config: Any) -> float:
 
 def identities_stage(root: Path, config: Any) -> tuple[dict, bool]:
     """identities.parquet (path, identity, cluster_size) via the mining core's clustering stage."""
-    from refface.mining.cluster import ClusterConfig, cluster_root
-
     return cluster_root(
         root,
         ClusterConfig(
@@ -217,8 +219,6 @@ def identities_stage(root: Path, config: Any) -> tuple[dict, bool]:
 def corrected_paths(root: Path, config: Any, producer: str, all_paths: list[str]) -> tuple[list[str], dict]:
     """Apply ``config.corrections`` to identities.parquet (stage ``corrections``); the paths left after
     dropped images are removed, and what build.json records about the corrections."""
-    from refface.review.stage import corrections_stage
-
     report = corrections_stage(root, getattr(config, "corrections", None), producer)
     if report is None:
         return all_paths, {}
@@ -270,8 +270,6 @@ def _hashes(root: Path, paths: list[str]) -> list[str] | None:
 
 def eval_eligible(root: Path, config: Any, table: pd.DataFrame) -> set[int]:
     """Identities in which at least one target would get ``min_refs`` val/test references."""
-    from refface.mining.references import select_references
-
     emb, paths, vectors = DatasetRoot(root).embeddings_by_path()
     label_of = dict(zip(table["path"], table["identity"], strict=True))
     labels = np.array([label_of.get(p, -1) for p in paths])
@@ -291,9 +289,6 @@ def eval_eligible(root: Path, config: Any, table: pd.DataFrame) -> set[int]:
 
 def splits_stage(root: Path, config: Any, all_paths: list[str]) -> tuple[dict, bool]:
     """{train,val,test}_image.txt + splits.parquet: identity-disjoint, covering every input image."""
-    from refface.manifests.splits import write_split_lists
-    from refface.mining.splits import assign_splits, split_summary
-    from refface.stages import fingerprint, run_stage
 
     def work() -> dict:
         table = covering_table(root, all_paths)
@@ -319,9 +314,6 @@ def splits_stage(root: Path, config: Any, all_paths: list[str]) -> tuple[dict, b
 
 def references_stage(root: Path, config: Any) -> tuple[dict, bool]:
     """train/val/test_references.csv in ReF-LDM's format (paths relative to the image root)."""
-    from refface.manifests.references import write_references
-    from refface.mining.references import select_references
-    from refface.stages import run_stage
 
     def work() -> dict:
         emb, paths, vectors = DatasetRoot(root).embeddings_by_path()
@@ -342,7 +334,6 @@ def references_stage(root: Path, config: Any) -> tuple[dict, bool]:
             sha256=_hashes(root, paths),
             impostor=impostor_of(root, paths),
         )
-        from refface.builders.aligned import eval_names
 
         estimate = estimate_reference_precision(root, paths, vectors, labels, refs)
         rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
@@ -393,8 +384,6 @@ def impostor_of(root: Path, paths: list[str]) -> tuple[np.ndarray, float] | None
 def estimate_reference_precision(root: Path, paths, vectors, labels, refs) -> dict | None:
     """Label-free estimate of the share of references that show the target's person, from the
     impostor model the clustering fitted (None when the clustering fitted none)."""
-    from refface.mining.references import estimated_reference_precision
-
     model = impostor_of(root, paths)
     if model is None:
         return None
@@ -403,8 +392,6 @@ def estimate_reference_precision(root: Path, paths, vectors, labels, refs) -> di
 
 def card_stage(root: Path, config: Any, title: str, extra_inputs: dict | None = None) -> tuple[dict, bool]:
     """card.md + plots/*.png from the finished tables (no timings, so the card is reproducible)."""
-    from refface.builders.card import write_card
-    from refface.stages import run_stage
 
     def work() -> dict:
         outputs = write_card(root, config, title)
@@ -446,8 +433,6 @@ def stage_devices(root: Path) -> dict[str, dict]:
 
 
 def error_counts(root: Path) -> dict[str, int]:
-    from refface.manifests.errors import ErrorsTable
-
     return ErrorsTable.read(root).counts_by_stage()
 
 
@@ -467,8 +452,6 @@ def write_build_json(
     ``source``: the input folder and files when the build runs on derived images (aligned crops); the
     input fingerprint is then theirs.
     """
-    from refface.stages import folder_fingerprint
-
     model = {}
     emb_json = (embeddings_root or root) / EMBEDDINGS_META
     if emb_json.exists():
@@ -517,7 +500,6 @@ def build_summary(root: Path) -> dict:
         "identities": int(table.loc[table["identity"] >= 0, "identity"].nunique()),
         "singletons": int((table["identity"] < 0).sum()),
     }
-    from refface.manifests.references import read_references
 
     for split in SPLITS:
         out[f"{split}_images"] = int((assigned["split"] == split).sum())
@@ -544,9 +526,6 @@ def build_ffhq_ref(
     Returns:
         Summary counts (images, identities, per-split images and targets, errors, root).
     """
-    from refface.builders.aligned import ALIGNED_DIR, MINED_DIR, align_stage
-    from refface.manifests.io import list_images
-
     config = config or FFHQRefConfig()
     source_root = Path(images_dir)
     root = Path(out_root)
@@ -586,8 +565,6 @@ def build_mined(
     source: tuple[Path, list[str]] | None = None,
 ) -> dict:
     """The stages after mining: identities, corrections, splits, references, gt512, card, build.json."""
-    from refface.builders.aligned import gt_folder_stage
-
     identities_stage(root, config)
     kept, extra = corrected_paths(root, config, "identities", all_paths)
     splits_stage(root, config, kept)
@@ -603,7 +580,6 @@ def labels_on_crops(root: Path, config: Any) -> Any:
     """Known labels name source photos; the card needs them under the crop names (``labels.csv``)."""
     if not config.labels:
         return config
-    from refface.manifests.atomic import write_text
 
     labels = pd.read_csv(config.labels, dtype=str, keep_default_na=False)[["path", "identity"]]
     sources = pd.read_parquet(root / "sources.parquet")[["path", "source"]]

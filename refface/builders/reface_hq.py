@@ -12,10 +12,31 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from refface.builders.ffhq_ref import FFHQRefConfig
-from refface.manifests.atomic import write_parquet, write_text
+from refface.builders.aligned import gt_folder_stage
+from refface.builders.ffhq_ref import (
+    FFHQRefConfig,
+    build_summary,
+    card_stage,
+    corrected_paths,
+    identity_threshold_of,
+    references_stage,
+    remove_stale_temps,
+    run_mining,
+    splits_stage,
+    stage_timings,
+    write_build_json,
+)
+from refface.evaluation.evaluate import load_niqe_params, niqe
+from refface.manifests.atomic import file_digest, sha256_file, write_parquet, write_text
+from refface.manifests.embeddings import Embeddings, embeddings_digest, save_embeddings
+from refface.manifests.errors import ErrorsTable, ImageError
+from refface.manifests.io import list_images, read_image, write_png
 from refface.manifests.layout import FACES, IDENTITIES, IMAGES
 from refface.manifests.root import DatasetRoot
+from refface.mining.align import ffhq_crop
+from refface.mining.quality import sharpness
+from refface.mining.references import distance_matrix
+from refface.stages import map_chunks, run_stage
 
 MINED_DIR = "mined"
 IMAGES_DIR = "images"
@@ -147,8 +168,6 @@ def curate(
     Returns:
         (kept: ``path, folder, identity_name`` sorted by identity then path, dropped: ``path, reason``).
     """
-    from refface.mining.references import distance_matrix
-
     paths = faces["path"].tolist()
     dropped: dict[int, str] = {i: reason for i, (_, reason) in screen(faces, config).items()}
     dropped.update(rejected or {})
@@ -227,11 +246,6 @@ def curate(
 def _crop_chunk(items: list[tuple[int, str, list[float], str, int, str | None]]) -> list[tuple]:
     """Align, measure and stage crops: (row, source file, 10 landmark floats, staged file, size, NIQE
     model or None) -> (row, error or None, sharpness, NIQE)."""
-    from refface.manifests.errors import ImageError
-    from refface.manifests.io import read_image, write_png
-    from refface.mining.align import ffhq_crop
-    from refface.mining.quality import sharpness
-
     out: list[tuple[int, str | None, float, float]] = []
     for row, src, lm, dst, size, niqe_params in items:
         try:
@@ -245,15 +259,11 @@ def _crop_chunk(items: list[tuple[int, str, list[float], str, int, str | None]])
 
 
 def _niqe(crop: np.ndarray, params_path: str) -> float:
-    from refface.evaluation.evaluate import niqe
-
     return niqe(crop, _niqe_model(params_path))
 
 
 @functools.lru_cache(maxsize=2)
 def _niqe_model(path: str) -> dict:
-    from refface.evaluation.evaluate import load_niqe_params
-
     return load_niqe_params(path)
 
 
@@ -275,12 +285,6 @@ def quality_rejections(quality: pd.DataFrame, config: RefaceHQConfig) -> dict[in
 
 def curate_stage(folders: Path, root: Path, config: RefaceHQConfig) -> tuple[dict, bool]:
     """Curate the mined photos into ``images/<identity>/<n>.png`` plus the tables the later stages read."""
-    from refface.builders.ffhq_ref import identity_threshold_of
-    from refface.manifests.atomic import file_digest, sha256_file
-    from refface.manifests.embeddings import Embeddings, embeddings_digest, save_embeddings
-    from refface.manifests.errors import ErrorsTable
-    from refface.stages import map_chunks, run_stage
-
     mined = root / MINED_DIR
 
     def work() -> dict:
@@ -418,20 +422,6 @@ def build_reface_hq(
     Returns:
         Summary counts (kept images, identities, merged folders, dropped photos, per-split targets).
     """
-    from refface.builders.aligned import gt_folder_stage
-    from refface.builders.ffhq_ref import (
-        build_summary,
-        card_stage,
-        corrected_paths,
-        references_stage,
-        remove_stale_temps,
-        run_mining,
-        splits_stage,
-        stage_timings,
-        write_build_json,
-    )
-    from refface.manifests.io import list_images
-
     config = config or RefaceHQConfig()
     folders, root = Path(folders_dir), Path(out_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -481,6 +471,4 @@ def build_reface_hq(
 
 
 def file_digest_or_none(path: Path) -> str | None:
-    from refface.manifests.atomic import sha256_file
-
     return sha256_file(path) if path.exists() else None

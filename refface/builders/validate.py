@@ -9,8 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from refface.console import track
+from refface.manifests.errors import ImageError
+from refface.manifests.io import read_image
 from refface.manifests.layout import BUILD, IDENTITIES, SPLITS, references_filename, split_filename
+from refface.manifests.references import read_references
 from refface.manifests.root import PathEscapesRoot, safe_relative
+from refface.manifests.splits import read_split_list
 
 # Published FFHQ-Ref keeps the CSVs and split lists in these subfolders.
 PUBLISHED_DIRS = {"references": "reference_mapping", "splits": "id_based_ffhq_split"}
@@ -111,8 +116,6 @@ def validate_root(
     Returns:
         A :class:`ValidationReport`; ``report.ok`` is False when anything is wrong.
     """
-    from refface.manifests.references import read_references
-
     root = Path(root)
     report = ValidationReport()
     build = {}
@@ -190,7 +193,6 @@ def validate_root(
         if path is None:
             continue
         lists_found = True
-        from refface.manifests.splits import read_split_list
 
         twice = []
         for p in read_split_list(path):
@@ -247,10 +249,6 @@ def validate_root(
 
 
 def _check_files(wanted: dict[Path, str], decode: bool) -> tuple[list[str], list[str]]:
-    from refface.console import track
-    from refface.manifests.errors import ImageError
-    from refface.manifests.io import read_image
-
     missing, broken = [], []
     for path in track(sorted(wanted), "checking files"):
         if not path.is_file():

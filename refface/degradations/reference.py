@@ -17,6 +17,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from refface.degradations.ops import noise_rng
+
 
 class ReferenceUnavailable(RuntimeError):
     """BasicSR is not installed; the message says how to install it."""
@@ -127,8 +129,6 @@ def basicsr_degrade(
     if params["noise_type"] == "gaussian" and own_noise:
         img = bsr.add_gaussian_noise(img, params["noise_sigma"], gray_noise=params["noise_gray"])
     elif params["noise_type"] == "gaussian":
-        from refface.degradations.ops import noise_rng
-
         rng = noise_rng(params["noise_seed"])
         shape = img.shape[:2] if params["noise_gray"] else img.shape
         field = rng.standard_normal(shape, dtype=np.float32)

@@ -12,6 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from refface.console import track
+from refface.evaluation.imresize import imresize
+from refface.evaluation.musiq import load_musiq
+from refface.evaluation.parsing import LabelMaps, ParsingModel
+from refface.manifests.atomic import write_text
+from refface.manifests.errors import ErrorsTable, ImageError
+from refface.manifests.io import list_images, read_image
+
 # The LPIPS-box region: hair and background do not count.
 from refface.mining.quality import FACE_BOX
 
@@ -208,8 +216,6 @@ def niqe_features(rgb: np.ndarray, block: int = 96, window: np.ndarray | None = 
     """NIQE patch features ``(patches, 36)`` of one uint8 RGB image at two scales (BasicSR's form)."""
     from scipy.ndimage import convolve
 
-    from refface.evaluation.imresize import imresize
-
     window = _gaussian_window() if window is None else window
     img = _y_channel(rgb).round()
     nh, nw = img.shape[0] // block, img.shape[1] // block
@@ -349,6 +355,7 @@ def load_models(
             raise FileNotFoundError(f"no {attr} file given; pass the path to {WEIGHT_SOURCES[attr]}")
         return value
 
+    # Lazy: these load torch, and builders (Reface-HQ's NIQE) and doctor import this module without it.
     from refface.train.refldm.identity import load_arcface
     from refface.train.refldm.lpips import LPIPS
 
@@ -362,7 +369,6 @@ def load_models(
         )
     if protocol == "refldm":
         from refface.evaluation import fid, niqe
-        from refface.evaluation.musiq import load_musiq
 
         models.niqe_params = attempt("niqe", lambda: niqe.load_params(weights.niqe_params))
         models.musiq = attempt("musiq", lambda: load_musiq(need("musiq")))
@@ -382,8 +388,6 @@ def load_models(
 
 def load_parser(source: str | os.PathLike):
     """Face-parsing labels for fLPIPS: a folder of ``<stem>.npy|png`` label maps or an ONNX parser."""
-    from refface.evaluation.parsing import LabelMaps, ParsingModel
-
     return LabelMaps(source) if Path(source).is_dir() else ParsingModel(source)
 
 
@@ -397,7 +401,6 @@ def pair_images(restored: Path, gt: Path, refs_csv: str | os.PathLike | None = N
     Returns:
         ``(pairs, missing)``: ``[(key, restored_path, gt_path)]`` and GT-less restored keys.
     """
-    from refface.manifests.io import list_images
 
     def by_stem(root: Path) -> dict[str, Path]:
         return {str(Path(p).with_suffix("")): root / p for p in list_images(root)}
@@ -483,10 +486,7 @@ def evaluate_folders(
     """
     import torch
 
-    from refface.console import track
     from refface.evaluation import protocol as refldm
-    from refface.manifests.errors import ErrorsTable, ImageError
-    from refface.manifests.io import read_image
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -597,8 +597,6 @@ def markdown_table(results: list[EvalResult]) -> str:
 def write_tables(result: EvalResult, out: Path) -> dict[str, str]:
     """Write ``metrics.csv`` / ``metrics.md`` (Table 7 layout), ``per_image.csv`` and ``errors.csv``."""
     import pandas as pd
-
-    from refface.manifests.atomic import write_text
 
     out.mkdir(parents=True, exist_ok=True)
     summary = {"method": result.name, "protocol": result.protocol, "images": len(result.per_image)}

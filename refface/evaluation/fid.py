@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from refface.evaluation.inception import FID_WEIGHTS_FILE, FIDInceptionV3
+
 INPUT_SIZE = 299
 # clean-fid's reference statistics, the ones ReF-LDM's eval.py compares against.
 FFHQ_STATS_FILE = "ffhq_clean_trainval70k_512.npz"
@@ -44,8 +46,6 @@ class TorchScriptInception:
 
 def load_feature_network(path: str | os.PathLike):
     """pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` or clean-fid's TorchScript ``.pt``."""
-    from refface.evaluation.inception import FID_WEIGHTS_FILE, FIDInceptionV3
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(

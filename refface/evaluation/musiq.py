@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from refface.evaluation.iqa import unit_float
+
 WEIGHTS_FILE = "musiq_koniq_ckpt-e95806b9.pth"
 
 
@@ -32,8 +34,6 @@ def load_musiq(path: str | os.PathLike):
     metric = pyiqa.create_metric("musiq", device="cpu", pretrained_model_path=str(path))
 
     def score(rgb):
-        from refface.evaluation.iqa import unit_float
-
         return float(metric(unit_float(rgb)))
 
     return score

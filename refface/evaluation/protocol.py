@@ -16,14 +16,17 @@ from typing import Any
 
 import numpy as np
 
+from refface.evaluation import fid, identity, iqa, niqe
+from refface.evaluation.iqa import unit_float
+from refface.evaluation.parsing import face_mask
+from refface.manifests.errors import ImageError
+
 SIZE = (512, 512)
 
 
 def read_official(path: str | os.PathLike, size: tuple[int, int] | None = SIZE) -> np.ndarray:
     """uint8 RGB as ``eval.py`` reads it: resize (PIL default filter) before the RGB conversion."""
     from PIL import Image, UnidentifiedImageError
-
-    from refface.manifests.errors import ImageError
 
     try:
         with Image.open(str(path)) as img:
@@ -59,15 +62,11 @@ def pair_flat(restored: Path, gt: Path, refs_csv: str | os.PathLike | None = Non
 
 
 def _tensor(rgb: np.ndarray):
-    from refface.evaluation.iqa import unit_float
-
     return unit_float(rgb) * 2.0 - 1.0
 
 
 def score_pair(models: Any, key: str, pred: np.ndarray, gt: np.ndarray, errors, path: str) -> dict:
     """One row of per-image metrics under the ReF-LDM protocol (unavailable metrics are left out)."""
-    from refface.evaluation import identity, iqa, niqe
-
     row: dict[str, Any] = {"key": key, "psnr": iqa.psnr(pred, gt), "ssim": iqa.ssim(pred, gt)}
     if models.arcface is not None:
         row["ids"] = identity.ids(models.arcface, pred, gt)
@@ -90,15 +89,11 @@ def score_pair(models: Any, key: str, pred: np.ndarray, gt: np.ndarray, errors, 
 
 
 def parsing_mask(parser, key: str, gt: np.ndarray) -> np.ndarray:
-    from refface.evaluation.parsing import face_mask
-
     return face_mask(parser(key, gt))[..., None]
 
 
 def set_fid(models: Any, restored_files: list[Path], gt_files: list[Path]) -> float:
     """FID of the restored files (as stored, clean mode) against the reference stats or the GT set."""
-    from refface.evaluation import fid
-
     if models.feature_net is None:
         return math.nan
     feats = fid.image_features([read_official(p, None) for p in restored_files], models.feature_net)

@@ -16,6 +16,8 @@ import types
 from pathlib import Path
 from typing import Any
 
+from refface.manifests.io import list_images
+
 INSTALL_HINT = "pip install --no-deps pyiqa==0.1.16 clean-fid==0.1.35"
 MODULES = ("ssim_arch", "psnr_arch", "niqe_arch", "fid_arch")
 
@@ -29,8 +31,6 @@ def _no_download(url, *args, **kwargs):
 
 
 def _scandir_images(folder):
-    from refface.manifests.io import list_images
-
     return [str(Path(folder) / p) for p in list_images(folder)]
 
 

@@ -24,7 +24,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from refface.console import track
 from refface.manifests.atomic import write_text
+from refface.manifests.io import read_image, write_png
+from refface.manifests.webdataset import sample_key, unique_keys
 
 from .source import ExportSource, read_source
 
@@ -43,15 +46,11 @@ class BasicSRExportConfig:
 
 
 def flat_key(path: str) -> str:
-    from refface.manifests.webdataset import sample_key
-
     return sample_key(path)
 
 
 def _place(source_file: Path, target: Path, copy: bool) -> tuple[int, int, int]:
     """Put ``source_file`` at ``target`` (PNG): a link when possible; returns (h, w, c)."""
-    from refface.manifests.io import read_image, write_png
-
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.is_symlink() or target.exists():
         target.unlink()
@@ -73,8 +72,6 @@ def _meta_line(name: str, shape: tuple[int, int, int]) -> str:
 
 def export_basicsr(root: str | Path, out: str | Path, config: BasicSRExportConfig | None = None) -> dict:
     """Write the BasicSR folders of a built root; returns a summary."""
-    from refface.console import track
-
     config = config or BasicSRExportConfig()
     source = read_source(root)
     out = Path(out)
@@ -144,8 +141,6 @@ def export_basicsr(root: str | Path, out: str | Path, config: BasicSRExportConfi
 
 
 def _keys(source: ExportSource) -> dict[str, str]:
-    from refface.manifests.webdataset import unique_keys
-
     paths = sorted({p for rows in source.splits.values() for p in rows.paths})
     return dict(zip(paths, unique_keys(paths), strict=True))
 

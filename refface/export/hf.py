@@ -24,7 +24,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from refface.console import track
 from refface.manifests.atomic import atomic_path, write_text
+from refface.mining.attributes import attrs_record
 
 from .source import ExportSource, SplitRows, read_source
 
@@ -91,8 +93,6 @@ def _yaml_feature(name: str, feature: dict) -> dict:
 
 def attributes_of(source: ExportSource, path: str) -> tuple[str, dict[str, str]]:
     """(attributes JSON, prompts) of an image, as the shard writer records them."""
-    from refface.mining.attributes import attrs_record
-
     record = attrs_record(source.attributes.get(path))
     prompts = {p: str(record.pop(p, "")) for p in PROMPTS}
     return json.dumps(record, sort_keys=True), prompts
@@ -140,8 +140,6 @@ def shard_names(split: str, n: int) -> list[str]:
 
 def export_hf(root: str | Path, out: str | Path, config: HFExportConfig | None = None) -> dict:
     """Write the Hugging Face dataset folder of a built root; returns a summary."""
-    from refface.console import track
-
     config = config or HFExportConfig()
     source = read_source(root)
     out = Path(out)

@@ -16,7 +16,9 @@ from typing import Any
 import pandas as pd
 
 from refface.manifests.layout import references_filename
+from refface.manifests.references import read_references
 from refface.manifests.root import DatasetRoot
+from refface.manifests.splits import read_split_lists
 
 SPLITS = ("train", "val", "test")
 PARAMS_SKIP = ("gt_image", "lq_image", "status", "reason")
@@ -112,9 +114,6 @@ def read_lq_sets(root: Path) -> list[LQSet]:
 
 def read_source(root: str | Path, splits: tuple[str, ...] = SPLITS) -> ExportSource:
     """Read a built root's split lists, identities, reference CSVs, LQ sets and attributes."""
-    from refface.manifests.references import read_references
-    from refface.manifests.splits import read_split_lists
-
     dataset = DatasetRoot(root)
     root = dataset.path
     build = dataset.build_record()

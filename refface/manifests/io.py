@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from refface.manifests.atomic import write_bytes
 from refface.manifests.errors import ImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -101,6 +102,4 @@ def encode_png(rgb: np.ndarray, compress_level: int = 6) -> bytes:
 
 
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
-    from refface.manifests.atomic import write_bytes
-
     write_bytes(path, encode_png(rgb))

@@ -18,8 +18,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from refface.console import track
+from refface.manifests.atomic import write_parquet
+from refface.manifests.errors import ErrorsTable, ImageError
+from refface.manifests.io import read_image
 from refface.manifests.layout import ATTRIBUTES
 from refface.manifests.root import DatasetRoot
+from refface.mining.clip_attributes import ClipAttributeAnalyzer
+from refface.mining.vocabulary import load_thresholds, summarize_scores, vocabulary_columns
+from refface.stages import folder_fingerprint, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +200,6 @@ class TorchAttributeAnalyzer:
 
 
 def _clip_analyzer(cfg: AttributesConfig):
-    from refface.mining.clip_attributes import ClipAttributeAnalyzer
-
     return ClipAttributeAnalyzer(cfg.clip_model, device=cfg.device)
 
 
@@ -241,8 +246,6 @@ def summarize(
     reach ``thresholds``) or age plus gender/race/emotion scores.
     """
     if "groups" in raw:
-        from refface.mining.vocabulary import load_thresholds, summarize_scores
-
         return summarize_scores(path, raw["groups"], thresholds or load_thresholds(None))
     row: dict[str, Any] = {"path": path, "age": float(raw["age"])}
     for name in ("gender", "race", "emotion"):
@@ -266,11 +269,6 @@ def analyze_images(
     Returns:
         DataFrame with :data:`ATTRIBUTE_COLUMNS`, one row per readable image, in ``paths`` order.
     """
-    from refface.console import track
-    from refface.manifests.errors import ImageError
-    from refface.manifests.io import read_image
-    from refface.mining.vocabulary import load_thresholds
-
     thresholds = load_thresholds(config.thresholds)
     rows: list[dict[str, Any]] = []
     batch_paths: list[str] = []
@@ -303,8 +301,6 @@ def analyze_images(
 def columns_of(backend: str) -> list[str]:
     """The attributes table's columns for a backend (the vocabulary's for ``clip``)."""
     if backend == "clip":
-        from refface.mining.vocabulary import vocabulary_columns
-
         return vocabulary_columns()
     return ATTRIBUTE_COLUMNS
 
@@ -346,10 +342,6 @@ def run_attributes(
     Returns:
         (stage manifest, ran) as :func:`refface.stages.run_stage` returns them.
     """
-    from refface.manifests.atomic import write_parquet
-    from refface.manifests.errors import ErrorsTable
-    from refface.stages import folder_fingerprint, run_stage
-
     config = config or AttributesConfig()
     config.validate()
     dataset = DatasetRoot(root)
@@ -358,8 +350,6 @@ def run_attributes(
     paths = dataset.image_paths()
     inputs: dict[str, Any] = {"images": folder_fingerprint(image_root, paths)}
     if config.thresholds:
-        from refface.mining.vocabulary import load_thresholds
-
         inputs["thresholds"] = load_thresholds(config.thresholds)
 
     def work() -> dict:

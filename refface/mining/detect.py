@@ -10,7 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from refface import devices
+from refface.devices import note_device
 from refface.manifests.errors import ImageError
+from refface.mining.align import FFHQ_TEMPLATE_512
 
 log = logging.getLogger(__name__)
 
@@ -313,8 +316,6 @@ def onnx_providers() -> list[str]:
     """
     import onnxruntime as ort
 
-    from refface import devices
-
     available = ort.get_available_providers()
     devices.check_onnx_gpu(available)
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
@@ -323,8 +324,6 @@ def onnx_providers() -> list[str]:
 def onnx_session(path: Path, threads: int = 1):
     """An onnxruntime session; few intra-op threads because workers are already processes."""
     import onnxruntime as ort
-
-    from refface.devices import note_device
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -416,8 +415,6 @@ class PrealignedDetector:
     """FFHQ-aligned inputs: no detection; the landmarks are the FFHQ template scaled to the image."""
 
     def __call__(self, img: np.ndarray) -> list[Face]:
-        from refface.mining.align import FFHQ_TEMPLATE_512
-
         h, w = img.shape[:2]
         landmarks = FFHQ_TEMPLATE_512 * np.array([w / 512.0, h / 512.0])
         return [Face(bbox=np.array([0.0, 0.0, float(w), float(h)]), score=1.0, landmarks=landmarks)]

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from refface.manifests.atomic import sha256_file
 from refface.manifests.embeddings import ARCFACE_THRESHOLD
+from refface.mining.align import arcface_crop, similarity_matrix, warp
+from refface.mining.detect import default_model_root, dlib_model_file, onnx_session
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,6 @@ DLIB_CHIP_TEMPLATE = np.array(
 @functools.lru_cache(maxsize=16)
 def weights_fingerprint(path: str) -> str:
     """sha256 of a weights file (cached per process: files are tens to hundreds of MB)."""
-    from refface.manifests.atomic import sha256_file
-
     return sha256_file(path)
 
 
@@ -68,8 +69,6 @@ class DlibEmbedder:
     def __init__(self, model_path: str | os.PathLike | None = None):
         import dlib
 
-        from refface.mining.detect import dlib_model_file
-
         self.path = Path(model_path) if model_path else dlib_model_file(self.FILE)
         if not self.path.is_file():
             raise FileNotFoundError(
@@ -90,7 +89,6 @@ class DlibEmbedder:
                 dlib.rectangle(x0, y0, x1 - 1, y1 - 1), [dlib.point(int(x), int(y)) for x, y in pts]
             )
             return np.asarray(dlib.get_face_chip(np.ascontiguousarray(img), shape, size=150, padding=0.25))
-        from refface.mining.align import similarity_matrix, warp
 
         return warp(img, similarity_matrix(face.landmarks, DLIB_CHIP_TEMPLATE), 150)
 
@@ -108,8 +106,6 @@ def resolve_arcface(model_path: str | os.PathLike | None) -> Path:
     Raises:
         FileNotFoundError: naming the files looked for and where to put them.
     """
-    from refface.mining.detect import default_model_root
-
     home = default_model_root().parent
     if model_path is not None:
         p = Path(model_path).expanduser()
@@ -146,8 +142,6 @@ class ArcFaceEmbedder:
     def __init__(self, model_path: str | os.PathLike | None = None, batch_size: int = 32, threads: int = 1):
         import onnx
 
-        from refface.mining.detect import onnx_session
-
         self.path = resolve_arcface(model_path)
         self.model = f"arcface:{self.path.stem}"
         graph = onnx.load(str(self.path), load_external_data=False).graph
@@ -167,8 +161,6 @@ class ArcFaceEmbedder:
         self.batch_size = max(1, self.batch_size)
 
     def crop(self, img: np.ndarray, face) -> np.ndarray:
-        from refface.mining.align import arcface_crop
-
         return arcface_crop(img, face.landmarks, self.input_size)
 
     def blob(self, crops: list[np.ndarray]) -> np.ndarray:
@@ -238,8 +230,6 @@ def check_embedding_dim(found: int, found_from: str, expected: int, expected_fro
 def embedder_weights(name: str, model_path: str | os.PathLike | None = None) -> Path:
     """The weights file an embedder would load (raises the embedder's clear error when absent)."""
     if name == "dlib":
-        from refface.mining.detect import dlib_model_file
-
         return Path(model_path) if model_path else dlib_model_file(DlibEmbedder.FILE)
     if name == "arcface":
         return resolve_arcface(model_path)

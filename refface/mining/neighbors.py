@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from refface.devices import note_device, warn_faiss_cpu
+
 log = logging.getLogger(__name__)
 
 # Exact search is BLAS-bound (100k x 512 top-10 took ~1 min on 2 cores); from this size on an IVF
@@ -144,8 +146,6 @@ def build_index(
     if gpu is None:
         gpu = gpu_available()
         if not gpu:
-            from refface.devices import warn_faiss_cpu
-
             warn_faiss_cpu(0)
     if gpu:
         if not gpu_available():
@@ -155,7 +155,6 @@ def build_index(
         if kind == "ivf":
             result.gpu_index.nprobe = min(int(nprobe), GPU_MAX_K)
         keep.append(res)  # resources must outlive the GPU index
-    from refface.devices import note_device
 
     note_device("faiss", f"gpu:0 ({kind})" if result.on_gpu else f"cpu ({kind})")
     return result

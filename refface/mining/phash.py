@@ -11,6 +11,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from refface.manifests.atomic import sha256_file, write_parquet
+from refface.manifests.errors import ImageError
+from refface.manifests.io import read_image
+from refface.stages import map_chunks
+
 HASH_COLUMNS = ["path", "file_sha256", "pixel_sha256", "phash", "phash_mirror", "width", "height", "error"]
 # 8x8 DCT perceptual hash = 64 bits, stored as one unsigned 64-bit integer per image.
 HASH_BITS = 64
@@ -46,10 +51,6 @@ def phash_pair(rgb: np.ndarray) -> tuple[int, int]:
 
 def hash_one(path: str | os.PathLike) -> dict:
     """Hash one image file; decoding problems land in ``error`` instead of raising."""
-    from refface.manifests.atomic import sha256_file
-    from refface.manifests.errors import ImageError
-    from refface.manifests.io import read_image
-
     row: dict[str, Any] = {c: None for c in HASH_COLUMNS}
     row["path"] = str(path)
     try:
@@ -90,9 +91,6 @@ def hash_images(
         DataFrame with :data:`HASH_COLUMNS`, one row per input path in input order; ``phash``
         columns are uint64 (0 where the image could not be decoded, see ``error``).
     """
-    from refface.manifests.atomic import write_parquet
-    from refface.stages import map_chunks
-
     paths = [str(p) for p in paths]
     stats = {}
     for p in paths:

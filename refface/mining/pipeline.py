@@ -14,10 +14,24 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from refface.executors import uses_gpu
-from refface.manifests.errors import ImageError
-from refface.manifests.io import DEFAULT_MAX_PIXELS
+from refface.executors import EXECUTORS, uses_gpu
+from refface.manifests.atomic import sha256_bytes, write_bytes, write_parquet
+from refface.manifests.embedding_shards import DEFAULT_FOLDER, INDEX_FILE, finish_shards, write_shard
+from refface.manifests.embeddings import SHARDED_LAYOUT, Embeddings, save_embedding_tables, save_embeddings
+from refface.manifests.errors import ErrorsTable, ImageError
+from refface.manifests.io import DEFAULT_MAX_PIXELS, decode_image, list_images, write_png
 from refface.manifests.layout import EMBEDDINGS_NPY, FACES, IMAGES
+from refface.mining.align import ffhq_crop
+from refface.mining.detect import (
+    DETECTORS,
+    FACE_POLICIES,
+    detect,
+    detector_files,
+    make_detector,
+    onnx_providers,
+)
+from refface.mining.embed import EMBEDDERS, embedder_weights, make_embedder, weights_fingerprint
+from refface.stages import fingerprint, folder_fingerprint, map_chunks, run_stage
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -71,9 +85,6 @@ class MiningConfig:
 
     def validate(self) -> None:
         """Raise ValueError with an actionable message on a bad setting."""
-        from refface.mining.detect import DETECTORS, FACE_POLICIES
-        from refface.mining.embed import EMBEDDERS
-
         if self.detector not in DETECTORS:
             raise ValueError(f"detector {self.detector!r} unknown; choose one of {', '.join(DETECTORS)}")
         if self.embedder not in EMBEDDERS:
@@ -92,7 +103,6 @@ class MiningConfig:
             raise ValueError("max_pixels must be positive")
         if self.shard_rows < 0:
             raise ValueError(f"shard_rows must be 0 (one embeddings.npy) or positive, got {self.shard_rows}")
-        from refface.executors import EXECUTORS
 
         if self.executor not in EXECUTORS:
             raise ValueError(f"executor {self.executor!r} unknown; choose one of {', '.join(EXECUTORS)}")
@@ -132,9 +142,6 @@ _STATE: dict[str, Any] = {}
 
 def _init_worker(config: dict, image_root: str, dataset_root: str) -> None:
     """Load the detector and embedder once per worker process."""
-    from refface.mining.detect import make_detector
-    from refface.mining.embed import make_embedder
-
     cfg = MiningConfig(**config)
     det_kwargs = {"model": cfg.dlib_detector} if cfg.detector == "dlib" else {}
     det_path = cfg.model_root if cfg.detector == "scrfd" else None
@@ -166,11 +173,6 @@ def _short(reason: str) -> str:
 @uses_gpu(0.5)
 def _mine_chunk(items: list[tuple[int, str]]) -> dict:
     """Unit of work: decode, detect, align and embed a chunk of (image_id, relpath) items."""
-    from refface.manifests.atomic import sha256_bytes
-    from refface.manifests.io import decode_image, write_png
-    from refface.mining.align import ffhq_crop
-    from refface.mining.detect import detect
-
     cfg: MiningConfig = _STATE["config"]
     detector, embedder = _STATE["detector"], _STATE["embedder"]
     images, faces, errors, crops = [], [], [], []
@@ -253,8 +255,6 @@ def _embed_or_isolate(embedder, crops: list, faces: list, errors: list) -> tuple
 
 
 def _write_part(path: Path, value: dict) -> None:
-    from refface.manifests.atomic import write_bytes
-
     write_bytes(path, pickle.dumps(value, protocol=4))
 
 
@@ -290,8 +290,6 @@ def _write_vector_shards(
     Only one shard's vectors are in memory at a time. Partitions without faces write no shard,
     so shards stay numbered without gaps. Returns the relative paths written (index.json last).
     """
-    from refface.manifests.embedding_shards import INDEX_FILE, finish_shards, write_shard
-
     folder.mkdir(parents=True, exist_ok=True)
     names: list[str] = []
     for first in range(0, n_chunks, chunks_per_shard):
@@ -352,8 +350,6 @@ def _tables_from_parts(n_chunks: int, part_path) -> tuple[pd.DataFrame, pd.DataF
 def model_devices(config: MiningConfig) -> dict:
     """What the detector and the embedder run on: onnxruntime providers (in order of use) for ONNX
     models, the CPU for dlib (raises CpuFallbackError when a GPU would silently go unused)."""
-    from refface.mining.detect import onnx_providers
-
     detector: str | list[str] | None = {
         "scrfd": None,
         "dlib": "cpu (dlib)",
@@ -369,9 +365,6 @@ def model_devices(config: MiningConfig) -> dict:
 
 def model_identity(config: MiningConfig) -> dict:
     """Names and sha256 fingerprints of every weights file the config reads (fails fast when absent)."""
-    from refface.mining.detect import detector_files
-    from refface.mining.embed import EMBEDDERS, embedder_weights, weights_fingerprint
-
     det_kwargs = {"model": config.dlib_detector} if config.detector == "dlib" else {}
     det_files = detector_files(config.detector, config.model_root, **det_kwargs)
     emb_file = embedder_weights(config.embedder, config.model_path)
@@ -416,19 +409,6 @@ def mine_folder(
     Returns:
         A :class:`MiningResult` with counts and timing.
     """
-
-    from refface.manifests.atomic import write_parquet
-    from refface.manifests.embedding_shards import DEFAULT_FOLDER
-    from refface.manifests.embeddings import (
-        SHARDED_LAYOUT,
-        Embeddings,
-        save_embedding_tables,
-        save_embeddings,
-    )
-    from refface.manifests.errors import ErrorsTable
-    from refface.manifests.io import list_images
-    from refface.stages import fingerprint, folder_fingerprint, map_chunks, run_stage
-
     cfg = config or MiningConfig()
     cfg.validate()
     image_root = Path(image_root).resolve()

@@ -29,8 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
+from refface.console import make_progress
+from refface.manifests.atomic import atomic_path, write_json
 from refface.manifests.embedding_shards import ShardedEmbeddings
 from refface.mining.ann import IndexPlan, build_sharded_index, plan_index, to_gpu
+from refface.mining.cluster import average_linkage_graph, relabel
+from refface.mining.neighbors import load_faiss, recall_at_k
+from refface.stages import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +120,6 @@ def _search(
 
 def exact_knn(shards: ShardedEmbeddings, ids: np.ndarray, k: int, block: int = 262_144):
     """Exact k-NN of rows ``ids`` (self excluded): FAISS flat search block by block, merged."""
-    from refface.mining.neighbors import load_faiss
-
     faiss = load_faiss()
     ids = np.asarray(ids, dtype=np.int64)
     query = shards.take(ids)
@@ -146,8 +149,6 @@ def graph_recall(
     radius: float,
 ) -> dict:
     """Recall@k of the approximate neighbour lists, and recall of the edges closer than ``radius``."""
-    from refface.mining.neighbors import recall_at_k
-
     near = (exact_idx >= 0) & (1.0 - exact_sims < radius)
     found = (exact_idx[:, :, None] == approx_idx[:, None, :]).any(axis=2)
     return {
@@ -194,10 +195,6 @@ def sharded_knn(
         seed: training and recall samples.
         save_index: keep ``index.faiss`` for resuming (costs its size on disk).
     """
-    from refface.manifests.atomic import atomic_path, write_json
-    from refface.mining.neighbors import load_faiss
-    from refface.stages import fingerprint
-
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     faiss = load_faiss()
@@ -247,7 +244,6 @@ def sharded_knn(
     id_dtype = np.int32 if n < 2**31 else np.int64
     t0 = time.perf_counter()
     searched = 0
-    from refface.console import make_progress
 
     with make_progress() as progress:
         task = progress.add_task("k-NN shards", total=n)
@@ -335,8 +331,6 @@ def cluster_edges(
     """
     from scipy import sparse
     from scipy.sparse.csgraph import connected_components
-
-    from refface.mining.cluster import average_linkage_graph, relabel
 
     if method not in CLUSTER_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(CLUSTER_METHODS)}")

@@ -23,7 +23,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from refface.manifests.references import read_references
 from refface.manifests.root import DatasetRoot
+from refface.mining.cluster import default_threshold
+from refface.review.stage import CLUSTERED_FILE, IDENTITIES_FILE
 
 SPLITS = ("train", "val", "test")
 
@@ -57,8 +60,6 @@ class ReviewConfig:
 
 def clustered_identities(root: Path) -> pd.DataFrame:
     """The clustering's identities (before corrections): the numbers a corrections file refers to."""
-    from refface.review.stage import CLUSTERED_FILE, IDENTITIES_FILE
-
     path = root / CLUSTERED_FILE if (root / CLUSTERED_FILE).exists() else root / IDENTITIES_FILE
     if not path.exists():
         raise FileNotFoundError(f"{root} has no identities.parquet: build or cluster the root first")
@@ -67,8 +68,6 @@ def clustered_identities(root: Path) -> pd.DataFrame:
 
 def root_threshold(root: Path, emb) -> float:
     """The identity bar the root was built with (build.json config), else the clustering default."""
-    from refface.mining.cluster import default_threshold
-
     build = root / "build.json"
     config = json.loads(build.read_text()).get("config", {}) if build.exists() else {}
     if config.get("identity_threshold") is not None:
@@ -109,8 +108,6 @@ def _near(query: np.ndarray, means: np.ndarray, bar: float, k: int, block: int =
 
 def review_data(root: str | Path, config: ReviewConfig | None = None) -> dict:
     """Everything the page shows except thumbnails (face rows, clusters, pairs, references)."""
-    from refface.manifests.references import read_references
-
     config = config or ReviewConfig()
     root = Path(root)
     emb, paths, vectors = DatasetRoot(root).embeddings_by_path()

@@ -17,10 +17,14 @@ import numpy as np
 import pandas as pd
 
 from refface.manifests.atomic import write_bytes, write_text
+from refface.manifests.io import read_image
 from refface.manifests.layout import IMAGES
 from refface.manifests.root import DatasetRoot
+from refface.mining.align import ffhq_crop
+from refface.stages import map_chunks
 
-from .data import ReviewConfig, review_data
+from .corrections import corrections_from_labels, format_corrections
+from .data import ReviewConfig, clustered_identities, read_labels, review_data
 
 REVIEW_DIR = "review"
 THUMBS_DIR = "thumbs"
@@ -39,9 +43,6 @@ def make_thumb(source: str, landmarks: list[float] | None, size: int) -> bytes:
 
     import cv2
     from PIL import Image
-
-    from refface.manifests.io import read_image
-    from refface.mining.align import ffhq_crop
 
     img = read_image(source)
     if landmarks is not None and len(landmarks) == 10:
@@ -71,8 +72,6 @@ def write_thumbs(
     root: Path, paths: list[str], out: Path, config: ReviewConfig
 ) -> tuple[list[str], list[str]]:
     """Thumbnail file names (relative to the page) for ``paths``; writes the missing ones."""
-    from refface.stages import map_chunks
-
     image_root = DatasetRoot(root).image_root() or root
     sha: dict[str, str] = {}
     if (root / IMAGES).exists():
@@ -123,9 +122,6 @@ def write_review(root: str | Path, config: ReviewConfig | None = None, out: str 
         shutil.copyfile(STATIC / name, out / name)
     extra = {}
     if config.labels:
-        from .corrections import corrections_from_labels, format_corrections
-        from .data import clustered_identities, read_labels
-
         rows = corrections_from_labels(clustered_identities(root), read_labels(config.labels, root))
         write_text(out / LABEL_CORRECTIONS, format_corrections(rows))
         extra = {"corrections from labels": f"{len(rows)} rows in {out / LABEL_CORRECTIONS}"}

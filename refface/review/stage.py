@@ -15,6 +15,9 @@ from pathlib import Path
 import pandas as pd
 
 from refface.manifests.atomic import sha256_file, write_bytes, write_json, write_parquet
+from refface.stages import manifest_path, read_manifest, run_stage
+
+from .corrections import apply_corrections, read_corrections
 
 STAGE = "corrections"
 IDENTITIES_FILE = "identities.parquet"
@@ -24,8 +27,6 @@ REPORT_FILE = "corrections.json"
 
 
 def _producer_fingerprint(root: Path, producer: str) -> str | None:
-    from refface.stages import read_manifest
-
     manifest = read_manifest(root, producer)
     return manifest.get("fingerprint") if manifest else None
 
@@ -47,10 +48,6 @@ def corrections_stage(root: str | Path, corrections: str | Path | None, producer
         producer: name of the stage that wrote ``identities.parquet`` (its manifest tells whether the
             kept clustered table is still its latest output).
     """
-    from refface.stages import manifest_path, run_stage
-
-    from .corrections import apply_corrections, read_corrections
-
     root = Path(root)
     producer_fp = _producer_fingerprint(root, producer)
     current = _clustered_is_current(root, producer_fp)

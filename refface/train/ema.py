@@ -6,6 +6,8 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from refface.manifests.atomic import atomic_path, write_json
+
 
 class EMA:
     """An fp32 shadow copy of every floating-point parameter of a set of named modules.
@@ -95,8 +97,6 @@ class EMA:
         parameters are frozen (not averaged) or the module has buffers.
         """
         from safetensors.torch import save_file
-
-        from refface.manifests.atomic import atomic_path, write_json
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

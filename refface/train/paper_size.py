@@ -11,6 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from refface.train.mgfr.model import MGFRAdapters, plain_unet_config
+from refface.train.refldm.model import RefLDMUNet
+from refface.train.refldm.train import load_config
+from refface.train.refldm.vqgan import build_vqgan
+
 REFLDM_UNET_PARAMS = 117_759_368
 REFLDM_VQGAN_PARAMS = 57_183_515
 SD15_UNET_PARAMS = 859_520_964
@@ -60,16 +65,11 @@ def count_parameters(module) -> int:
 
 def refldm_config(path: str | Path | None = None):
     """The ReF-LDM config of ``configs/refldm.yaml`` (the paper's), as :class:`RefLDMConfig`."""
-    from refface.train.refldm.train import load_config
-
     return load_config(path or REPO / "configs" / "refldm.yaml")[0]
 
 
 def build_refldm(path: str | Path | None = None, vqgan: bool = True) -> tuple[Any, Any]:
     """``(RefLDMUNet, VQModel | None)`` at the paper's configuration, random weights."""
-    from refface.train.refldm.model import RefLDMUNet
-    from refface.train.refldm.vqgan import build_vqgan
-
     cfg = refldm_config(path)
     return RefLDMUNet.from_unet_config(cfg.unet), (build_vqgan(cfg.vqgan) if vqgan else None)
 
@@ -99,8 +99,6 @@ def build_mgfr_adapters(unet, stage: int, fast: bool = False, seed: int = 0, **k
     ``fast``: allocate the adapters in ``unet``'s dtype and device without the default random
     initialisation (see :func:`materialize`), then copy the encoder weights as usual.
     """
-    from refface.train.mgfr.model import MGFRAdapters, plain_unet_config
-
     if not fast:
         return MGFRAdapters.from_unet(unet, use_rca=stage == 2, **kwargs)
     import torch

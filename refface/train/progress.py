@@ -8,6 +8,8 @@ import math
 import time
 from typing import Any
 
+# The console module, not its console: looked up per bar, as tests and redirected output swap it.
+from refface import console as terminal
 from refface.devices import runtime_devices
 
 # Status lines belong to the training loop's log (a batch job filters on refface.train.loop).
@@ -30,14 +32,11 @@ class TrainProgress:
     where the console is not a terminal (a batch job's log file) a status line every ``log_every``."""
 
     def __init__(self, accelerator, start: int, total: int) -> None:
-        # Looked up per bar, not bound at import: the console can be swapped (tests, redirected output).
-        from refface.console import console, progress_enabled
-
         self.main = accelerator.is_main_process
         self.start, self.total = start, total
         self.t0 = time.perf_counter()
         self.bar = None
-        self.interactive = console.is_terminal and progress_enabled()
+        self.interactive = terminal.console.is_terminal and terminal.progress_enabled()
         if self.main and self.interactive and start < total:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -49,7 +48,7 @@ class TrainProgress:
                 TextColumn("{task.fields[rate]} it/s"),
                 TextColumn("ETA"),
                 TimeRemainingColumn(),
-                console=console,
+                console=terminal.console,
             )
             self.task = self.bar.add_task("train", total=total, completed=start, loss="-", rate="-")
             self.bar.start()
@@ -58,14 +57,12 @@ class TrainProgress:
         return (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
 
     def update(self, step: int, loss: float, log_line: bool) -> None:
-        from refface.console import progress_enabled
-
         if not self.main:
             return
         rate = self.rate(step)
         if self.bar is not None:
             self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:.2f}")
-        elif log_line and progress_enabled():
+        elif log_line and terminal.progress_enabled():
             eta = (self.total - step) / rate if rate > 0 else float("inf")
             logger.info("step %d/%d  loss %.4f  %.2f it/s  ETA %s", step, self.total, loss, rate, hms(eta))
 

@@ -1,7 +1,6 @@
 """MGFR adapters on a frozen Stable Diffusion: LCA, RCA, RLF, identity tokens and their links.
 
 Exact forms (the paper gives only a figure; docs/train_mgfr.md repeats this with the reasons):
-
 - LCA (LQ Control Adapter): a copy of the UNet encoder (``conv_in``, time embedding, down blocks, mid
   block) initialised from the frozen UNet, fed ``z_t + z_lq`` (noisy latent plus the VAE latent of the
   LQ image, both scaled by the VAE scaling factor) and the attribute-prompt tokens. Every encoder skip
@@ -30,6 +29,8 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+from refface.mining.attributes import NEGATIVE_QUALITY_PROMPT
 
 logger = logging.getLogger(__name__)
 
@@ -405,8 +406,6 @@ class GuidanceConfig:
 
 def default_negative_quality_prompt() -> str:
     """The prompt the input pipeline gives negative-quality samples."""
-    from refface.mining.attributes import NEGATIVE_QUALITY_PROMPT
-
     return NEGATIVE_QUALITY_PROMPT
 
 

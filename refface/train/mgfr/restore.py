@@ -7,6 +7,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from refface.console import track
+from refface.manifests.errors import ErrorsTable, ImageError
+from refface.manifests.io import list_images, read_image, write_png
+from refface.mining.attributes import FALLBACK_PROMPT
+from refface.mining.detect import PrealignedDetector
+from refface.mining.embed import check_embedding_dim, make_embedder
+from refface.mining.vocabulary import prompts_from_text
+from refface.seeding import item_seed
+from refface.train.checkpoints import load_trainable_weights
+from refface.train.mgfr.model import GuidanceConfig, MGFRAdapters, load_frozen_sd, sample
+from refface.train.mgfr.train import resolve_checkpoint
+
 logger = logging.getLogger(__name__)
 
 
@@ -22,10 +34,6 @@ def load_mgfr(checkpoint: str | Path, sd: str | Path, use_ema: bool = True, devi
         device: torch device (default: CUDA when available, else CPU).
     """
     import torch
-
-    from refface.train.checkpoints import load_trainable_weights
-    from refface.train.mgfr.model import MGFRAdapters, load_frozen_sd
-    from refface.train.mgfr.train import resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
     meta = json.loads((ckpt / "state.json").read_text())
@@ -75,8 +83,6 @@ def read_prompt_table(path: str | Path) -> dict[str, tuple[str, str]]:
     """
     import pandas as pd
 
-    from refface.mining.vocabulary import prompts_from_text
-
     path = Path(path)
     df = (
         pd.read_parquet(path)
@@ -116,9 +122,6 @@ def resolve_prompts(
     for every image ("blue eyes, beard"). A table row wins over ``prompt`` / ``negative_attribute_prompt``,
     which win over typed text's own composition only where given explicitly.
     """
-    from refface.mining.attributes import FALLBACK_PROMPT
-    from refface.mining.vocabulary import prompts_from_text
-
     base = (prompt or FALLBACK_PROMPT, negative_attribute_prompt)
     table: dict[str, tuple[str, str]] = {}
     if attributes is not None and Path(str(attributes)).suffix in (".csv", ".parquet"):
@@ -196,12 +199,6 @@ def restore_folder(
     import numpy as np
     import torch
 
-    from refface.console import track
-    from refface.manifests.errors import ErrorsTable, ImageError
-    from refface.manifests.io import list_images, read_image, write_png
-    from refface.seeding import item_seed
-    from refface.train.mgfr.model import GuidanceConfig, sample
-
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     guidance = GuidanceConfig(
         steps=steps,
@@ -220,9 +217,6 @@ def restore_folder(
 
     embed = None
     if stage2:
-        from refface.mining.detect import PrealignedDetector
-        from refface.mining.embed import check_embedding_dim, make_embedder
-
         emb_model = make_embedder(embedder, embedder_model)
         check_embedding_dim(
             emb_model.dim,

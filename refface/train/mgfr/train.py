@@ -14,6 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from refface.mining.embed import check_embedding_dim
+from refface.train.checkpoints import find_checkpoint
+from refface.train.loaders import make_mgfr_dataloader
+from refface.train.loop import LoopConfig, config_from_dict, train
+from refface.train.mgfr.model import (
+    GuidanceConfig,
+    MGFRAdapters,
+    encode_images,
+    encode_prompts,
+    load_frozen_sd,
+    predict,
+    sample,
+)
+from refface.train.overrides import apply_overrides
+from refface.train.sources import infer_embedding_dim
+
 logger = logging.getLogger(__name__)
 
 STAGES = (1, 2)
@@ -76,8 +92,6 @@ class MGFRConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MGFRConfig:
-        from refface.train.loop import config_from_dict
-
         return config_from_dict(cls, d, "mgfr")
 
 
@@ -116,9 +130,6 @@ class MGFRTask:
         """Scaled latents of GT (posterior sample) / LQ / reference (modes), text tokens, id embedding."""
         import torch
 
-        from refface.mining.embed import check_embedding_dim
-        from refface.train.mgfr.model import encode_images
-
         wd = self.weight_dtype
         with torch.no_grad():
             z0 = encode_images(self.sd, batch["gt"].to(self.device, wd), generator).float()
@@ -143,8 +154,6 @@ class MGFRTask:
     def compute_loss(self, batch: dict, generator):
         import torch
         import torch.nn.functional as F
-
-        from refface.train.mgfr.model import encode_prompts, predict
 
         z0, z_lq, z_ref, emb = self._conditions(batch, generator)
         b = z0.shape[0]
@@ -182,8 +191,6 @@ class MGFRTask:
     def validation_grid(self, batch: dict, generator):
         import numpy as np
         import torch
-
-        from refface.train.mgfr.model import GuidanceConfig, sample
 
         n = min(self.config.validation_samples, len(batch["prompt"]))
         sub = {k: v[:n] for k, v in batch.items()}
@@ -229,8 +236,6 @@ def build_adapters(sd, config: MGFRConfig, init_from: str | Path | None = None, 
     """
     import torch
 
-    from refface.train.mgfr.model import MGFRAdapters
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         adapters = MGFRAdapters.from_unet(
@@ -274,8 +279,6 @@ def load_stage1_lca(adapters, source: str | Path, use_ema: bool = True) -> Path:
 
 def resolve_checkpoint(source: str | Path) -> Path:
     """A checkpoint folder, or a run's output folder (-> its latest complete checkpoint)."""
-    from refface.train.checkpoints import find_checkpoint
-
     source = Path(source)
     if (source / "state.json").is_file():
         return source
@@ -311,8 +314,6 @@ def load_yaml_config(
     loop.update(override.get("loop") or {})
     mgfr.update(override.get("mgfr") or {})
     if overrides:
-        from refface.train.overrides import apply_overrides
-
         merged = apply_overrides({"loop": loop, "mgfr": mgfr}, overrides, sections=("loop", "mgfr"))
         loop, mgfr = merged["loop"], merged["mgfr"]
     mgfr["stage"] = stage
@@ -383,9 +384,6 @@ def main(args: MGFRRun, dataloader=None) -> list[dict[str, float]]:
         dataloader: a ready dataloader of MGFR batches (programmatic use and tests); by default
             ``refface.train.loaders.make_mgfr_dataloader(args.dataset, ...)``.
     """
-    from refface.train.loop import LoopConfig, train
-    from refface.train.mgfr.model import load_frozen_sd
-
     loop_raw, mgfr_raw = load_yaml_config(args.config, args.stage, getattr(args, "overrides", None))
     out_dir = Path(args.output) / f"stage{args.stage}"
     loop_raw["output_dir"] = str(out_dir)
@@ -415,8 +413,6 @@ def main(args: MGFRRun, dataloader=None) -> list[dict[str, float]]:
 def dataset_id_dim(dataset: str) -> tuple[int | None, str]:
     """``(D, description)`` of a dataset's identity embeddings; D is None when it holds none."""
     import json
-
-    from refface.train.sources import infer_embedding_dim
 
     meta = Path(dataset) / "embeddings.json"
     what = f"dataset {dataset}"
@@ -455,8 +451,6 @@ def resolve_id_dim(cfg: MGFRConfig, dataset: str | None, dataloader=None, config
             )
         return dataclasses.replace(cfg, id_dim=found)
     if found is not None:
-        from refface.mining.embed import check_embedding_dim
-
         check_embedding_dim(
             found,
             what,
@@ -471,9 +465,6 @@ def resolve_id_dim(cfg: MGFRConfig, dataset: str | None, dataloader=None, config
 def check_resume_id_dim(cfg: MGFRConfig, out_dir: Path, resume: str | None) -> None:
     """A stage-2 run resumed from a checkpoint built for another identity size: one clear error."""
     import json
-
-    from refface.mining.embed import check_embedding_dim
-    from refface.train.checkpoints import find_checkpoint
 
     if cfg.stage != 2 or cfg.id_dim is None:
         return
@@ -495,13 +486,6 @@ def make_dataloader(dataset: str | None, cfg: MGFRConfig, seed: int):
     """MGFR batches from the shared input pipeline (``refface.train.loaders.make_mgfr_dataloader``)."""
     if not dataset:
         raise ValueError("--dataset is required: a dataset root or a shard folder/pattern")
-    try:
-        from refface.train.loaders import make_mgfr_dataloader
-    except ImportError as exc:
-        raise ImportError(
-            "refface.train.loaders.make_mgfr_dataloader is not available; the MGFR trainer reads its batches "
-            f"from the shared input pipeline ({exc})"
-        ) from exc
     return make_mgfr_dataloader(
         dataset,
         batch_size=cfg.batch_size,

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from refface.train.refldm.onnx_torch import OnnxGraphModule
+
 logger = logging.getLogger(__name__)
 
 # ArcFace is applied to the centre of an FFHQ-aligned face, resized to its 112x112 input.
@@ -107,8 +109,6 @@ def load_arcface(
             "(or an arcface_torch iresnet '.pth' state dict) there and pass its path (identity.arcface)."
         )
     if path.suffix.lower() == ".onnx":
-        from refface.train.refldm.onnx_torch import OnnxGraphModule
-
         model: nn.Module = OnnxGraphModule(path)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)

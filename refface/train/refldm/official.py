@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refface.train.refldm.model import UNetConfig
-from refface.train.refldm.vqgan import VQGANConfig
+from refface.manifests.atomic import write_json
+from refface.train.refldm.model import NoiseConfig, RefLDMUNet, UNetConfig, make_train_scheduler
+from refface.train.refldm.train import DataConfig, RefLDMConfig, TaskConfig
+from refface.train.refldm.vqgan import VQGANConfig, build_vqgan
 
 OFFICIAL_COMMIT = "af6690c19fdc6421802fd7996510bcfef259bfd1"
 UNET_PREFIX = "model.diffusion_model."
@@ -435,8 +437,6 @@ def check_schedule(state: dict, noise) -> None:
         return
     import torch
 
-    from refface.train.refldm.model import make_train_scheduler
-
     ours = make_train_scheduler(noise).betas.double()
     theirs = state["betas"].double()
     if theirs.shape != ours.shape or float((theirs - ours).abs().max()) > 1e-6:
@@ -493,11 +493,6 @@ def convert_release(
     Returns:
         A summary: which UNet copy was read, tensor counts, parameter counts.
     """
-    from refface.manifests.atomic import write_json
-    from refface.train.refldm.model import NoiseConfig, RefLDMUNet
-    from refface.train.refldm.train import DataConfig, RefLDMConfig, TaskConfig
-    from refface.train.refldm.vqgan import build_vqgan
-
     state = read_checkpoint(ckpt, trust)
     noise = NoiseConfig()
     check_schedule(state, noise)

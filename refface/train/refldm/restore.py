@@ -11,7 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
+from refface.console import track
+from refface.manifests.errors import ErrorsTable, ImageError
+from refface.manifests.io import IMAGE_EXTENSIONS, list_images, read_image, write_png
 from refface.manifests.root import DatasetRoot
+from refface.seeding import item_seed
+from refface.train.checkpoints import find_checkpoint
+from refface.train.refldm.model import RefLDMUNet
+from refface.train.refldm.sampling import get_preset, restore, to_uint8
+from refface.train.refldm.train import MODEL_DIR, RefLDMConfig, build_vqgan_for, load_module_weights
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +47,6 @@ def load_refldm(checkpoint: str | os.PathLike, device: str = "cpu"):
         FileNotFoundError: nothing loadable there; the message says what was expected.
     """
     from diffusers import VQModel
-
-    from refface.train.checkpoints import find_checkpoint
-    from refface.train.refldm.model import RefLDMUNet
-    from refface.train.refldm.train import (
-        MODEL_DIR,
-        RefLDMConfig,
-        build_vqgan_for,
-        load_module_weights,
-    )
 
     path = Path(checkpoint)
     if (path / "refldm").is_dir() and not (path / "state.json").is_file():
@@ -103,7 +102,6 @@ def collect_items(input_path: Path, references: Path | None = None) -> list[Rest
     CSV like the above, a subfolder per input (``<references>/<stem>/*``), or one file per input with
     the same name.
     """
-    from refface.manifests.io import IMAGE_EXTENSIONS, list_images
 
     def from_csv(csv: Path, lq_root: Path | None) -> list[RestoreItem]:
         import pandas as pd
@@ -156,8 +154,6 @@ def collect_items(input_path: Path, references: Path | None = None) -> list[Rest
 
 
 def _load(path: Path, size: int, resize: str = "cv2") -> np.ndarray:
-    from refface.manifests.io import read_image
-
     return _resize(read_image(path), size, resize)
 
 
@@ -184,8 +180,6 @@ def initial_noise(keys: list[str], shape: tuple[int, ...], preset, seed: int, de
     device; ``preset.noise == "seed"`` repeats that draw for every image.
     """
     import torch
-
-    from refface.seeding import item_seed
 
     if preset.noise == "seed":
         draws = []
@@ -224,8 +218,6 @@ class Restorer:
     ):
         import torch
 
-        from refface.train.refldm.sampling import get_preset
-
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.unet, self.vq, self.cfg = load_refldm(checkpoint, self.device)
         self.preset = get_preset(preset or self.cfg.task.sampling_preset)
@@ -252,8 +244,6 @@ class Restorer:
     ) -> list[np.ndarray]:
         """Restore aligned LQ faces (uint8 RGB at the model's size), each with its references (up to 5)."""
         import torch
-
-        from refface.train.refldm.sampling import restore, to_uint8
 
         device = self.device
         refs = [list(r[:MAX_REFS]) for r in refs]
@@ -315,10 +305,6 @@ def restore_folder(
     Returns:
         Counts: ``restored``, ``skipped`` (already there), ``errors``.
     """
-    from refface.console import track
-    from refface.manifests.errors import ErrorsTable, ImageError
-    from refface.manifests.io import write_png
-
     out = Path(output_dir)
     items = collect_items(Path(input_dir), Path(references) if references else None)
     todo = [it for it in items if not (out / f"{it.key}.png").is_file()]

@@ -8,6 +8,7 @@ import torch
 
 from refface.train.refldm.cachekv import RefCache
 from refface.train.refldm.model import NoiseConfig, RefLDMUNet, make_ddim_scheduler, set_sampling_timesteps
+from refface.train.refldm.vqgan import decode, encode, encode_references
 
 
 @dataclass(frozen=True)
@@ -166,8 +167,6 @@ def restore(
 
     ``ref_encoding``: ``separate`` or ``joint`` (see :func:`refface.train.refldm.vqgan.encode_references`).
     """
-    from refface.train.refldm.vqgan import decode, encode, encode_references
-
     dtype = next(vq.parameters()).dtype
     lq_latents = encode(vq, lq_images.to(dtype))
     ref_latents = None

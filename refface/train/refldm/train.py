@@ -22,8 +22,26 @@ from typing import Any
 
 import numpy as np
 
-from refface.train.refldm.model import NoiseConfig, UNetConfig
-from refface.train.refldm.vqgan import VQGANConfig
+from refface.console import print_summary
+from refface.manifests.atomic import write_json, write_text
+from refface.train.checkpoints import find_checkpoint
+from refface.train.ema import unwrap_model
+from refface.train.loaders import make_refldm_dataloader
+from refface.train.loop import LoopConfig, train
+from refface.train.overrides import apply_overrides
+from refface.train.refldm.identity import identity_loss, load_arcface
+from refface.train.refldm.lpips import LPIPS
+from refface.train.refldm.model import NoiseConfig, RefLDMUNet, UNetConfig, make_train_scheduler
+from refface.train.refldm.sampling import ddim_sample
+from refface.train.refldm.vqgan import (
+    PatchDiscriminator,
+    VQGANConfig,
+    build_vqgan,
+    decode,
+    encode,
+    encode_references,
+    vqgan_losses,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +165,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     """
     import yaml
 
-    from refface.train.overrides import apply_overrides
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -196,8 +212,6 @@ def load_module_weights(source: str | Path, name: str, module, use_ema: bool = T
 
 def build_vqgan_for(cfg: RefLDMConfig):
     """The autoencoder of a run: new (stage A), a saved folder, or a stage A checkpoint."""
-    from refface.train.refldm.vqgan import build_vqgan
-
     pretrained = cfg.vqgan.pretrained
     if pretrained and (Path(pretrained) / "state.json").is_file():
         vq = build_vqgan(dataclasses.replace(cfg.vqgan, pretrained=None))
@@ -227,8 +241,6 @@ class LDMTask:
     """
 
     def __init__(self, cfg: RefLDMConfig, unet, vq, arcface=None):
-        from refface.train.refldm.model import make_train_scheduler
-
         self.cfg = cfg
         self.unet = unet
         self.vq = vq
@@ -262,8 +274,6 @@ class LDMTask:
         """Encode GT, LQ and references with the frozen autoencoder (no gradients)."""
         import torch
 
-        from refface.train.refldm.vqgan import encode, encode_references
-
         dev, dt = self.device, next(self.vq.parameters()).dtype
         with torch.no_grad():
             z0 = encode(self.vq, batch["gt"].to(dev, dt)).float()
@@ -280,9 +290,6 @@ class LDMTask:
     def compute_loss(self, batch: dict, generator) -> tuple[Any, dict[str, float]]:
         import torch
         import torch.nn.functional as F
-
-        from refface.train.refldm.identity import identity_loss
-        from refface.train.refldm.vqgan import decode
 
         z0, zlq, zref, mask = self._latents(batch)
         b, dev = z0.shape[0], z0.device
@@ -324,9 +331,6 @@ class LDMTask:
     def validation_grid(self, batch: dict, generator) -> np.ndarray:
         """Rows, one per sample: LQ | first reference | restored | GT."""
         import torch
-
-        from refface.train.refldm.sampling import ddim_sample
-        from refface.train.refldm.vqgan import decode
 
         n = min(self.cfg.task.val_samples, batch["gt"].shape[0])
         sub = {k: v[:n] for k, v in batch.items()}
@@ -377,9 +381,6 @@ class VQGANTask:
     def compute_loss(self, batch: dict, generator) -> tuple[Any, dict[str, float]]:
         import torch
 
-        from refface.train.ema import unwrap_model
-        from refface.train.refldm.vqgan import vqgan_losses
-
         disc = unwrap_model(self.modules["disc"])
         # The discriminator counts the micro-batches it has seen in a buffer, so the start step survives
         # checkpoints and resumes without the loop passing its step.
@@ -394,8 +395,6 @@ class VQGANTask:
 
     def validation_grid(self, batch: dict, generator) -> np.ndarray:
         """Rows, one per sample: GT | reconstruction."""
-        from refface.train.refldm.vqgan import decode, encode
-
         n = min(self.cfg.task.val_samples, batch["gt"].shape[0])
         gt = batch["gt"][:n].to(self.device)
         vq = self.modules["vqgan"]
@@ -416,9 +415,6 @@ def build_task(cfg: RefLDMConfig, output: str | Path, gradient_accumulation_step
     stage = cfg.task.stage
     output = Path(output)
     if stage == "vqgan":
-        from refface.train.refldm.lpips import LPIPS
-        from refface.train.refldm.vqgan import PatchDiscriminator
-
         vq = build_vqgan_for(cfg)
         disc = PatchDiscriminator(cfg.vqgan.disc_channels, cfg.vqgan.disc_layers)
         disc.register_buffer("seen_batches", torch.zeros((), dtype=torch.long))
@@ -431,8 +427,6 @@ def build_task(cfg: RefLDMConfig, output: str | Path, gradient_accumulation_step
                 )
             perceptual = LPIPS.from_files(cfg.task.lpips_backbone, cfg.task.lpips_head)
         return VQGANTask(cfg, vq, disc, perceptual, gradient_accumulation_steps)
-
-    from refface.train.refldm.model import RefLDMUNet
 
     if not cfg.vqgan.pretrained:
         default = output.parent / "vqgan" / MODEL_DIR / "vqgan"
@@ -458,8 +452,6 @@ def build_task(cfg: RefLDMConfig, output: str | Path, gradient_accumulation_step
         logger.warning("stage C starts from random weights: no stage B model found (task.init_from)")
     arcface = None
     if stage == "refldm" and cfg.task.identity_weight > 0:
-        from refface.train.refldm.identity import load_arcface
-
         if not cfg.task.arcface:
             raise FileNotFoundError(
                 "the identity loss needs ArcFace weights: set task.arcface to insightface's 'w600k_r50.onnx' "
@@ -471,9 +463,6 @@ def build_task(cfg: RefLDMConfig, output: str | Path, gradient_accumulation_step
 
 def export_model(task, stage_dir: str | Path) -> Path:
     """Write the final (EMA) weights as ``save_pretrained`` folders under ``<stage_dir>/model``."""
-    from refface.manifests.atomic import write_json
-    from refface.train.checkpoints import find_checkpoint
-
     stage_dir = Path(stage_dir)
     ckpt = find_checkpoint(stage_dir, "latest")
     if ckpt is None:
@@ -569,14 +558,7 @@ _VQ_ARCH = (
 
 
 def make_dataloader(dataset: str, cfg: RefLDMConfig, seed: int):
-    """The training loader from ``refface.train.loaders`` (clear error when that module is absent)."""
-    try:
-        from refface.train.loaders import make_refldm_dataloader
-    except ImportError as e:
-        raise ImportError(
-            "refface.train.loaders.make_refldm_dataloader is not available; the ReF-LDM input pipeline is "
-            f"needed to read {dataset} ({e})"
-        ) from e
+    """The training loader from ``refface.train.loaders``."""
     d = cfg.data
     return make_refldm_dataloader(
         dataset,
@@ -591,10 +573,6 @@ def make_dataloader(dataset: str, cfg: RefLDMConfig, seed: int):
 
 def main(args: RefLDMRun) -> list[dict[str, float]]:
     """Train one stage as configured; export its model folder when the run is complete."""
-    from refface.console import print_summary
-    from refface.manifests.atomic import write_text
-    from refface.train.loop import LoopConfig, train
-
     cfg, loop_raw = load_config(args.config, getattr(args, "overrides", None))
     cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, stage=args.stage))
     init = getattr(args, "init", None)

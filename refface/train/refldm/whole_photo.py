@@ -15,6 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from refface.console import track
+from refface.manifests.errors import ErrorsTable, ImageError
+from refface.manifests.io import list_images, read_image, write_png
+from refface.mining.align import FFHQ_BORDER_VALUE, ffhq_template, similarity_matrix, warp
+from refface.mining.detect import detect, make_detector
+from refface.train.refldm.restore import MAX_REFS, Restorer
+
 logger = logging.getLogger(__name__)
 
 
@@ -29,8 +36,6 @@ class AlignedFace:
 
 def align_faces(img: np.ndarray, faces, size: int) -> list[AlignedFace]:
     """FFHQ-aligned ``size`` crops of every detected face (``refface.mining.detect.Face`` list)."""
-    from refface.mining.align import FFHQ_BORDER_VALUE, ffhq_template, similarity_matrix, warp
-
     out = []
     for face in faces:
         m = similarity_matrix(np.asarray(face.landmarks, dtype=np.float64), ffhq_template(size))
@@ -84,10 +89,6 @@ def reference_crops(paths: list[Path], detector, size: int) -> tuple[list[np.nda
     A square image where no face is found is taken as already aligned. Returns the crops and
     ``(path, reason)`` for the references that could not be used.
     """
-    from refface.manifests.errors import ImageError
-    from refface.manifests.io import read_image
-    from refface.mining.detect import detect
-
     crops, bad = [], []
     for path in paths:
         try:
@@ -108,8 +109,6 @@ def reference_crops(paths: list[Path], detector, size: int) -> tuple[list[np.nda
 
 
 def _inputs(path: Path) -> list[tuple[str, Path]]:
-    from refface.manifests.io import list_images
-
     if path.is_dir():
         return [(str(Path(rel).with_suffix("")), path / rel) for rel in list_images(path)]
     if path.is_file():
@@ -148,12 +147,6 @@ def restore_photos(
     Returns:
         Counts: ``photos``, ``faces``, ``skipped`` (photos already done), ``errors``.
     """
-    from refface.console import track
-    from refface.manifests.errors import ErrorsTable, ImageError
-    from refface.manifests.io import list_images, read_image, write_png
-    from refface.mining.detect import make_detector
-    from refface.train.refldm.restore import MAX_REFS, Restorer
-
     out = Path(output_dir)
     items = _inputs(Path(input_path))
     todo = [(k, p) for k, p in items if not (out / f"{k}.png").is_file()]
