@@ -75,3 +75,7 @@ def setup_logging(verbose: bool = False) -> None:
         handlers=[RichHandler(console=console, show_path=False)],
         force=True,
     )
+    if not verbose:
+        # accelerate logs every file of every checkpoint at INFO; refface logs one line per checkpoint.
+        for name in ("accelerate.checkpointing", "accelerate.accelerator"):
+            logging.getLogger(name).setLevel(logging.WARNING)

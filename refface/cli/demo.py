@@ -23,6 +23,19 @@ def _labels_csv(images: Path) -> Path | None:
     return path if path.exists() else None
 
 
+def _dataset_labels(images: Path, out: Path) -> dict[str, str] | None:
+    """path -> identity under the dataset's own image names (a build from photos names its crops
+    and writes the labels under those names too); None when the input has no labels.csv."""
+    import pandas as pd
+
+    labels = _labels_csv(images)
+    if labels is None:
+        return None
+    moved = out / "dataset" / "labels.csv"
+    truth = pd.read_csv(moved if moved.exists() else labels, dtype=str, keep_default_na=False)
+    return dict(zip(truth["path"], truth["identity"], strict=True))
+
+
 def step_build(images: Path, out: Path, workers: int) -> dict:
     """Mine identities and build an FFHQ-Ref-style dataset root (photos: dlib detection)."""
     from refface.builders.ffhq_ref import FFHQRefConfig, build_ffhq_ref
@@ -44,17 +57,11 @@ def step_scores(images: Path, out: Path, workers: int) -> dict:
 
     from refface.mining.metrics import evaluate_assignments
 
-    labels = _labels_csv(images)
-    if labels is None:
+    truth = _dataset_labels(images, out)
+    if truth is None:
         return {"cluster scores": "skipped (no labels.csv in the input)"}
-    # A build from photos names its crops; it writes the labels under those names too.
-    moved = out / "dataset" / "labels.csv"
-    truth = pd.read_csv(moved if moved.exists() else labels, dtype=str, keep_default_na=False)
     ids = pd.read_parquet(out / "dataset" / IDENTITIES)
-    scores = evaluate_assignments(
-        dict(zip(ids["path"], ids["identity"].astype(int), strict=True)),
-        dict(zip(truth["path"], truth["identity"], strict=True)),
-    )
+    scores = evaluate_assignments(dict(zip(ids["path"], ids["identity"].astype(int), strict=True)), truth)
     return {
         "pairwise F": round(scores.pairwise_f, 4),
         "BCubed F": round(scores.bcubed_f, 4),
@@ -115,13 +122,9 @@ def step_scale(images: Path, out: Path, workers: int) -> dict:
         f"(held out vs exact)"
     )
     rows["sparse vs dense clustering (pair F)"] = round(agree, 4)
-    truth = _labels_csv(images)
+    truth = _dataset_labels(images, out)
     if truth is not None:
-        table = pd.read_csv(truth, dtype=str, keep_default_na=False)
-        scores = evaluate_assignments(
-            dict(zip(emb.paths, np.asarray(labels).tolist(), strict=True)),
-            dict(zip(table["path"], table["identity"], strict=True)),
-        )
+        scores = evaluate_assignments(dict(zip(emb.paths, np.asarray(labels).tolist(), strict=True)), truth)
         rows["sparse clustering pairwise F"] = round(scores.pairwise_f, 4)
     return rows
 
