@@ -127,3 +127,66 @@ def test_cli_whole_photo_without_faces_keeps_the_photo(tmp_path, model_dir):
               str(model_dir), "--output", str(tmp_path / "o2")],
     )  # fmt: skip
     assert res.exit_code != 0 and "refldm" in res.output
+
+
+class RecordingRestorer:
+    """Stands in for the ReF-LDM restorer: returns the LQ faces and records each face's references."""
+
+    size = 32
+
+    def __init__(self):
+        self.refs: list[int] = []
+
+    def resize(self, img):
+        import cv2
+
+        return cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_AREA)
+
+    def __call__(self, lqs, refs, keys):
+        self.refs += [len(r) for r in refs]
+        return list(lqs)
+
+
+@pytest.mark.slow
+def test_each_reference_goes_to_the_face_it_resembles(tmp_path, faces_dir):
+    import cv2
+
+    from refface.mining.detect import DlibDetector
+    from refface.train.refldm.whole_photo import assign_references
+
+    # Two people side by side; the references are two other photos of the one on the right.
+    left = read_image(faces_dir / "deepface/person02/img12.jpg")
+    right = read_image(faces_dir / "deepface/person01/img1.jpg")
+    h = min(left.shape[0], right.shape[0])
+    both = [cv2.resize(im, (round(im.shape[1] * h / im.shape[0]), h)) for im in (left, right)]
+    write_png(tmp_path / "pair.png", np.concatenate(both, axis=1))
+    refs = [faces_dir / "deepface/person01/img10.jpg", faces_dir / "deepface/person01/img11.jpg"]
+    counts = {}
+    for match in ("nearest", "all"):
+        rec = RecordingRestorer()
+        counts[match] = restore_photos(
+            tmp_path / "pair.png",
+            tmp_path / match,
+            checkpoint="unused",
+            refs=refs,
+            ref_match=match,
+            restorer=rec,
+        )
+        assert counts[match]["faces"] == 2 and counts[match]["errors"] == 0
+        if match == "nearest":
+            # Face i of the restorer is the detector's face i: the right-hand one holds both references.
+            found = DlibDetector()(read_image(tmp_path / "pair.png"))
+            right_face = int(np.argmax([f.bbox[0] for f in found]))
+            assert rec.refs[right_face] == 2 and rec.refs[1 - right_face] == 0
+        else:
+            assert rec.refs == [2, 2]
+    assert counts["nearest"]["faces_with_refs"] == 1 and counts["all"]["faces_with_refs"] == 2
+    # The matching itself: nearest face by cosine similarity, ties to the first.
+    faces = np.eye(3)[:2]
+    assert assign_references(faces, np.array([[0.1, 0.9, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])) == [
+        [1, 2],
+        [0],
+    ]
+    assert assign_references(np.zeros((0, 3)), np.eye(3)) == []
+    with pytest.raises(ValueError, match="ref_match"):
+        restore_photos(tmp_path / "pair.png", tmp_path / "x", checkpoint="unused", ref_match="best")

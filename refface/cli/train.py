@@ -57,7 +57,12 @@ def restore(
         None,
         "--refs",
         help="With --whole-photo: a reference photo (aligned or not) or folder of them; repeat for more. "
-        "Every face is restored with these references.",
+        "See --ref-match for photos of several people.",
+    ),
+    ref_match: str = typer.Option(
+        "nearest",
+        help="With --whole-photo: 'nearest' gives each reference to the face it resembles most "
+        "(identity embeddings; faces no reference resembles get none), 'all' gives every face every reference.",
     ),
     detector: str = typer.Option("dlib", help="With --whole-photo: face detector (dlib or scrfd)."),
     detector_model: Path | None = typer.Option(
@@ -89,8 +94,12 @@ def restore(
         None, help="MGFR: negative-attribute guidance weight (default 1.0; 0 skips that pass)."
     ),
     negative_attribute_prompt: str | None = typer.Option(None, help="MGFR: attributes to steer away from."),
-    embedder: str | None = typer.Option(None, help="MGFR: identity embedder for references (arcface, dlib)."),
-    embedder_model: Path | None = typer.Option(None, help="MGFR: embedder weights (ArcFace ONNX path)."),
+    embedder: str | None = typer.Option(
+        None,
+        help="MGFR: identity embedder for references (arcface, dlib); --whole-photo: the one matching "
+        "references to faces (default dlib).",
+    ),
+    embedder_model: Path | None = typer.Option(None, help="Embedder weights (ArcFace ONNX path)."),
     batch_size: int | None = typer.Option(None, help="Images per sampling batch."),
     seed: int | None = typer.Option(
         None, help="Base seed (default: the model's; 0, or 2024 for the ReF-LDM official preset)."
@@ -128,6 +137,9 @@ def restore(
             guidance_scale=guidance_scale,
             seed=seed,
             device=device,
+            ref_match=ref_match,
+            embedder=embedder or "dlib",
+            embedder_model=embedder_model,
         )
         print_summary("refface restore --whole-photo", {"output": str(output_dir), **counts})
         return

@@ -1,8 +1,10 @@
 """Whole-photo restoration: detect and align every face, restore it with ReF-LDM, paste it back.
 
 Each face is aligned to the FFHQ template (refface.mining's detectors and ``similarity_matrix``),
-restored at the model's size with the given references, warped back with the inverse affine and
+restored at the model's size with its references, warped back with the inverse affine and
 blended in under a soft mask. Pixels outside every face's mask keep their exact input values.
+In a photo of several people each reference goes to the face it resembles most (identity
+embeddings), so one person's references never reshape a stranger's face.
 """
 
 from __future__ import annotations
@@ -19,10 +21,17 @@ from refface.console import track
 from refface.manifests.errors import ErrorsTable, ImageError
 from refface.manifests.io import list_images, read_image, write_png
 from refface.mining.align import FFHQ_BORDER_VALUE, ffhq_template, similarity_matrix, warp
-from refface.mining.detect import detect, make_detector
+from refface.mining.detect import Face, detect, make_detector
+from refface.mining.embed import make_embedder
 from refface.train.refldm.restore import MAX_REFS, Restorer
 
 logger = logging.getLogger(__name__)
+
+# How references reach the faces of a photo: ``nearest`` gives each reference to the face it is
+# most like (identity embeddings), ``all`` gives every face every reference.
+REF_MATCH = ("nearest", "all")
+# Faces and references are aligned at least this large for matching, whatever the model's size.
+MATCH_SIZE = 256
 
 
 @dataclass
@@ -108,6 +117,26 @@ def reference_crops(paths: list[Path], detector, size: int) -> tuple[list[np.nda
     return crops, bad
 
 
+def embed_aligned(embedder, crops: list[np.ndarray]) -> np.ndarray:
+    """(N, D) unit identity vectors of FFHQ-aligned crops (their landmarks are the template's)."""
+    chips = []
+    for crop in crops:
+        size = crop.shape[0]
+        face = Face(bbox=np.array([0.0, 0.0, size, size]), score=1.0, landmarks=ffhq_template(size))
+        chips.append(embedder.crop(crop, face))
+    return embedder.embed_crops(chips)[0]
+
+
+def assign_references(face_vectors: np.ndarray, ref_vectors: np.ndarray) -> list[list[int]]:
+    """For each face, the indices of the references that resemble it more than any other face
+    of the photo (cosine similarity of unit vectors; a tie goes to the first face)."""
+    n_faces = len(face_vectors)
+    if n_faces == 0:
+        return []
+    owner = np.argmax(np.asarray(ref_vectors) @ np.asarray(face_vectors).T, axis=1)
+    return [np.flatnonzero(owner == f).tolist() for f in range(n_faces)]
+
+
 def _inputs(path: Path) -> list[tuple[str, Path]]:
     if path.is_dir():
         return [(str(Path(rel).with_suffix("")), path / rel) for rel in list_images(path)]
@@ -129,6 +158,9 @@ def restore_photos(
     guidance_scale: float | None = None,
     seed: int | None = None,
     device: str | None = None,
+    ref_match: str = "nearest",
+    embedder: str = "dlib",
+    embedder_model: str | os.PathLike | None = None,
     restorer=None,
 ) -> dict[str, int]:
     """Restore every face of a photo (or of each photo in a folder) and paste it back.
@@ -138,20 +170,27 @@ def restore_photos(
         output_dir: ``<output_dir>/<name>.png`` (the whole photo, same size) and
             ``<output_dir>/faces/<name>_<i>.png`` (each restored aligned face); ``errors.csv``.
         checkpoint: the ReF-LDM model (see :func:`refface.train.refldm.restore.load_refldm`).
-        refs: reference photos (aligned or not; a folder means its images); every face of the photos
-            is restored with them (up to 5).
+        refs: reference photos (aligned or not; a folder means its images), up to 5 per face.
         detector, detector_model: the face detector (``dlib`` or ``scrfd``; see refface.mining.detect).
+        ref_match: ``nearest``: in a photo of several faces each reference goes to the face it
+            resembles most and faces no reference resembles are restored without any; ``all``:
+            every face gets every reference. A photo of one face always gets them all.
+        embedder, embedder_model: the identity embedder ``nearest`` matches with (``dlib`` or
+            ``arcface``; see refface.mining.embed).
         preset, steps, guidance_scale, seed, device: see :class:`refface.train.refldm.restore.Restorer`.
         restorer: an already built restorer (callable like :class:`Restorer`), instead of loading one.
 
     Returns:
-        Counts: ``photos``, ``faces``, ``skipped`` (photos already done), ``errors``.
+        Counts: ``photos``, ``faces``, ``faces_with_refs``, ``skipped`` (photos already done),
+        ``errors``.
     """
+    if ref_match not in REF_MATCH:
+        raise ValueError(f"unknown ref_match {ref_match!r}; choose one of {', '.join(REF_MATCH)}")
     out = Path(output_dir)
     items = _inputs(Path(input_path))
     todo = [(k, p) for k, p in items if not (out / f"{k}.png").is_file()]
     errors = ErrorsTable()
-    counts = {"photos": 0, "faces": 0, "skipped": len(items) - len(todo), "errors": 0}
+    counts = {"photos": 0, "faces": 0, "faces_with_refs": 0, "skipped": len(items) - len(todo), "errors": 0}
     if todo:
         if restorer is None:
             restorer = Restorer(
@@ -167,19 +206,23 @@ def restore_photos(
         for ref in refs or []:
             r = Path(ref)
             ref_paths += [r / rel for rel in list_images(r)] if r.is_dir() else [r]
-        ref_crops, bad = reference_crops(ref_paths, det, restorer.size)
+        match_size = max(restorer.size, MATCH_SIZE)
+        ref_aligned, bad = reference_crops(ref_paths, det, match_size)
         for bad_path, reason in bad:
             errors.add(bad_path, "reference", reason)
-        ref_crops = [restorer.resize(c) for c in ref_crops[:MAX_REFS]]
-        if refs and not ref_crops:
+        if refs and not ref_aligned:
             raise ValueError("none of the references could be used (see the errors above)")
+        ref_crops = [restorer.resize(c) for c in ref_aligned]
+        matcher = make_embedder(embedder, embedder_model) if ref_crops and ref_match == "nearest" else None
+        ref_vectors = embed_aligned(matcher, ref_aligned) if matcher is not None else None
         for key, path in track(todo, "restoring photos (ReF-LDM)"):
             try:
                 img = read_image(path)
             except ImageError as e:
                 errors.add(str(path), "restore", str(e))
                 continue
-            faces = align_faces(img, det(img), restorer.size)
+            found = det(img)
+            faces = align_faces(img, found, restorer.size)
             if not faces:
                 errors.add(str(path), "detect", "no face found")
                 write_png(out / f"{key}.png", img)
@@ -187,7 +230,14 @@ def restore_photos(
                 continue
             lqs = [restorer.resize(f.crop) for f in faces]
             keys = [f"{key}_{i}" for i in range(len(faces))]
-            restored = restorer(lqs, [ref_crops] * len(faces), keys)
+            owned = [list(range(len(ref_crops)))] * len(faces)
+            if matcher is not None and len(faces) > 1:
+                crops = [f.crop for f in align_faces(img, found, match_size)]
+                owned = assign_references(embed_aligned(matcher, crops), ref_vectors)
+                for k, idx in zip(keys, owned, strict=True):
+                    logger.info("%s: %d reference(s)", k, len(idx))
+            face_refs = [[ref_crops[i] for i in idx][:MAX_REFS] for idx in owned]
+            restored = restorer(lqs, face_refs, keys)
             restored = [_to_crop_size(r, f.crop.shape[0]) for r, f in zip(restored, faces, strict=True)]
             result, _ = paste_back(img, restored, faces)
             for k, r in zip(keys, restored, strict=True):
@@ -195,6 +245,7 @@ def restore_photos(
             write_png(out / f"{key}.png", result)
             counts["photos"] += 1
             counts["faces"] += len(faces)
+            counts["faces_with_refs"] += sum(1 for r in face_refs if r)
     counts["errors"] = len(errors)
     if len(errors):
         errors.write(out, "errors")
