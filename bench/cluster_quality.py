@@ -41,6 +41,7 @@ DLIB_MODEL = "dlib_face_recognition_resnet_model_v1"
 # name -> (method, threshold or None for the method's default, label)
 RUNS = {
     "default": (None, None, "default"),
+    "impostor_linkage": ("impostor_linkage", None, "impostor linkage alone (no second pass)"),
     "components": ("components", "rule", "components at the model's pairwise rule"),
     "average": ("average", 0.075, "average linkage, fixed cut 0.075"),
     "chinese_whispers": ("chinese_whispers", "rule", "Chinese whispers, k-NN graph at the model's rule"),

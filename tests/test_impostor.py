@@ -8,6 +8,7 @@ import pytest
 
 from refface.manifests.embeddings import Embeddings
 from refface.mining import cluster as cl
+from refface.mining.attach import AttachConfig, attach_lone_faces
 from refface.mining.communities import chinese_whispers, infomap, leiden, undirected
 from refface.mining.impostor import fit_impostor_model
 from refface.mining.metrics import score_labels
@@ -81,6 +82,64 @@ def test_impostor_clustering_recovers_identities_with_singletons():
     s = score_labels(labels, pred)
     assert s.pairwise_precision > 0.97 and s.pairwise_f > 0.95 and s.bcubed_f > 0.97, s
     assert (pred[-200:] == -1).mean() > 0.95  # lone faces stay alone
+
+
+def neighbour_lists(lists: dict[int, list[tuple[int, float]]], n: int, k: int):
+    """(idx, norm) arrays from per-face neighbour lists of (face, distance in radius units)."""
+    idx = np.full((n, k), -1, dtype=np.int64)
+    norm = np.full((n, k), np.inf)
+    for i, row in lists.items():
+        for r, (j, d) in enumerate(row):
+            idx[i, r], norm[i, r] = j, d
+    return idx, norm
+
+
+def test_a_lone_face_joins_the_cluster_whose_members_point_back():
+    # Cluster C = faces 0-3, cluster D = faces 7-8; faces 4, 5, 6 are alone.
+    labels = np.array([0, 0, 0, 0, 4, 5, 6, 7, 7])
+    c_row = lambda i, back: [(j, 0.5) for j in range(4) if j != i] + back  # noqa: E731
+    lists = {
+        0: c_row(0, [(4, 1.1), (5, 1.6)]),
+        1: c_row(1, [(4, 1.1), (6, 1.7)]),
+        2: c_row(2, [(4, 1.15), (7, 1.8)]),
+        3: c_row(3, [(7, 1.7), (8, 1.8)]),
+        # 4: an unusual photo of C's person: its nearest are C's, and three of C's four list it.
+        4: [(0, 1.05), (1, 1.1), (2, 1.1), (3, 1.15), (7, 1.5), (8, 1.6)],
+        # 5: a stranger near C: it points at C, but only one of C's members points back.
+        5: [(0, 1.05), (1, 1.1), (2, 1.1), (3, 1.15), (6, 1.5), (7, 1.6)],
+        # 6: its nearest neighbours disagree (C and D).
+        6: [(0, 1.05), (7, 1.1), (1, 1.1), (8, 1.15)],
+        7: [(8, 0.5), (6, 1.1)],
+        8: [(7, 0.5), (6, 1.15)],
+    }
+    idx, norm = neighbour_lists(lists, 9, 6)
+    out = attach_lone_faces(labels, idx, norm, missing=2.0)
+    assert out[4] == out[0] and len(set(out[:5].tolist())) == 1  # joined C
+    assert out[5] not in out[[0, 4, 6, 7]] and out[6] not in out[[0, 5, 7]]  # still alone
+    assert out[7] == out[8] != out[0]
+    # Too far on average: C's member missing from its list counts as ``missing`` (mean 1.31).
+    lists[4] = [(0, 1.05), (1, 1.1), (2, 1.1), (7, 1.5), (8, 1.6)]
+    idx, norm = neighbour_lists(lists, 9, 6)
+    assert attach_lone_faces(labels, idx, norm, missing=2.0)[4] != out[0]
+    # A stricter agreement keeps face 4 out: 3 of 4 members point back.
+    idx, norm = neighbour_lists({**lists, 4: [(0, 1.05), (1, 1.1), (2, 1.1), (3, 1.15)]}, 9, 6)
+    assert attach_lone_faces(labels, idx, norm, 2.0)[4] == out[0]
+    assert attach_lone_faces(labels, idx, norm, 2.0, AttachConfig(agree=0.8))[4] != out[0]
+    with pytest.raises(ValueError, match="agree"):
+        AttachConfig(agree=0.0).validate()
+
+
+def test_second_pass_only_adds_lone_faces_to_clusters():
+    x, labels = pool(60, 5, 200, noise=0.3, seed=3)
+    full = cl.cluster(x, method="impostor")
+    linkage = cl.cluster(x, method="impostor_linkage")
+    # Every cluster of the linkage is kept whole; faces the second pass moves were alone.
+    moved = (full >= 0) & (linkage < 0)
+    assert ((full >= 0) == ((linkage >= 0) | moved)).all()
+    clustered = linkage >= 0
+    pairs = {(a, b) for a, b in zip(linkage[clustered], full[clustered], strict=True)}
+    assert len({a for a, _ in pairs}) == len(pairs) == len({b for _, b in pairs})
+    assert score_labels(labels, full).pairwise_recall >= score_labels(labels, linkage).pairwise_recall
 
 
 def test_lower_false_merge_bound_is_stricter():

@@ -74,7 +74,7 @@ def ffhq_ref(
     crop_size: int = typer.Option(512, help="Aligned crop side used for embedding."),
     cluster_method: str | None = typer.Option(
         None,
-        help="Identity clustering (default: the embedder's, impostor): impostor, average, components, "
+        help="Identity clustering (default: the embedder's, impostor): impostor, impostor_linkage, average, components, "
         "refldm (ReF-LDM's rule), chinese_whispers, infomap; see docs/mining.md.",
     ),
     identity_threshold: float | None = typer.Option(None, help=THRESHOLD_HELP),

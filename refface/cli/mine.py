@@ -155,7 +155,8 @@ COLUMNS = [
 def _method_help() -> str:
     return (
         "Clustering method: 'impostor' (default: average linkage with each face's cut from this set's own "
-        "impostor-distance model, at --max-false-merge), 'average' (average linkage at a fixed cut), "
+        "impostor-distance model, at --max-false-merge, then lone faces join the cluster their neighbours "
+        "agree on), 'impostor_linkage' (the linkage alone), 'average' (average linkage at a fixed cut), "
         "'components' (connected components of the threshold graph), 'refldm' (ReF-LDM's rule: components "
         "at 0.4), 'chinese_whispers' or 'infomap' (on the k-NN graph of pairs within the threshold)."
     )
@@ -223,7 +224,7 @@ def cluster_cmd(
                     ("max false merge (share of pairs)", cfg["max_false_merge"]),
                     ("median radius (cosine distance)", manifest.get("radius_median")),
                 ]
-                if cfg["method"] == "impostor"
+                if cfg["method"] in ("impostor", "impostor_linkage")
                 else []
             ),
             ("faces", counts.get("faces")),

@@ -18,7 +18,7 @@ from refface.mining.metrics import SINGLETON
 log = logging.getLogger(__name__)
 
 STAGE = "identities"
-STAGE_VERSION = 2
+STAGE_VERSION = 3
 DEFAULT_METHOD = "impostor"
 # Cosine-distance threshold used when the embeddings carry none: ReF-LDM's ArcFace rule.
 
@@ -286,8 +286,15 @@ def impostor_radii(dist: np.ndarray, config: ClusterConfig) -> tuple[np.ndarray,
     return radius, model
 
 
-def impostor_clusters(vectors: np.ndarray, config: ClusterConfig) -> tuple[np.ndarray, np.ndarray, Any]:
-    """:func:`impostor` with its per-face radii and the fitted model: (labels, radius, model)."""
+def impostor_clusters(
+    vectors: np.ndarray, config: ClusterConfig, attach: bool = True
+) -> tuple[np.ndarray, np.ndarray, Any]:
+    """:func:`impostor` with its per-face radii and the fitted model: (labels, radius, model).
+
+    ``attach=False`` stops after the linkage (``impostor_linkage``): no lone face joins a cluster.
+    """
+    from refface.mining.attach import attach_lone_faces
+
     n = vectors.shape[0]
     if n < 2:
         return relabel(np.arange(n)), np.full(n, np.inf), None
@@ -296,6 +303,8 @@ def impostor_clusters(vectors: np.ndarray, config: ClusterConfig) -> tuple[np.nd
     norm = dist / np.sqrt(radius[:, None] * radius[np.maximum(idx, 0)])
     rows, cols, d = _edges(norm, idx, (idx >= 0) & (norm < config.graph_factor))
     comp = average_linkage_graph(n, rows, cols, d, 1.0, config.graph_factor)
+    if attach:
+        comp = attach_lone_faces(comp, idx, norm, config.graph_factor)
     return relabel(comp), radius, model
 
 
@@ -309,8 +318,18 @@ def impostor(vectors: np.ndarray, config: ClusterConfig) -> np.ndarray:
     groups merge while that mean normalized distance stays below 1. The cut tightens as the pool
     grows (strangers crowd in) and reaches further where people hold many photos, and crowded
     regions of the embedding (many look-alikes) get tighter radii than empty ones.
+
+    A second pass (:mod:`refface.mining.attach`) then lets a lone face join the cluster its
+    neighbours agree on: its nearest neighbours all in that cluster, and most of the cluster's
+    members holding it among their nearest (a person's unusual photos, which the linkage's cut
+    leaves just outside).
     """
     return impostor_clusters(vectors, config)[0]
+
+
+def impostor_linkage(vectors: np.ndarray, config: ClusterConfig) -> np.ndarray:
+    """:func:`impostor` without the second pass: the radius-normalized average linkage alone."""
+    return impostor_clusters(vectors, config, attach=False)[0]
 
 
 def _threshold_edges(vectors: np.ndarray, config: ClusterConfig):
@@ -342,9 +361,10 @@ def infomap(vectors: np.ndarray, config: ClusterConfig) -> np.ndarray:
 
 
 # Methods whose cut comes from the set itself: a threshold, when given, only caps it.
-ADAPTIVE = ("impostor",)
+ADAPTIVE = ("impostor", "impostor_linkage")
 CLUSTERERS: dict[str, Callable[[np.ndarray, ClusterConfig], np.ndarray]] = {
     "impostor": impostor,
+    "impostor_linkage": impostor_linkage,
     "average": average,
     "components": components,
     # ReF-LDM's pairwise rule by name: components at the ArcFace cut 0.4 unless a threshold is given.
@@ -463,8 +483,8 @@ def run_clustering(vectors: np.ndarray, config: ClusterConfig) -> Clustering:
     if n == 0:
         empty = np.empty(0)
         return Clustering(np.empty(0, dtype=np.int64), empty, empty, {})
-    if config.method == "impostor":
-        labels, radius, model = impostor_clusters(vectors, config)
+    if config.method in ADAPTIVE:
+        labels, radius, model = impostor_clusters(vectors, config, attach=config.method == "impostor")
         info: dict = {}
         scale = np.full(n, np.nan)
         if model is not None:
