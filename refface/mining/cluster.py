@@ -12,6 +12,7 @@ import numpy as np
 
 from refface.manifests.embeddings import ARCFACE_THRESHOLD
 from refface.manifests.layout import IDENTITIES
+from refface.mining.attach import attach_lone_faces
 from refface.mining.impostor import MIN_FIT_RANKS, RANK_START
 from refface.mining.metrics import SINGLETON
 
@@ -293,8 +294,6 @@ def impostor_clusters(
 
     ``attach=False`` stops after the linkage (``impostor_linkage``): no lone face joins a cluster.
     """
-    from refface.mining.attach import attach_lone_faces
-
     n = vectors.shape[0]
     if n < 2:
         return relabel(np.arange(n)), np.full(n, np.inf), None
