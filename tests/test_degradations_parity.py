@@ -111,6 +111,8 @@ def _ks_same(a, b) -> float:
     return stats.ks_2samp(np.asarray(a, float), np.asarray(b, float)).pvalue
 
 
+# 10k kernels drawn per preset from both samplers (~5 s each on 2 shared cores).
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["refldm-moderate", "refldm-severe", "gfpgan-train"])
 def test_kernel_parameter_distributions_match_basicsr(bsr, monkeypatch, preset):
     """KS tests over 10k draws: σx, σy, θ, kernel type share and the kernels' centre weight."""

@@ -269,6 +269,8 @@ def test_refldm_flpips_masks_both_images_with_the_parsing_labels(tmp_path, refld
     assert r.metrics["flpips"] == pytest.approx(0.0, abs=1e-6) and r.metrics["lpips"] > 0.01
 
 
+# Inception features of every image at 299 px (~6 s).
+@pytest.mark.slow
 def test_refldm_fid_against_a_statistics_file(tmp_path, refldm_models):
     from dataclasses import replace
 

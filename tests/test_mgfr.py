@@ -190,6 +190,8 @@ def test_frozen_unchanged_and_only_adapters_get_gradients(sd_dir, tmp_path):
     assert any(k.startswith("lca.") for k in changed) and any(k.startswith("rca.") for k in changed)
 
 
+# Tens of optimizer steps of the tiny SD-1.5-shaped model (~8 s on 2 shared cores).
+@pytest.mark.slow
 def test_overfitting_one_batch_lowers_the_loss(sd_dir, tmp_path):
     from refface.train.loop import train
     from refface.train.mgfr.train import MGFRTask, build_adapters
@@ -207,6 +209,8 @@ def test_overfitting_one_batch_lowers_the_loss(sd_dir, tmp_path):
     assert last < 0.6 * first, (first, last)
 
 
+# Two training runs of the tiny SD-1.5-shaped model (~5 s).
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_losses(sd_dir, tmp_path):
     from refface.train.loop import train
     from refface.train.mgfr.train import MGFRTask, build_adapters
@@ -377,6 +381,8 @@ def test_config_errors_are_actionable(tmp_path):
     assert mgfr["stage"] == 2 and loop["max_steps"] == 4
 
 
+# Backward passes with and without checkpointing plus a bf16 run (~19 s).
+@pytest.mark.slow
 def test_gradient_checkpointing_same_gradients_and_bf16_accumulation_runs(sd_dir, tmp_path):
     from refface.train.loop import train
     from refface.train.mgfr.train import MGFRTask, build_adapters
@@ -422,6 +428,8 @@ def test_gradient_checkpointing_same_gradients_and_bf16_accumulation_runs(sd_dir
     assert task.adapters.lca.down_blocks[0].gradient_checkpointing
 
 
+# Shards written, then both training stages through the entry point (~6 s).
+@pytest.mark.slow
 def test_entry_point_on_real_shards_both_stages(sd_dir, tmp_path):
     # The whole path with the shared input pipeline: dataset root -> WebDataset shards -> both stages.
     from accelerate.state import AcceleratorState, GradientState
