@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from refface import devices
-from refface.evaluation.evaluate import DEFAULT_WEIGHT_FILES
+from refface.evaluation.weights import DEFAULT_WEIGHT_FILES
 from refface.mining.attributes import DEEPFACE_WEIGHT_FILES
 from refface.mining.detect import default_model_root, face_recognition_models_dir
 from refface.mining.embed import ARCFACE_FILES

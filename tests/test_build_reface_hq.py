@@ -162,7 +162,7 @@ def test_niqe_filter_reuses_the_evaluation_metric(faces_dir, tmp_path):
     import cv2
 
     from refface.builders.reface_hq import REJECT_NIQE, REJECT_SHARPNESS, _crop_chunk, quality_rejections
-    from refface.evaluation.evaluate import fit_niqe_params
+    from refface.evaluation.metrics import fit_niqe_params
     from refface.manifests.io import read_image, write_png
     from refface.mining.align import FFHQ_TEMPLATE_512
 

@@ -10,14 +10,11 @@ import pytest
 import torch
 from common.tiny_refldm import _one_thread  # noqa: F401  (autouse fixture)
 
-from refface.evaluation.evaluate import (
-    EvalModels,
-    EvalWeights,
-    evaluate_folders,
-    fit_niqe_params,
-    frechet_distance,
-    markdown_table,
-)
+from refface.evaluation.evaluate import evaluate_folders
+from refface.evaluation.metrics import fit_niqe_params, frechet_distance
+from refface.evaluation.models import EvalModels
+from refface.evaluation.tables import markdown_table
+from refface.evaluation.weights import EvalWeights
 from refface.manifests.io import write_png
 from refface.train.refldm.identity import iresnet
 from refface.train.refldm.lpips import LPIPS

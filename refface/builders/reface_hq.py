@@ -26,7 +26,7 @@ from refface.builders.ffhq_ref import (
     stage_timings,
     write_build_json,
 )
-from refface.evaluation.evaluate import load_niqe_params, niqe
+from refface.evaluation.metrics import load_niqe_params, niqe
 from refface.manifests.atomic import file_digest, sha256_file, write_parquet, write_text
 from refface.manifests.embeddings import Embeddings, embeddings_digest, save_embeddings
 from refface.manifests.errors import ErrorsTable, ImageError

@@ -369,7 +369,9 @@ def evaluate_cmd(
     from rich.markdown import Markdown
 
     from refface.console import console, print_summary
-    from refface.evaluation.evaluate import PROTOCOLS, EvalWeights, evaluate_folders, markdown_table
+    from refface.evaluation.evaluate import evaluate_folders
+    from refface.evaluation.tables import markdown_table
+    from refface.evaluation.weights import PROTOCOLS, EvalWeights
 
     if protocol not in PROTOCOLS:
         console.print(f"[red]error:[/red] --protocol must be one of {', '.join(PROTOCOLS)}")

@@ -1,5 +1,5 @@
 """No-reference quality of an aligned face crop: sharpness of the face region, and NIQE when a pristine
-model is given (the evaluation metric, :func:`refface.evaluation.evaluate.niqe`)."""
+model is given (the evaluation metric, :func:`refface.evaluation.metrics.niqe`)."""
 
 from __future__ import annotations
 
