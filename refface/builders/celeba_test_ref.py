@@ -12,13 +12,8 @@ import numpy as np
 import pandas as pd
 
 from refface.builders.aligned import gt_folder_stage
-from refface.builders.ffhq_ref import (
-    identity_threshold_of,
-    remove_stale_temps,
-    run_mining,
-    stage_timings,
-    write_build_json,
-)
+from refface.builders.ffhq_ref import identity_threshold_of, run_mining
+from refface.builders.provenance import remove_stale_temps, stage_timings, write_build_json
 from refface.builders.validate import label_agreement
 from refface.manifests.atomic import sha256_file, write_parquet, write_text
 from refface.manifests.errors import ErrorsTable

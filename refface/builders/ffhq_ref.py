@@ -15,12 +15,19 @@ import pandas as pd
 
 from refface.builders.aligned import ALIGNED_DIR, MINED_DIR, align_stage, eval_names, gt_folder_stage
 from refface.builders.card import write_card
-from refface.manifests.atomic import file_digest, sha256_file, write_json, write_parquet, write_text
+from refface.builders.provenance import build_summary, remove_stale_temps, stage_timings, write_build_json
+from refface.manifests.atomic import file_digest, sha256_file, write_parquet, write_text
 from refface.manifests.embeddings import embeddings_digest
-from refface.manifests.errors import ErrorsTable
 from refface.manifests.io import list_images
-from refface.manifests.layout import ATTRIBUTES, EMBEDDINGS_META, IMAGES, SPLITS, references_filename
-from refface.manifests.references import read_references, write_references
+from refface.manifests.layout import (
+    ATTRIBUTES,
+    IDENTITIES,
+    IMAGES,
+    SPLITS,
+    SPLITS_TABLE,
+    references_filename,
+)
+from refface.manifests.references import write_references
 from refface.manifests.root import DatasetRoot
 from refface.manifests.splits import write_split_lists
 from refface.mining.cluster import ClusterConfig, cluster_root, default_threshold
@@ -28,17 +35,12 @@ from refface.mining.pipeline import MiningConfig, mine_folder
 from refface.mining.references import ReferenceConfig, estimated_reference_precision, select_references
 from refface.mining.splits import SplitConfig, assign_splits, split_summary
 from refface.review.stage import corrections_stage
-from refface.stages import fingerprint, folder_fingerprint, run_stage
+from refface.stages import fingerprint, run_stage
 
 log = logging.getLogger(__name__)
 
-IDENTITIES_FILE = "identities.parquet"
-SPLITS_FILE = "splits.parquet"
-BUILD_FILE = "build.json"
-CARD_FILE = "card.md"
 # Settings that change how fast a build runs, never what it writes: kept out of every fingerprint.
 RUNTIME_FIELDS = ("workers", "chunk_size")
-VERSION_PACKAGES = ("refface", "numpy", "pandas", "pyarrow", "scipy", "faiss-cpu", "dlib-bin", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -151,18 +153,6 @@ def mining_config(config: Any, exclude: tuple[str, ...] = ()):
     return MiningConfig(**values)
 
 
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in VERSION_PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return out
-
-
 # --------------------------------------------------------------------------------------------- stages
 
 
@@ -175,7 +165,7 @@ def run_mining(image_root: Path, root: Path, config: Any, exclude: tuple[str, ..
 
 def clustering_table(root: Path) -> pd.DataFrame | None:
     """The clustering's own per-face table (before hand corrections, which keep only identities)."""
-    for name in ("identities_clustered.parquet", IDENTITIES_FILE):
+    for name in ("identities_clustered.parquet", IDENTITIES):
         if (root / name).exists():
             return pd.read_parquet(root / name)
     return None
@@ -228,7 +218,7 @@ def corrected_paths(root: Path, config: Any, producer: str, all_paths: list[str]
 
 def covering_table(root: Path, all_paths: list[str]) -> pd.DataFrame:
     """Every input image with its identity: images without an embedding (no face, unreadable) are -1."""
-    table = pd.read_parquet(root / IDENTITIES_FILE)[["path", "identity", "cluster_size"]]
+    table = pd.read_parquet(root / IDENTITIES)[["path", "identity", "cluster_size"]]
     table = table.drop_duplicates("path")
     # Images dropped by hand corrections stay in identities.parquet but not among the paths.
     table = table[table["path"].isin(set(all_paths))]
@@ -295,14 +285,14 @@ def splits_stage(root: Path, config: Any, all_paths: list[str]) -> tuple[dict, b
         eligible = eval_eligible(root, config, table)
         assigned = assign_splits(table, config.split_config(), balance_labels(root, config), eligible)
         assigned = assigned.merge(table[["path", "cluster_size", "embedded"]], on="path", how="left")
-        write_parquet(root / SPLITS_FILE, assigned)
+        write_parquet(root / SPLITS_TABLE, assigned)
         names = write_split_lists(root, {s: assigned.loc[assigned["split"] == s, "path"] for s in SPLITS})
-        return {"outputs": [SPLITS_FILE, *names], "summary": split_summary(assigned)}
+        return {"outputs": [SPLITS_TABLE, *names], "summary": split_summary(assigned)}
 
     cfg = {**asdict(config.split_config()), **asdict(config.reference_config())}
     cfg.update(attributes=config.attributes, identity_threshold=config.identity_threshold)
     inputs = {
-        "identities": file_digest(root, IDENTITIES_FILE),
+        "identities": file_digest(root, IDENTITIES),
         "embeddings": embeddings_digest(root),
         "images": fingerprint(sorted(all_paths)),
         "attributes": sha256_file(config.attributes) if config.attributes else None,
@@ -317,7 +307,7 @@ def references_stage(root: Path, config: Any) -> tuple[dict, bool]:
 
     def work() -> dict:
         emb, paths, vectors = DatasetRoot(root).embeddings_by_path()
-        assigned = pd.read_parquet(root / SPLITS_FILE)
+        assigned = pd.read_parquet(root / SPLITS_TABLE)
         split_of = dict(zip(assigned["path"], assigned["split"], strict=True))
         label_of = dict(zip(assigned["path"], assigned["identity"], strict=True))
         labels = np.array([label_of.get(p, -1) for p in paths])
@@ -360,9 +350,9 @@ def references_stage(root: Path, config: Any) -> tuple[dict, bool]:
     cfg = asdict(config.reference_config())
     cfg["identity_threshold"] = config.identity_threshold
     inputs = {
-        "splits": file_digest(root, SPLITS_FILE),
+        "splits": file_digest(root, SPLITS_TABLE),
         "embeddings": embeddings_digest(root),
-        "identities": file_digest(root, IDENTITIES_FILE),
+        "identities": file_digest(root, IDENTITIES),
     }
     return run_stage(root, "references", cfg, inputs, work)
 
@@ -397,7 +387,7 @@ def card_stage(root: Path, config: Any, title: str, extra_inputs: dict | None = 
         outputs = write_card(root, config, title)
         return {"outputs": outputs}
 
-    names = [IDENTITIES_FILE, SPLITS_FILE, "errors.parquet", "corrections.json"]
+    names = [IDENTITIES, SPLITS_TABLE, "errors.parquet", "corrections.json"]
     names += [references_filename(s) for s in SPLITS]
     inputs = {n: file_digest(root, n) for n in names}
     inputs["embeddings.npy"] = embeddings_digest(root)  # the key it always had, also for shards
@@ -405,112 +395,6 @@ def card_stage(root: Path, config: Any, title: str, extra_inputs: dict | None = 
     inputs.update(extra_inputs or {})
     cfg = {"plots": config.plots, "title": title, "labels": config.labels}
     return run_stage(root, "card", cfg, inputs, work)
-
-
-# --------------------------------------------------------------------------------------------- provenance
-
-
-def stage_timings(root: Path) -> dict[str, float]:
-    out = {}
-    stages = root / ".stages"
-    if stages.is_dir():
-        for path in sorted(stages.glob("*.json")):
-            manifest = json.loads(path.read_text())
-            out[manifest.get("stage", path.stem)] = manifest.get("timings", {}).get("seconds")
-    return out
-
-
-def stage_devices(root: Path) -> dict[str, dict]:
-    """``{stage: devices}`` from the stage manifests of a root (stages that recorded them)."""
-    out = {}
-    stages = root / ".stages"
-    if stages.is_dir():
-        for path in sorted(stages.glob("*.json")):
-            manifest = json.loads(path.read_text())
-            if "devices" in manifest:
-                out[manifest.get("stage", path.stem)] = manifest["devices"]
-    return out
-
-
-def error_counts(root: Path) -> dict[str, int]:
-    return ErrorsTable.read(root).counts_by_stage()
-
-
-def write_build_json(
-    root: Path,
-    kind: str,
-    config: Any,
-    image_root: Path,
-    all_paths: list[str],
-    timings: dict,
-    extra: dict,
-    embeddings_root: Path | None = None,
-    source: tuple[Path, list[str]] | None = None,
-) -> dict:
-    """build.json: config, versions, model and input fingerprints, per-stage timings, error counts.
-
-    ``source``: the input folder and files when the build runs on derived images (aligned crops); the
-    input fingerprint is then theirs.
-    """
-    model = {}
-    emb_json = (embeddings_root or root) / EMBEDDINGS_META
-    if emb_json.exists():
-        model = json.loads(emb_json.read_text())
-    info = {
-        "kind": kind,
-        "image_root": str(Path(image_root).resolve()),
-        "config": asdict(config),
-        "versions": package_versions(),
-        "model": {k: model.get(k) for k in ("model", "fingerprint", "metric", "identity_threshold", "dim")},
-        "inputs": {
-            "images": len(source[1] if source else all_paths),
-            "fingerprint": folder_fingerprint(*(source or (image_root, all_paths))),
-        },
-        # Seconds each stage took when it last ran (from its manifest); skipped stages keep their old figure.
-        "timings": {**stage_timings(embeddings_root or root), **stage_timings(root)},
-        # Wall seconds of this invocation's calls (near zero for stages that were up to date).
-        "this_run_seconds": timings,
-        "errors": error_counts(root),
-        # What each stage ran on (GPUs, onnxruntime providers, FAISS, torch), from its manifest.
-        "devices": {**stage_devices(embeddings_root or root), **stage_devices(root)},
-        **extra,
-    }
-    write_json(root / BUILD_FILE, info)
-    return info
-
-
-def remove_stale_temps(root: Path) -> int:
-    """Delete temp files a killed run left behind (``.<name>.<random>.tmp`` from atomic writes)."""
-    removed = 0
-    for path in root.rglob(".*.tmp"):
-        if path.is_file():
-            path.unlink()
-            removed += 1
-    return removed
-
-
-def build_summary(root: Path) -> dict:
-    """Counts a user (or ``refface demo``) wants after a build."""
-    table = pd.read_parquet(root / SPLITS_FILE)
-    assigned = table
-    out: dict[str, Any] = {
-        "root": str(root),
-        "images": int(len(table)),
-        "embedded": int(table["embedded"].sum()),
-        "identities": int(table.loc[table["identity"] >= 0, "identity"].nunique()),
-        "singletons": int((table["identity"] < 0).sum()),
-    }
-
-    for split in SPLITS:
-        out[f"{split}_images"] = int((assigned["split"] == split).sum())
-        out[f"{split}_targets"] = int(len(read_references(root / references_filename(split))))
-    out["errors"] = int(sum(error_counts(root).values()))
-    refs_manifest = root / ".stages" / "references.json"
-    if refs_manifest.exists():
-        estimate = json.loads(refs_manifest.read_text()).get("reference_precision_estimate")
-        if estimate:
-            out["reference_precision_estimated"] = estimate["estimate"]
-    return out
 
 
 def build_ffhq_ref(

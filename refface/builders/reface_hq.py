@@ -15,17 +15,14 @@ import pandas as pd
 from refface.builders.aligned import gt_folder_stage
 from refface.builders.ffhq_ref import (
     FFHQRefConfig,
-    build_summary,
     card_stage,
     corrected_paths,
     identity_threshold_of,
     references_stage,
-    remove_stale_temps,
     run_mining,
     splits_stage,
-    stage_timings,
-    write_build_json,
 )
+from refface.builders.provenance import build_summary, remove_stale_temps, stage_timings, write_build_json
 from refface.evaluation.metrics import load_niqe_params, niqe
 from refface.manifests.atomic import file_digest, sha256_file, write_parquet, write_text
 from refface.manifests.embeddings import Embeddings, embeddings_digest, save_embeddings

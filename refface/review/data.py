@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from refface.manifests.layout import IDENTITIES
 from refface.manifests.references import read_references
 from refface.manifests.root import DatasetRoot
 from refface.mining.cluster import default_threshold
-from refface.review.stage import CLUSTERED_FILE, IDENTITIES_FILE
+from refface.review.stage import CLUSTERED_FILE
 
 SPLITS = ("train", "val", "test")
 
@@ -60,7 +61,7 @@ class ReviewConfig:
 
 def clustered_identities(root: Path) -> pd.DataFrame:
     """The clustering's identities (before corrections): the numbers a corrections file refers to."""
-    path = root / CLUSTERED_FILE if (root / CLUSTERED_FILE).exists() else root / IDENTITIES_FILE
+    path = root / CLUSTERED_FILE if (root / CLUSTERED_FILE).exists() else root / IDENTITIES
     if not path.exists():
         raise FileNotFoundError(f"{root} has no identities.parquet: build or cluster the root first")
     return pd.read_parquet(path).drop_duplicates("path")

@@ -15,12 +15,12 @@ from pathlib import Path
 import pandas as pd
 
 from refface.manifests.atomic import sha256_file, write_bytes, write_json, write_parquet
+from refface.manifests.layout import IDENTITIES
 from refface.stages import manifest_path, read_manifest, run_stage
 
 from .corrections import apply_corrections, read_corrections
 
 STAGE = "corrections"
-IDENTITIES_FILE = "identities.parquet"
 CLUSTERED_FILE = "identities_clustered.parquet"
 MARKER_FILE = "identities_clustered.json"
 REPORT_FILE = "corrections.json"
@@ -53,7 +53,7 @@ def corrections_stage(root: str | Path, corrections: str | Path | None, producer
     current = _clustered_is_current(root, producer_fp)
     if corrections is None:
         if current:
-            write_bytes(root / IDENTITIES_FILE, (root / CLUSTERED_FILE).read_bytes())
+            write_bytes(root / IDENTITIES, (root / CLUSTERED_FILE).read_bytes())
         for path in (
             root / REPORT_FILE,
             manifest_path(root, STAGE),
@@ -66,13 +66,13 @@ def corrections_stage(root: str | Path, corrections: str | Path | None, producer
     rows = read_corrections(corrections)  # fails early on a missing or malformed file
     if not current:
         # identities.parquet is the producer's own output: keep it before correcting it.
-        write_bytes(root / CLUSTERED_FILE, (root / IDENTITIES_FILE).read_bytes())
+        write_bytes(root / CLUSTERED_FILE, (root / IDENTITIES).read_bytes())
         write_json(root / MARKER_FILE, {"producer": producer, "fingerprint": producer_fp})
 
     def work() -> dict:
         table = pd.read_parquet(root / CLUSTERED_FILE)
         corrected, report = apply_corrections(table, rows)
-        write_parquet(root / IDENTITIES_FILE, corrected)
+        write_parquet(root / IDENTITIES, corrected)
         info = {
             "file": str(corrections.resolve()),
             "sha256": sha256_file(corrections),
@@ -82,7 +82,7 @@ def corrections_stage(root: str | Path, corrections: str | Path | None, producer
             "identities_after": int(corrected.loc[corrected["identity"] >= 0, "identity"].nunique()),
         }
         write_json(root / REPORT_FILE, info)
-        return {"outputs": [IDENTITIES_FILE, REPORT_FILE]}
+        return {"outputs": [IDENTITIES, REPORT_FILE]}
 
     inputs = {"clustered": sha256_file(root / CLUSTERED_FILE), "corrections": sha256_file(corrections)}
     run_stage(root, STAGE, {"actions": "drop,singleton,move,merge"}, inputs, work)
