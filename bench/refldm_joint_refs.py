@@ -29,20 +29,22 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def seeded_models():
-    from refface.train.refldm import official
+    from refface.train.refldm import official_keys
     from refface.train.refldm.model import RefLDMUNet, UNetConfig
     from refface.train.refldm.vqgan import VQGANConfig, build_vqgan
 
     ucfg, vcfg = UNetConfig(), VQGANConfig()
     unet = RefLDMUNet.from_unet_config(ucfg).eval()
-    rules = official.unet_rules(ucfg)
-    state = official.seeded_state(official.official_shapes(unet, rules))
-    official.load_strict(unet, official.to_refface(state, rules, "unet"), "unet")
+    rules = official_keys.unet_rules(ucfg)
+    state = official_keys.seeded_state(official_keys.official_shapes(unet, rules))
+    official_keys.load_strict(unet, official_keys.to_refface(state, rules, "unet"), "unet")
     vq = build_vqgan(vcfg).eval()
-    vrules = official.vqgan_rules(vcfg)
-    official.load_strict(
+    vrules = official_keys.vqgan_rules(vcfg)
+    official_keys.load_strict(
         vq,
-        official.to_refface(official.seeded_state(official.official_shapes(vq, vrules)), vrules, "vq"),
+        official_keys.to_refface(
+            official_keys.seeded_state(official_keys.official_shapes(vq, vrules)), vrules, "vq"
+        ),
         "vq",
     )
     return unet, vq

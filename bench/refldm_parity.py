@@ -58,7 +58,7 @@ def refface_outputs(unet, vq, inputs: dict) -> dict:
 
 
 def main() -> None:
-    from refface.train.refldm import official
+    from refface.train.refldm import official, official_keys
     from refface.train.refldm.model import RefLDMUNet
     from refface.train.refldm.vqgan import build_vqgan
 
@@ -82,16 +82,18 @@ def main() -> None:
     t0 = time.perf_counter()
     ucfg, vcfg = official.configs_from_official(arch["unet"], arch["vq"])
     unet = RefLDMUNet.from_unet_config(ucfg).eval()
-    rules = official.unet_rules(ucfg)
-    official.load_strict(
+    rules = official_keys.unet_rules(ucfg)
+    official_keys.load_strict(
         unet,
-        official.to_refface(official.seeded_state(official.official_shapes(unet, rules)), rules, "unet"),
+        official_keys.to_refface(
+            official_keys.seeded_state(official_keys.official_shapes(unet, rules)), rules, "unet"
+        ),
         "unet",
     )
     vq = build_vqgan(vcfg).eval()
-    vrules = official.vqgan_rules(vcfg)
-    vstate = official.seeded_state(official.official_shapes(vq, vrules))
-    official.load_strict(vq, official.to_refface(vstate, vrules, "vqgan"), "vqgan")
+    vrules = official_keys.vqgan_rules(vcfg)
+    vstate = official_keys.seeded_state(official_keys.official_shapes(vq, vrules))
+    official_keys.load_strict(vq, official_keys.to_refface(vstate, vrules, "vqgan"), "vqgan")
     ours = refface_outputs(unet, vq, inputs)
     t_refface = time.perf_counter() - t0
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from common.tiny_refldm import _one_thread  # noqa: F401  (autouse fixture)
 
-from refface.train.refldm import official
+from refface.train.refldm import official, official_keys
 from refface.train.refldm.model import RefLDMUNet, UNetConfig, official_timesteps
 from refface.train.refldm.sampling import ddim_sample, guided_eps, to_uint8
 from refface.train.refldm.vqgan import VQGANConfig, build_vqgan, decode, encode, encode_references
@@ -39,13 +39,13 @@ def models(golden):
     arch = json.loads(meta["config"])
     ucfg, vcfg = official.configs_from_official(arch["unet"], arch["vq"])
     unet = RefLDMUNet.from_unet_config(ucfg).eval()
-    rules = official.unet_rules(ucfg)
-    state = official.seeded_state(official.official_shapes(unet, rules))
-    official.load_strict(unet, official.to_refface(state, rules, "unet"), "unet")
+    rules = official_keys.unet_rules(ucfg)
+    state = official_keys.seeded_state(official_keys.official_shapes(unet, rules))
+    official_keys.load_strict(unet, official_keys.to_refface(state, rules, "unet"), "unet")
     vq = build_vqgan(vcfg).eval()
-    vrules = official.vqgan_rules(vcfg)
-    vstate = official.seeded_state(official.official_shapes(vq, vrules))
-    official.load_strict(vq, official.to_refface(vstate, vrules, "vqgan"), "vqgan")
+    vrules = official_keys.vqgan_rules(vcfg)
+    vstate = official_keys.seeded_state(official_keys.official_shapes(vq, vrules))
+    official_keys.load_strict(vq, official_keys.to_refface(vstate, vrules, "vqgan"), "vqgan")
     return unet, vq, ucfg, vcfg
 
 
@@ -160,19 +160,19 @@ def test_round_trip_is_identity():
     ucfg, vcfg = small_cfgs()
     torch.manual_seed(0)
     unet, vq = RefLDMUNet.from_unet_config(ucfg), build_vqgan(vcfg)
-    for module, rules in ((unet, official.unet_rules(ucfg)), (vq, official.vqgan_rules(vcfg))):
+    for module, rules in ((unet, official_keys.unet_rules(ucfg)), (vq, official_keys.vqgan_rules(vcfg))):
         state = module.state_dict()
-        back = official.to_refface(official.to_official(state, rules, "x"), rules, "x")
+        back = official_keys.to_refface(official_keys.to_official(state, rules, "x"), rules, "x")
         assert set(back) == set(state)
         assert all(torch.equal(back[k], state[k]) for k in state)
 
 
 def test_qkv_is_split_per_head():
     # A fused qkv whose rows are tagged [head][q|k|v][channel] splits into per-projection rows.
-    rule = official.Rule("qkv.weight", ("q", "k", "v"), "qkv", 1, heads=2)
+    rule = official_keys.Rule("qkv.weight", ("q", "k", "v"), "qkv", 1, heads=2)
     c, d = 4, 2
     rows = torch.arange(3 * c, dtype=torch.float32)[:, None, None].expand(3 * c, c, 1)
-    q, k, v = official._to_refface(rule, rows)
+    q, k, v = official_keys._to_refface(rule, rows)
     # head 0: rows 0-1 q, 2-3 k, 4-5 v; head 1: rows 6-7 q, 8-9 k, 10-11 v
     assert (
         q[:, 0].tolist() == [0, 1, 6, 7]
@@ -185,11 +185,11 @@ def test_qkv_is_split_per_head():
 def test_corrupted_key_is_listed():
     ucfg, _ = small_cfgs()
     unet = RefLDMUNet.from_unet_config(ucfg)
-    rules = official.unet_rules(ucfg)
-    state = official.to_official(unet.state_dict(), rules, "unet")
+    rules = official_keys.unet_rules(ucfg)
+    state = official_keys.to_official(unet.state_dict(), rules, "unet")
     state["input_blocks.1.0.in_layers.0.wieght"] = state.pop("input_blocks.1.0.in_layers.0.weight")
-    with pytest.raises(official.KeyMismatchError) as e:
-        official.to_refface(state, rules, "ReF-LDM UNet")
+    with pytest.raises(official_keys.KeyMismatchError) as e:
+        official_keys.to_refface(state, rules, "ReF-LDM UNet")
     assert e.value.missing == ["input_blocks.1.0.in_layers.0.weight"]
     assert e.value.unmapped == ["input_blocks.1.0.in_layers.0.wieght"]
     assert "input_blocks.1.0.in_layers.0.wieght" in str(e.value)
@@ -200,7 +200,7 @@ def test_ema_names_recovered_from_the_official_list(golden, models):
     _, meta = golden
     ucfg = models[2]
     names = json.loads(meta["ema_names"])
-    rules = official.unet_rules(ucfg)
+    rules = official_keys.unet_rules(ucfg)
     state = {official.EMA_PREFIX + n: torch.zeros(1) for n in names}
     got, source = official.unet_tensors(state, rules)
     assert source == "ema" and set(got) == {r.official for r in rules}
@@ -209,14 +209,14 @@ def test_ema_names_recovered_from_the_official_list(golden, models):
 def _release(tmp_path: Path, ucfg, vcfg, with_ema: bool):
     """Write a refldm.ckpt / vqgan.ckpt pair in the official layout with seeded weights."""
     unet, vq = RefLDMUNet.from_unet_config(ucfg), build_vqgan(vcfg)
-    urules, vrules = official.unet_rules(ucfg), official.vqgan_rules(vcfg)
-    live = official.seeded_state(official.official_shapes(unet, urules))
-    ema = official.seeded_state(official.official_shapes(unet, urules), salt=1)
+    urules, vrules = official_keys.unet_rules(ucfg), official_keys.vqgan_rules(vcfg)
+    live = official_keys.seeded_state(official_keys.official_shapes(unet, urules))
+    ema = official_keys.seeded_state(official_keys.official_shapes(unet, urules), salt=1)
     sd = {official.UNET_PREFIX + k: v for k, v in live.items()}
     if with_ema:
         sd |= {official.EMA_PREFIX + ("diffusion_model." + k).replace(".", ""): v for k, v in ema.items()}
         sd |= {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7)}
-    vstate = official.seeded_state(official.official_shapes(vq, vrules))
+    vstate = official_keys.seeded_state(official_keys.official_shapes(vq, vrules))
     torch.save({"state_dict": sd, "global_step": 10}, tmp_path / "refldm.ckpt")
     torch.save({"state_dict": {**vstate, "loss.discriminator.w": torch.ones(2)}}, tmp_path / "vqgan.ckpt")
     return live, ema, vstate
@@ -237,9 +237,9 @@ def test_convert_release_loads_for_restore(tmp_path, with_ema):
     assert cfg.task.ref_encoding == "joint" and cfg.task.sampling_preset == "official"
     assert cfg.unet.attention_levels == [False, True] and cfg.vqgan.block_out_channels == [32, 32, 64]
     expected = ema if with_ema else live
-    back = official.to_official(unet.state_dict(), official.unet_rules(cfg.unet), "unet")
+    back = official_keys.to_official(unet.state_dict(), official_keys.unet_rules(cfg.unet), "unet")
     assert all(torch.equal(back[k], expected[k]) for k in expected)
-    vback = official.to_official(vq.state_dict(), official.vqgan_rules(cfg.vqgan), "vqgan")
+    vback = official_keys.to_official(vq.state_dict(), official_keys.vqgan_rules(cfg.vqgan), "vqgan")
     assert all(torch.equal(vback[k], vstate[k]) for k in vstate)
 
 

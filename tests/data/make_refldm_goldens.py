@@ -90,9 +90,7 @@ def _install_stand_ins() -> None:
 
 def build_official(repo: Path, config: str):
     """The official LatentDiffusion (ReF-LDM config, CacheKV on) with seeded weights."""
-    from refface.train.refldm.official import (
-        seeded_state,
-    )  # before the stand-ins: diffusers probes torchvision
+    from refface.train.refldm.official_keys import seeded_state
 
     _install_stand_ins()
     sys.path.insert(0, str(repo))
