@@ -95,6 +95,8 @@ def _drop_timings(obj):
                 k.endswith("_s")
                 or "time" in k
                 or k in ("seconds", "faces_per_second", "fingerprint", "tables")
+                # the shard index's input fingerprint of the image files (their modification times)
+                or (k == "images" and isinstance(v, str))
             )
         }
     if isinstance(obj, list):
@@ -109,6 +111,8 @@ def _normalized(path: Path, work: Path) -> bytes:
         # The audit's hash cache keys rows by absolute path: compare it with the run folder as WORK.
         table = pd.read_parquet(path)
         table["path"] = table["path"].str.replace(str(work), "WORK", regex=False)
+        # ``stat`` (size:mtime) only keys the cache to the file as written in this run.
+        table = table.drop(columns=["stat"], errors="ignore")
         return table.to_csv(index=False).encode()
     if path.suffix not in TEXT_SUFFIXES:
         return data
