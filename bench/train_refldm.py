@@ -90,9 +90,9 @@ def _measure(opts: dict, method: str, phase: str, queue) -> None:
     from diffusers.utils import logging as diffusers_logging
 
     from refface.train.refldm.cachekv import RefCache
+    from refface.train.refldm.config import load_config
     from refface.train.refldm.identity import identity_loss, iresnet
     from refface.train.refldm.model import RefLDMUNet, make_ddim_scheduler, make_train_scheduler
-    from refface.train.refldm.train import load_config
     from refface.train.refldm.vqgan import build_vqgan, decode, encode
 
     diffusers_logging.set_verbosity_error()

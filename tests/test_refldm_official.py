@@ -316,7 +316,9 @@ def test_converted_folder_restores_with_the_official_preset(tmp_path):
 def test_train_init_reads_a_converted_folder(tmp_path):
     import dataclasses
 
-    from refface.train.refldm.train import apply_init, build_task, load_config
+    from refface.train.refldm.config import load_config
+    from refface.train.refldm.tasks import build_task
+    from refface.train.refldm.train import apply_init
 
     ucfg, vcfg = small_cfgs()
     _release(tmp_path, ucfg, vcfg, with_ema=False)

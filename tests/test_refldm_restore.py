@@ -11,9 +11,9 @@ from common.tiny_refldm import TINY, _one_thread  # noqa: F401  (autouse fixture
 
 from refface.manifests.atomic import write_json
 from refface.manifests.io import read_image, write_png
+from refface.train.refldm.config import load_config
 from refface.train.refldm.model import RefLDMUNet
 from refface.train.refldm.restore import collect_items, restore_folder
-from refface.train.refldm.train import load_config
 from refface.train.refldm.vqgan import build_vqgan
 
 

@@ -13,9 +13,10 @@ from common.tiny_refldm import TINY, _fresh_accelerate_state, _one_thread  # noq
 from refface.train.checkpoints import list_checkpoints
 from refface.train.loop import LoopConfig, train
 from refface.train.refldm import train as refldm_train
+from refface.train.refldm.config import load_config
 from refface.train.refldm.identity import iresnet
 from refface.train.refldm.model import RefLDMUNet
-from refface.train.refldm.train import LDMTask, load_config
+from refface.train.refldm.tasks import LDMTask
 from refface.train.refldm.vqgan import build_vqgan
 
 

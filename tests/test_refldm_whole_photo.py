@@ -13,8 +13,8 @@ from refface.manifests.atomic import write_json
 from refface.manifests.io import read_image, write_png
 from refface.mining.align import ffhq_template
 from refface.mining.detect import Face
+from refface.train.refldm.config import load_config
 from refface.train.refldm.model import RefLDMUNet
-from refface.train.refldm.train import load_config
 from refface.train.refldm.vqgan import build_vqgan
 from refface.train.refldm.whole_photo import align_faces, paste_back, restore_photos
 

@@ -145,7 +145,8 @@ def test_overrides_nest_and_refuse_bad_paths():
 
 
 def test_refldm_config_overrides(tmp_path):
-    from refface.train.refldm.train import load_config, parse_args
+    from refface.train.refldm.config import load_config
+    from refface.train.refldm.train import parse_args
 
     args = parse_args(
         ["--config", "configs/refldm_tiny.yaml", "--dataset", "d", "--output", "o", "loop.max_steps=7"]

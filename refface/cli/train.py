@@ -284,7 +284,8 @@ def train_refldm(
 
     Runs in this process on one device; for several GPUs or nodes use `accelerate launch -m refface.train.refldm.train` with the same flags. Rerunning resumes from the latest checkpoint; a finished stage does no work.
     """
-    from refface.train.refldm.train import STAGES, RefLDMRun, main
+    from refface.train.refldm.config import STAGES
+    from refface.train.refldm.train import RefLDMRun, main
 
     if stage not in STAGES:
         raise typer.BadParameter(f"choose one of {', '.join(STAGES)}", param_hint="--stage")

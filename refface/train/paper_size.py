@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from refface.train.mgfr.model import MGFRAdapters, plain_unet_config
+from refface.train.refldm.config import load_config
 from refface.train.refldm.model import RefLDMUNet
-from refface.train.refldm.train import load_config
 from refface.train.refldm.vqgan import build_vqgan
 
 REFLDM_UNET_PARAMS = 117_759_368

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from refface.manifests.atomic import write_json
+from refface.train.refldm.config import DataConfig, RefLDMConfig, TaskConfig
 from refface.train.refldm.model import NoiseConfig, RefLDMUNet, UNetConfig, make_train_scheduler
 from refface.train.refldm.official_keys import (
     KeyMismatchError,
@@ -24,7 +25,6 @@ from refface.train.refldm.official_keys import (
     unet_rules,
     vqgan_rules,
 )
-from refface.train.refldm.train import DataConfig, RefLDMConfig, TaskConfig
 from refface.train.refldm.vqgan import VQGANConfig, build_vqgan
 
 OFFICIAL_COMMIT = "af6690c19fdc6421802fd7996510bcfef259bfd1"

@@ -17,9 +17,10 @@ from refface.manifests.io import IMAGE_EXTENSIONS, list_images, read_image, writ
 from refface.manifests.root import DatasetRoot
 from refface.seeding import item_seed
 from refface.train.checkpoints import find_checkpoint
+from refface.train.refldm.config import RefLDMConfig
 from refface.train.refldm.model import RefLDMUNet
 from refface.train.refldm.sampling import get_preset, restore, to_uint8
-from refface.train.refldm.train import MODEL_DIR, RefLDMConfig, build_vqgan_for, load_module_weights
+from refface.train.refldm.tasks import MODEL_DIR, build_vqgan_for, load_module_weights
 
 logger = logging.getLogger(__name__)
 
