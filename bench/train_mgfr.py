@@ -139,7 +139,8 @@ def measure(sd, stage: int, batch_size: int, args, out_dir: Path) -> dict:
     import torch
     from accelerate.state import AcceleratorState, GradientState
 
-    from refface.train.loop import LoopConfig, train
+    from refface.train.loop import train
+    from refface.train.loop_config import LoopConfig
     from refface.train.mgfr.train import MGFRConfig, MGFRTask, build_adapters
 
     AcceleratorState._reset_state(reset_partial_state=True)

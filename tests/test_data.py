@@ -371,7 +371,8 @@ class _RecordingTask:
 def test_training_loop_sets_the_epoch_and_resume_sees_the_same_data(data, source: str, tmp_path: Path):
     from accelerate.state import AcceleratorState, GradientState
 
-    from refface.train.loop import LoopConfig, train
+    from refface.train.loop import train
+    from refface.train.loop_config import LoopConfig
 
     def run(out: Path, max_steps: int) -> list[tuple[list[str], torch.Tensor]]:
         AcceleratorState._reset_state(reset_partial_state=True)

@@ -93,7 +93,7 @@ def mgfr_cfg(stage: int, **kw):
 
 
 def loop_cfg(out, **kw):
-    from refface.train.loop import LoopConfig
+    from refface.train.loop_config import LoopConfig
 
     base = dict(output_dir=str(out), max_steps=4, learning_rate=1e-4, ema_decay=0.99, checkpoint_every=2)
     base.update(validate_every=0, log_every=1, report_to="none")

@@ -11,7 +11,8 @@ import torch
 from common.tiny_refldm import TINY, _fresh_accelerate_state, _one_thread  # noqa: F401  (autouse fixtures)
 
 from refface.train.checkpoints import list_checkpoints
-from refface.train.loop import LoopConfig, train
+from refface.train.loop import train
+from refface.train.loop_config import LoopConfig
 from refface.train.refldm import train as refldm_train
 from refface.train.refldm.config import load_config
 from refface.train.refldm.identity import iresnet

@@ -10,7 +10,8 @@ import torch
 from common.tiny_refldm import _fresh_accelerate_state  # noqa: F401  (autouse fixture)
 
 from refface.train.checkpoints import find_checkpoint, list_checkpoints, load_trainable_weights
-from refface.train.loop import LoopConfig, TrainTask, train
+from refface.train.loop import train
+from refface.train.loop_config import LoopConfig, TrainTask
 
 
 class ToyTask:

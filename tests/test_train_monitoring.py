@@ -17,7 +17,8 @@ from common.tiny_refldm import _fresh_accelerate_state  # noqa: E402, F401  (aut
 from test_train_loop import ToyTask, _cfg, _loader  # noqa: E402
 
 from refface.train import tracking  # noqa: E402
-from refface.train.loop import LoopConfig, train  # noqa: E402
+from refface.train.loop import train  # noqa: E402
+from refface.train.loop_config import LoopConfig  # noqa: E402
 from refface.train.overrides import apply_overrides, parse_override  # noqa: E402
 
 INSTALLED = tracking.installed_trackers()

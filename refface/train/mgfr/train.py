@@ -17,7 +17,8 @@ from typing import Any
 from refface.mining.embed import check_embedding_dim
 from refface.train.checkpoints import find_checkpoint
 from refface.train.loaders import make_mgfr_dataloader
-from refface.train.loop import LoopConfig, config_from_dict, train
+from refface.train.loop import train
+from refface.train.loop_config import LoopConfig, config_from_dict
 from refface.train.mgfr.model import (
     GuidanceConfig,
     MGFRAdapters,
@@ -96,7 +97,7 @@ class MGFRConfig:
 
 
 class MGFRTask:
-    """The MGFR :class:`refface.train.loop.TrainTask`: frozen SD + trainable :class:`MGFRAdapters`."""
+    """The MGFR :class:`refface.train.loop_config.TrainTask`: frozen SD + trainable :class:`MGFRAdapters`."""
 
     def __init__(self, sd, adapters, config: MGFRConfig) -> None:
         self.sd = sd

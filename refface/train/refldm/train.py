@@ -22,7 +22,8 @@ from pathlib import Path
 from refface.console import print_summary
 from refface.manifests.atomic import write_text
 from refface.train.loaders import make_refldm_dataloader
-from refface.train.loop import LoopConfig, train
+from refface.train.loop import train
+from refface.train.loop_config import LoopConfig
 from refface.train.refldm.config import STAGES, RefLDMConfig, load_config
 from refface.train.refldm.tasks import build_task, export_model
 
