@@ -231,7 +231,7 @@ def restore_photos(
             lqs = [restorer.resize(f.crop) for f in faces]
             keys = [f"{key}_{i}" for i in range(len(faces))]
             owned = [list(range(len(ref_crops)))] * len(faces)
-            if matcher is not None and len(faces) > 1:
+            if matcher is not None and ref_vectors is not None and len(faces) > 1:
                 crops = [f.crop for f in align_faces(img, found, match_size)]
                 owned = assign_references(embed_aligned(matcher, crops), ref_vectors)
                 for k, idx in zip(keys, owned, strict=True):
