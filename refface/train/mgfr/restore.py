@@ -48,7 +48,11 @@ def load_mgfr(checkpoint: str | Path, sd: str | Path, use_ema: bool = True, devi
     logger.info("MGFR %s weights from %s", kind, ckpt)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     for m in (frozen.unet, frozen.vae, frozen.text_encoder):
-        m.to(device, dtype=dtype)
+        # Cast only when needed: diffusers warns on every dtype cast, even to the dtype it has.
+        if m.dtype == dtype:
+            m.to(device)
+        else:
+            m.to(device, dtype=dtype)
     adapters.to(device).eval()
     return frozen, adapters, task["mgfr"], ckpt
 
