@@ -8,7 +8,7 @@ import pytest
 
 from refface.manifests.embeddings import Embeddings
 from refface.mining import cluster as cl
-from refface.mining.attach import AttachConfig, attach_lone_faces
+from refface.mining.attach import AttachConfig, attach_lone_faces, merge_fragments
 from refface.mining.communities import chinese_whispers, infomap, leiden, undirected
 from refface.mining.impostor import fit_impostor_model
 from refface.mining.metrics import score_labels
@@ -129,16 +129,54 @@ def test_a_lone_face_joins_the_cluster_whose_members_point_back():
         AttachConfig(agree=0.0).validate()
 
 
-def test_second_pass_only_adds_lone_faces_to_clusters():
+def test_fragments_of_one_person_merge_but_tight_look_alikes_do_not():
+    def block(a, b, d):
+        return [(i, j, d) for i in a for j in b if i < j or a is not b]
+
+    groups = {"A": [0, 1, 2], "B": [3, 4, 5], "C": [6, 7, 8], "D": [9, 10, 11], "E": [12, 13]}
+    groups["F"] = [14, 15]
+    edges = (
+        # A and B: one person split in two; as far apart as their own photos are (1.0 vs 0.9).
+        block(groups["A"], groups["A"], 0.9)
+        + block(groups["B"], groups["B"], 0.9)
+        + block(groups["A"], groups["B"], 1.0)
+        # C and D: two tight look-alike strangers just as close (1.0) but far for their spread.
+        + block(groups["C"], groups["C"], 0.5)
+        + block(groups["D"], groups["D"], 0.5)
+        + block(groups["C"], groups["D"], 1.0)
+        # E and F: loose, but too far apart (1.1 radii).
+        + block(groups["E"], groups["E"], 0.9)
+        + block(groups["F"], groups["F"], 0.9)
+        + block(groups["E"], groups["F"], 1.1)
+        # 16: a lone face close to A (lone faces are the other rule's business).
+        + [(16, j, 0.8) for j in groups["A"]]
+    )
+    rows, cols, dist = (np.array(v) for v in zip(*edges, strict=True))
+    labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 5, 5, 6])
+    out = merge_fragments(labels, rows, cols, dist.astype(float), missing=2.0)
+    assert len(set(out[:6].tolist())) == 1  # A + B
+    assert out[6] != out[9] and out[12] != out[14]  # C, D and E, F stay apart
+    assert len(set(out[6:9].tolist())) == 1 and len(set(out[9:12].tolist())) == 1
+    assert out[16] not in out[:16]
+    # A stricter spread bound keeps A and B apart too (1.0 / 0.9 = 1.11).
+    strict = merge_fragments(labels, rows, cols, dist.astype(float), 2.0, AttachConfig(fragment_spread=1.1))
+    assert strict[0] != strict[3]
+    # A missing cross pair counts as ``missing``: with one A-B pair gone the mean is 1.11.
+    drop = ~((rows == 0) & (cols == 3))
+    partial = merge_fragments(labels, rows[drop], cols[drop], dist[drop].astype(float), 2.0)
+    assert partial[0] != partial[3]
+
+
+def test_second_pass_never_splits_a_cluster():
     x, labels = pool(60, 5, 200, noise=0.3, seed=3)
     full = cl.cluster(x, method="impostor")
     linkage = cl.cluster(x, method="impostor_linkage")
-    # Every cluster of the linkage is kept whole; faces the second pass moves were alone.
+    # Every cluster of the linkage lies inside one final cluster; only lone faces move.
     moved = (full >= 0) & (linkage < 0)
     assert ((full >= 0) == ((linkage >= 0) | moved)).all()
     clustered = linkage >= 0
     pairs = {(a, b) for a, b in zip(linkage[clustered], full[clustered], strict=True)}
-    assert len({a for a, _ in pairs}) == len(pairs) == len({b for _, b in pairs})
+    assert len({a for a, _ in pairs}) == len(pairs)
     assert score_labels(labels, full).pairwise_recall >= score_labels(labels, linkage).pairwise_recall
 
 

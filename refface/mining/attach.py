@@ -1,19 +1,24 @@
-"""Second pass of the identity clustering: lone faces join the cluster their neighbours agree on.
+"""Second pass of the identity clustering: fragments and lone faces join the cluster they agree with.
 
-Average linkage leaves a person's unusual photos (profile, sunglasses, twenty years younger) alone
-when their mean distance to the person's cluster sits just past the cut, and on a large pool these
-lone photos of big identities are most of the same-identity pairs a clustering misses. Distance
-alone cannot take them back (strangers sit at the same distances), but ranks can: a lone face
-joins cluster ``C`` only when
+Average linkage at the impostor model's cut is precise but, on a large pool, leaves two kinds of
+same-identity pairs out, both just past the cut:
 
-- its ``top`` nearest neighbours all belong to ``C`` (the face itself points at one person),
-- at least ``agree`` of ``C``'s members hold the face among their ``|C| + slack`` nearest
-  neighbours (the person points back: the face is closer to them than all but a few strangers),
-- and its mean distance to ``C``'s members, in units of each pair's same-identity radius, is
-  below ``max_distance`` (a loose bound that keeps far outliers out).
+- **split identities**: one person's photos in two clusters (14 + 5, 7 + 6 + 4) whose mean
+  distance sits at 1.0-1.07 radii. Look-alike *strangers* can sit as close (on the shared photos
+  Koizumi and Roh Moo-hyun, 10 photos each, are 1.04 radii apart), but they are tight clusters
+  far apart for their spread, while a split person's fragments are about as far from each other
+  as their own photos are from one another. Two clusters of two or more faces merge when their
+  mean distance is below ``fragment_distance`` radii **and** below ``fragment_spread`` times the
+  geometric mean of their own mean within-cluster distances (:func:`merge_fragments`).
+- **unusual photos** (profile, sunglasses, twenty years younger) left alone. Distance alone
+  cannot take them back (strangers sit at the same distances), but ranks can: a lone face joins
+  cluster ``C`` only when its ``top`` nearest neighbours all belong to ``C`` (the face points at
+  one person), at least ``agree`` of ``C``'s members hold it among their ``|C| + slack`` nearest
+  neighbours (the person points back: a stranger near ``C`` fails here, ``C``'s members have their
+  own look-alikes closer), and its mean distance to ``C`` is below ``max_distance`` radii
+  (:func:`attach_lone_faces`).
 
-A stranger that happens to lie near a cluster fails the second test: the cluster's members have
-their own look-alikes closer. Everything runs on the k-NN lists, O(N k).
+Everything runs on the k-NN lists, O(N k).
 """
 
 from __future__ import annotations
@@ -27,16 +32,22 @@ TOP = 3
 AGREE = 0.7
 MAX_DISTANCE = 1.2
 SLACK = 3
+FRAGMENT_DISTANCE = 1.05
+FRAGMENT_SPREAD = 1.4
+FRAGMENT_ROUNDS = 3
 
 
 @dataclass(frozen=True)
 class AttachConfig:
-    """When a lone face joins a cluster (see the module docstring)."""
+    """When a fragment or a lone face joins a cluster (see the module docstring)."""
 
     top: int = TOP
     agree: float = AGREE
     max_distance: float = MAX_DISTANCE
     slack: int = SLACK
+    fragment_distance: float = FRAGMENT_DISTANCE
+    fragment_spread: float = FRAGMENT_SPREAD
+    fragment_rounds: int = FRAGMENT_ROUNDS
 
     def validate(self) -> AttachConfig:
         if self.top < 1:
@@ -47,7 +58,100 @@ class AttachConfig:
             raise ValueError(f"max_distance must be > 0, got {self.max_distance}")
         if self.slack < 0:
             raise ValueError(f"slack must be >= 0, got {self.slack}")
+        if self.fragment_distance < 0 or self.fragment_spread < 0 or self.fragment_rounds < 0:
+            raise ValueError(
+                "fragment_distance, fragment_spread and fragment_rounds must be >= 0, got "
+                f"{self.fragment_distance}, {self.fragment_spread}, {self.fragment_rounds}"
+            )
         return self
+
+
+def _sum_pairs(a: np.ndarray, b: np.ndarray, n: int, *values: np.ndarray):
+    """Unique (a, b) pairs (a <= b expected) with ``values`` summed over duplicates, and the count."""
+    key, inverse = np.unique(a * n + b, return_inverse=True)
+    inverse = inverse.ravel()
+    sums = [np.bincount(inverse, weights=v, minlength=key.size) for v in values]
+    return key // n, key % n, np.bincount(inverse, minlength=key.size).astype(np.float64), *sums
+
+
+def merge_fragments(
+    labels: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    dist: np.ndarray,
+    missing: float,
+    config: AttachConfig | None = None,
+) -> np.ndarray:
+    """Merge clusters of two or more faces that are one person's fragments.
+
+    Two clusters merge when their mean distance (pairs absent from the graph count as
+    ``missing``) is below ``fragment_distance`` and below ``fragment_spread`` times the geometric
+    mean of their mean within-cluster distances (over the pairs the graph holds). Each round
+    merges the pairs of clusters that are each other's closest passing partner, up to
+    ``fragment_rounds`` rounds.
+
+    Args:
+        labels: (N,) cluster ids.
+        rows, cols, dist: the graph's edges (either direction or both; duplicates are one pair),
+            distances in radius units, all below ``missing``.
+        missing: the distance a pair outside the graph counts as.
+        config: the rule's settings.
+
+    Returns:
+        (N,) compact cluster ids.
+    """
+    cfg = (config or AttachConfig()).validate()
+    lab = np.unique(np.asarray(labels), return_inverse=True)[1].astype(np.int64).ravel()
+    n = lab.size
+    keep = rows != cols
+    lo = np.minimum(rows[keep], cols[keep]).astype(np.int64)
+    hi = np.maximum(rows[keep], cols[keep]).astype(np.int64)
+    if lo.size == 0 or cfg.fragment_rounds == 0:
+        return lab
+    # One distance per face pair.
+    key, first = np.unique(lo * n + hi, return_index=True)
+    lo, hi, d = key // n, key % n, np.asarray(dist, dtype=np.float64)[keep][first]
+    for _ in range(cfg.fragment_rounds):
+        k = int(lab.max()) + 1
+        size = np.bincount(lab, minlength=k).astype(np.float64)
+        a, b = lab[lo], lab[hi]
+        same = a == b
+        within_sum = np.bincount(a[same], weights=d[same], minlength=k)
+        within_n = np.bincount(a[same], minlength=k)
+        within = np.where(within_n > 0, within_sum / np.maximum(within_n, 1), np.nan)
+        ca, cb = np.minimum(a[~same], b[~same]), np.maximum(a[~same], b[~same])
+        if ca.size == 0:
+            break
+        ca, cb, count, dsum = _sum_pairs(ca, cb, k, d[~same])
+        pairs = size[ca] * size[cb]
+        mean = (dsum + (pairs - count) * missing) / pairs
+        with np.errstate(invalid="ignore"):
+            spread = np.sqrt(within[ca] * within[cb])
+            ok = (
+                (size[ca] > 1)
+                & (size[cb] > 1)
+                & (mean < cfg.fragment_distance)
+                & (mean < cfg.fragment_spread * spread)
+            )
+        if not ok.any():
+            break
+        # Each cluster's closest passing partner (ties by the smaller id); merge mutual pairs.
+        x = np.concatenate([ca[ok], cb[ok]])
+        y = np.concatenate([cb[ok], ca[ok]])
+        v = np.concatenate([mean[ok], mean[ok]])
+        order = np.lexsort((y, v, x))
+        x, y = x[order], y[order]
+        firsts = np.flatnonzero(np.r_[True, x[1:] != x[:-1]])
+        best = np.full(k, -1, dtype=np.int64)
+        best[x[firsts]] = y[firsts]
+        heads = x[firsts]
+        mutual = heads[(best[best[heads]] == heads) & (heads < best[heads])]
+        if mutual.size == 0:
+            break
+        target = np.arange(k, dtype=np.int64)
+        target[best[mutual]] = mutual
+        lab = np.unique(target[lab], return_inverse=True)[1].astype(np.int64).ravel()
+    return lab
 
 
 def attach_lone_faces(

@@ -12,7 +12,7 @@ import numpy as np
 
 from refface.manifests.embeddings import ARCFACE_THRESHOLD
 from refface.manifests.layout import IDENTITIES
-from refface.mining.attach import attach_lone_faces
+from refface.mining.attach import attach_lone_faces, merge_fragments
 from refface.mining.impostor import MIN_FIT_RANKS, RANK_START
 from refface.mining.metrics import SINGLETON
 
@@ -292,7 +292,7 @@ def impostor_clusters(
 ) -> tuple[np.ndarray, np.ndarray, Any]:
     """:func:`impostor` with its per-face radii and the fitted model: (labels, radius, model).
 
-    ``attach=False`` stops after the linkage (``impostor_linkage``): no lone face joins a cluster.
+    ``attach=False`` stops after the linkage (``impostor_linkage``): no second pass.
     """
     n = vectors.shape[0]
     if n < 2:
@@ -303,6 +303,7 @@ def impostor_clusters(
     rows, cols, d = _edges(norm, idx, (idx >= 0) & (norm < config.graph_factor))
     comp = average_linkage_graph(n, rows, cols, d, 1.0, config.graph_factor)
     if attach:
+        comp = merge_fragments(comp, rows, cols, d, config.graph_factor)
         comp = attach_lone_faces(comp, idx, norm, config.graph_factor)
     return relabel(comp), radius, model
 
@@ -318,10 +319,11 @@ def impostor(vectors: np.ndarray, config: ClusterConfig) -> np.ndarray:
     grows (strangers crowd in) and reaches further where people hold many photos, and crowded
     regions of the embedding (many look-alikes) get tighter radii than empty ones.
 
-    A second pass (:mod:`refface.mining.attach`) then lets a lone face join the cluster its
-    neighbours agree on: its nearest neighbours all in that cluster, and most of the cluster's
-    members holding it among their nearest (a person's unusual photos, which the linkage's cut
-    leaves just outside).
+    A second pass (:mod:`refface.mining.attach`) then merges clusters that are one person's
+    fragments (close for their own spread) and lets a lone face join the cluster its neighbours
+    agree on: its nearest neighbours all in that cluster, and most of the cluster's members
+    holding it among their nearest (a person's unusual photos, which the linkage's cut leaves
+    just outside).
     """
     return impostor_clusters(vectors, config)[0]
 
