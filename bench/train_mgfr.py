@@ -141,7 +141,8 @@ def measure(sd, stage: int, batch_size: int, args, out_dir: Path) -> dict:
 
     from refface.train.loop import train
     from refface.train.loop_config import LoopConfig
-    from refface.train.mgfr.train import MGFRConfig, MGFRTask, build_adapters
+    from refface.train.mgfr.config import MGFRConfig
+    from refface.train.mgfr.task import MGFRTask, build_adapters
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()

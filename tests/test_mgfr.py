@@ -82,7 +82,7 @@ def make_loader(n: int = 4, batch_size: int = 2, seed: int = 0):
 
 
 def mgfr_cfg(stage: int, **kw):
-    from refface.train.mgfr.train import MGFRConfig
+    from refface.train.mgfr.config import MGFRConfig
 
     base = dict(
         stage=stage, resolution=IMAGE_SIZE, batch_size=2, num_workers=0, id_dim=ID_DIM, num_id_tokens=2
@@ -157,7 +157,7 @@ def test_shapes_through_every_branch(sd):
 
 def test_frozen_unchanged_and_only_adapters_get_gradients(sd_dir, tmp_path):
     from refface.train.loop import train
-    from refface.train.mgfr.train import MGFRTask, build_adapters
+    from refface.train.mgfr.task import MGFRTask, build_adapters
 
     sd = fresh_sd(sd_dir)
     cfg = mgfr_cfg(2)
@@ -194,7 +194,7 @@ def test_frozen_unchanged_and_only_adapters_get_gradients(sd_dir, tmp_path):
 @pytest.mark.slow
 def test_overfitting_one_batch_lowers_the_loss(sd_dir, tmp_path):
     from refface.train.loop import train
-    from refface.train.mgfr.train import MGFRTask, build_adapters
+    from refface.train.mgfr.task import MGFRTask, build_adapters
 
     sd = fresh_sd(sd_dir)
     cfg = mgfr_cfg(1)
@@ -213,7 +213,7 @@ def test_overfitting_one_batch_lowers_the_loss(sd_dir, tmp_path):
 @pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_losses(sd_dir, tmp_path):
     from refface.train.loop import train
-    from refface.train.mgfr.train import MGFRTask, build_adapters
+    from refface.train.mgfr.task import MGFRTask, build_adapters
 
     def run(out, max_steps):
         sd = fresh_sd(sd_dir)
@@ -279,7 +279,7 @@ def test_entry_point_writes_checkpoints_logs_and_grids(trained_run):
 def test_stage2_first_output_equals_stage1(sd_dir, trained_run):
     from refface.train.checkpoints import load_trainable_weights
     from refface.train.mgfr.model import MGFRAdapters, encode_images, encode_prompts, predict
-    from refface.train.mgfr.train import build_adapters
+    from refface.train.mgfr.task import build_adapters
 
     s1 = trained_run["out"] / "stage1"
     sd = fresh_sd(sd_dir)
@@ -369,7 +369,7 @@ def test_stage2_without_stage1_checkpoint_says_so(sd_dir, tmp_path):
 
 
 def test_config_errors_are_actionable(tmp_path):
-    from refface.train.mgfr.train import MGFRConfig, load_yaml_config
+    from refface.train.mgfr.config import MGFRConfig, load_yaml_config
 
     with pytest.raises(ValueError, match="stage must be 1 or 2"):
         MGFRConfig(stage=3)
@@ -385,7 +385,7 @@ def test_config_errors_are_actionable(tmp_path):
 @pytest.mark.slow
 def test_gradient_checkpointing_same_gradients_and_bf16_accumulation_runs(sd_dir, tmp_path):
     from refface.train.loop import train
-    from refface.train.mgfr.train import MGFRTask, build_adapters
+    from refface.train.mgfr.task import MGFRTask, build_adapters
 
     def grads(checkpointing: bool):
         sd = fresh_sd(sd_dir)
@@ -474,7 +474,7 @@ def test_stage2_with_frozen_lca_trains_rca_only_and_ema_loads_strictly(sd_dir, t
     from refface.train.checkpoints import load_trainable_weights
     from refface.train.loop import train
     from refface.train.mgfr.model import MGFRAdapters
-    from refface.train.mgfr.train import MGFRTask, build_adapters
+    from refface.train.mgfr.task import MGFRTask, build_adapters
 
     sd = fresh_sd(sd_dir)
     cfg = mgfr_cfg(2, train_lca_in_stage2=False)
@@ -489,7 +489,8 @@ def test_stage2_with_frozen_lca_trains_rca_only_and_ema_loads_strictly(sd_dir, t
 def test_id_dim_comes_from_the_dataset_and_a_mismatch_names_both_sides(tmp_path):
     from common.tiny_root import EMB_DIM
 
-    from refface.train.mgfr.train import MGFRConfig, check_resume_id_dim, resolve_id_dim
+    from refface.train.mgfr.config import MGFRConfig
+    from refface.train.mgfr.train import check_resume_id_dim, resolve_id_dim
 
     root = make_tiny_root(tmp_path / "root")
     assert resolve_id_dim(mgfr_cfg(2, id_dim=None), str(root)).id_dim == EMB_DIM
@@ -565,7 +566,7 @@ def test_negative_attribute_samples_appear_at_the_configured_share():
 
 def test_negative_attribute_share_reaches_the_training_logs(sd_dir, tmp_path):
     from refface.train.loop import train
-    from refface.train.mgfr.train import MGFRTask, build_adapters
+    from refface.train.mgfr.task import MGFRTask, build_adapters
 
     sd = fresh_sd(sd_dir)
     cfg = mgfr_cfg(1)

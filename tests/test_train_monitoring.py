@@ -161,7 +161,8 @@ def test_refldm_config_overrides(tmp_path):
 
 
 def test_mgfr_config_overrides():
-    from refface.train.mgfr.train import MGFRConfig, load_yaml_config, parse_args
+    from refface.train.mgfr.config import MGFRConfig, load_yaml_config
+    from refface.train.mgfr.train import parse_args
 
     args = parse_args(["--config", "configs/mgfr_tiny.yaml", "--sd", "sd", "--output", "o", "--stage", "2"])
     assert args.overrides == []

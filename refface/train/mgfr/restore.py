@@ -17,7 +17,7 @@ from refface.mining.vocabulary import prompts_from_text
 from refface.seeding import item_seed
 from refface.train.checkpoints import load_trainable_weights
 from refface.train.mgfr.model import GuidanceConfig, MGFRAdapters, load_frozen_sd, sample
-from refface.train.mgfr.train import resolve_checkpoint
+from refface.train.mgfr.task import resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
