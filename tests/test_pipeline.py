@@ -14,7 +14,8 @@ from common.outputs import MINED_OUTPUTS, digest_mined
 from PIL import Image
 
 from refface.mining import pipeline
-from refface.mining.pipeline import FACES_COLUMNS, IMAGES_COLUMNS, MiningConfig, crop_relpath, mine_folder
+from refface.mining.parts import FACES_COLUMNS, IMAGES_COLUMNS
+from refface.mining.pipeline import MiningConfig, crop_relpath, mine_folder
 
 GOOD = [
     "lfw/Alvaro_Uribe/Alvaro_Uribe_0001.jpg",

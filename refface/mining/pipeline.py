@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from refface.executors import EXECUTORS, uses_gpu
-from refface.manifests.atomic import sha256_bytes, write_bytes, write_parquet
-from refface.manifests.embedding_shards import DEFAULT_FOLDER, INDEX_FILE, finish_shards, write_shard
+from refface.manifests.atomic import sha256_bytes, write_parquet
+from refface.manifests.embedding_shards import DEFAULT_FOLDER
 from refface.manifests.embeddings import SHARDED_LAYOUT, Embeddings, save_embedding_tables, save_embeddings
 from refface.manifests.errors import ErrorsTable, ImageError
 from refface.manifests.io import DEFAULT_MAX_PIXELS, decode_image, list_images, write_png
@@ -31,18 +30,12 @@ from refface.mining.detect import (
     onnx_providers,
 )
 from refface.mining.embed import EMBEDDERS, embedder_weights, make_embedder, weights_fingerprint
+from refface.mining.parts import stream_vectors, tables_from_parts, write_part, write_vector_shards
 from refface.stages import fingerprint, folder_fingerprint, map_chunks, run_stage
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 log = logging.getLogger(__name__)
 
 STAGE = "mine"
-IMAGES_COLUMNS = ["image_id", "path", "sha256", "width", "height"]
-FACES_COLUMNS = ["image_id", "path", "n_faces", "face_index", "x0", "y0", "x1", "y1", "det_score", "lm"]
-IMAGES_DTYPES = {"image_id": "int64"}
-FACES_DTYPES = {"image_id": "int64", "n_faces": "int64", "face_index": "int64"}
 
 
 @dataclass
@@ -254,99 +247,6 @@ def _embed_or_isolate(embedder, crops: list, faces: list, errors: list) -> tuple
     return np.concatenate(kept_v), np.concatenate(kept_n)
 
 
-def _write_part(path: Path, value: dict) -> None:
-    write_bytes(path, pickle.dumps(value, protocol=4))
-
-
-def _read_part(path: Path) -> dict:
-    # Part files are written by this module into the user's own dataset root.
-    return pickle.loads(path.read_bytes())
-
-
-def _stream_vectors(path: Path, shape: tuple[int, int], n_chunks: int, part_path) -> np.ndarray:
-    """Copy every part's vectors into one memory-mapped file, a part at a time.
-
-    The embeddings never sit in memory whole (10M x 512 float32 is 20 GB); the returned array is
-    a read-only map that ``save_embeddings`` streams to ``embeddings.npy``.
-    """
-    if shape[0] == 0:
-        return np.zeros(shape, np.float32)  # a zero-length file cannot be mapped
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-    row = 0
-    for i in range(n_chunks):
-        vectors = _read_part(part_path(i))["vectors"]
-        out[row : row + len(vectors)] = vectors
-        row += len(vectors)
-    out.flush()
-    del out
-    return np.load(path, mmap_mode="r")
-
-
-def _write_vector_shards(
-    folder: Path, n_chunks: int, chunks_per_shard: int, part_path, meta: dict
-) -> list[str]:
-    """One shard per partition of ``chunks_per_shard`` consecutive chunks, read part by part.
-
-    Only one shard's vectors are in memory at a time. Partitions without faces write no shard,
-    so shards stay numbered without gaps. Returns the relative paths written (index.json last).
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    names: list[str] = []
-    for first in range(0, n_chunks, chunks_per_shard):
-        parts = [_read_part(part_path(i)) for i in range(first, min(n_chunks, first + chunks_per_shard))]
-        faces = [f for p in parts for f in p["faces"]]
-        if not faces:
-            continue
-        vectors = np.concatenate([p["vectors"] for p in parts if len(p["vectors"])])
-        names.append(
-            write_shard(
-                folder, len(names), vectors, [f["path"] for f in faces], [f["image_id"] for f in faces]
-            )
-        )
-    finish_shards(folder, meta)
-    return [f"{folder.name}/{n}.{ext}" for n in names for ext in ("npy", "parquet")] + [
-        f"{folder.name}/{INDEX_FILE}"
-    ]
-
-
-def _frame(rows: list[dict], columns: list[str], dtypes: dict) -> pd.DataFrame:
-    import pandas as pd
-
-    return pd.DataFrame(rows, columns=columns).astype(dtypes)
-
-
-def _tables_from_parts(n_chunks: int, part_path) -> tuple[pd.DataFrame, pd.DataFrame, list, np.ndarray, int]:
-    """Images and faces tables, error rows, norms and the vector dimension, read part by part.
-
-    Each part becomes a small data frame at once: a column store holds 10M face rows in a few
-    GB, where the same rows as Python dicts would need several times that.
-    """
-    import pandas as pd
-
-    image_frames, face_frames, norm_parts, errors = [], [], [], []
-    dim = 0
-    for i in range(n_chunks):
-        part = _read_part(part_path(i))
-        if part["images"]:
-            image_frames.append(_frame(part["images"], IMAGES_COLUMNS, IMAGES_DTYPES))
-        if part["faces"]:
-            face_frames.append(_frame(part["faces"], FACES_COLUMNS, FACES_DTYPES))
-        errors += part["errors"]
-        norm_parts.append(part["norms"])
-        if len(part["vectors"]):
-            dim = part["vectors"].shape[1]
-    images = (
-        pd.concat(image_frames, ignore_index=True)
-        if image_frames
-        else _frame([], IMAGES_COLUMNS, IMAGES_DTYPES)
-    )
-    faces = (
-        pd.concat(face_frames, ignore_index=True) if face_frames else _frame([], FACES_COLUMNS, FACES_DTYPES)
-    )
-    norms = np.concatenate(norm_parts) if norm_parts else np.zeros((0,), np.float32)
-    return images, faces, errors, norms, dim
-
-
 def model_devices(config: MiningConfig) -> dict:
     """What the detector and the embedder run on: onnxruntime providers (in order of use) for ONNX
     models, the CPU for dlib (raises CpuFallbackError when a GPU would silently go unused)."""
@@ -450,14 +350,14 @@ def mine_folder(
             workers=cfg.workers,
             description="faces",
             part_path=part_path,
-            write_part=_write_part,
+            write_part=write_part,
             initializer=_init_worker,
             initargs=(asdict(cfg), str(image_root), str(root)),
             executor=cfg.executor,
             collect=False,
         )
         n_chunks = len(chunk_results)
-        images, faces_df, error_rows, norms, dim = _tables_from_parts(n_chunks, part_path)
+        images, faces_df, error_rows, norms, dim = tables_from_parts(n_chunks, part_path)
         errors = ErrorsTable()
         errors.extend(error_rows)
         dim = dim or (128 if cfg.embedder == "dlib" else 512)
@@ -476,12 +376,12 @@ def mine_folder(
         shutil.rmtree(shards_dir, ignore_errors=True)
         if cfg.shard_rows:
             per_shard = max(1, -(-cfg.shard_rows // cfg.chunk_size))
-            outputs += _write_vector_shards(shards_dir, n_chunks, per_shard, part_path, meta)
+            outputs += write_vector_shards(shards_dir, n_chunks, per_shard, part_path, meta)
             layout = {"dim": dim, "layout": SHARDED_LAYOUT, "shards": DEFAULT_FOLDER}
             outputs += save_embedding_tables(root, paths, image_ids, norms, {**meta, **layout})
             (root / EMBEDDINGS_NPY).unlink(missing_ok=True)
         else:
-            vectors = _stream_vectors(parts_dir / "vectors.npy", (len(paths), dim), n_chunks, part_path)
+            vectors = stream_vectors(parts_dir / "vectors.npy", (len(paths), dim), n_chunks, part_path)
             emb = Embeddings(vectors=vectors, paths=paths, image_ids=image_ids, norms=norms, **meta)
             outputs += save_embeddings(root, emb)
         errors.write(root)
