@@ -22,6 +22,7 @@ from refface.evaluation.weights import DEFAULT_WEIGHT_FILES
 from refface.mining.attributes import DEEPFACE_WEIGHT_FILES
 from refface.mining.detect import default_model_root, face_recognition_models_dir
 from refface.mining.embed import ARCFACE_FILES
+from refface.mining.neighbors import load_faiss
 
 # Published digests of the weights files refface reads: (algorithm, digest, where it is published).
 # "sha256-prefix" is the 8-hex-digit sha256 prefix torch hub puts in the file name.
@@ -130,8 +131,6 @@ def _ort_info() -> dict:
 def _faiss_info() -> dict:
     packages = devices.installed_versions(devices.FAISS_PACKAGES)
     try:
-        from refface.mining.neighbors import load_faiss
-
         faiss = load_faiss()
     except ImportError:
         return {"installed": False, "packages": packages, "gpus": 0}
