@@ -190,6 +190,11 @@ def test_cli_cluster_and_eval_clusters(tmp_path):
     assert "clusters (2+ faces)" in res.output and (root / "identities.parquet").exists()
     res = runner.invoke(app, ["cluster", str(root), "--method", "average"])
     assert "up to date" in res.output
+    # The default (impostor, 37 faces) reports its second pass, in the summary and the manifest.
+    res = runner.invoke(app, ["cluster", str(root)])
+    assert res.exit_code == 0 and "second pass" in res.output, res.output
+    manifest = json.loads((root / ".stages" / "identities.json").read_text())
+    assert set(manifest["second_pass"]) == {"fragments_merged", "lone_faces_joined"}
     out = tmp_path / "scores.json"
     res = runner.invoke(
         app, ["eval-clusters", str(root), "--labels", str(tmp_path / "labels.csv"), "--out", str(out)]

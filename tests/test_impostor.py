@@ -129,12 +129,26 @@ def test_a_lone_face_joins_the_cluster_whose_members_point_back():
         AttachConfig(agree=0.0).validate()
 
 
+def test_two_unusual_photos_next_to_each_other_join_in_two_rounds():
+    # Cluster C = faces 0-3; faces 4 and 5 are one person's unusual photos, 5 among 4's nearest.
+    labels = np.array([0, 0, 0, 0, 4, 5])
+    c_row = lambda i: [(j, 0.5) for j in range(4) if j != i] + [(5, 1.1), (4, 1.15)]  # noqa: E731
+    lists = {i: c_row(i) for i in range(4)}
+    lists[4] = [(0, 1.05), (5, 1.06), (1, 1.1), (2, 1.1), (3, 1.15)]
+    lists[5] = [(0, 1.05), (1, 1.1), (2, 1.1), (4, 1.12), (3, 1.15)]
+    idx, norm = neighbour_lists(lists, 6, 6)
+    out = attach_lone_faces(labels, idx, norm, 2.0)
+    assert len(set(out.tolist())) == 1
+    once = attach_lone_faces(labels, idx, norm, 2.0, AttachConfig(lone_rounds=1))
+    assert once[5] == once[0] != once[4]
+
+
 def test_fragments_of_one_person_merge_but_tight_look_alikes_do_not():
     def block(a, b, d):
         return [(i, j, d) for i in a for j in b if i < j or a is not b]
 
     groups = {"A": [0, 1, 2], "B": [3, 4, 5], "C": [6, 7, 8], "D": [9, 10, 11], "E": [12, 13]}
-    groups["F"] = [14, 15]
+    groups.update(F=[14, 15], G=[17, 18, 19, 20], H=[21, 22, 23, 24])
     edges = (
         # A and B: one person split in two; as far apart as their own photos are (1.0 vs 0.9).
         block(groups["A"], groups["A"], 0.9)
@@ -144,20 +158,24 @@ def test_fragments_of_one_person_merge_but_tight_look_alikes_do_not():
         + block(groups["C"], groups["C"], 0.5)
         + block(groups["D"], groups["D"], 0.5)
         + block(groups["C"], groups["D"], 1.0)
-        # E and F: loose, but too far apart (1.1 radii).
+        # E and F: loose, but too far apart for two-photo fragments (1.08 radii).
         + block(groups["E"], groups["E"], 0.9)
         + block(groups["F"], groups["F"], 0.9)
-        + block(groups["E"], groups["F"], 1.1)
+        + block(groups["E"], groups["F"], 1.08)
+        # G and H: as far apart, but four photos each: their mean is over 16 pairs.
+        + block(groups["G"], groups["G"], 0.9)
+        + block(groups["H"], groups["H"], 0.9)
+        + block(groups["G"], groups["H"], 1.08)
         # 16: a lone face close to A (lone faces are the other rule's business).
         + [(16, j, 0.8) for j in groups["A"]]
     )
     rows, cols, dist = (np.array(v) for v in zip(*edges, strict=True))
-    labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 5, 5, 6])
+    labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 5, 5, 6, 7, 7, 7, 7, 8, 8, 8, 8])
     out = merge_fragments(labels, rows, cols, dist.astype(float), missing=2.0)
     assert len(set(out[:6].tolist())) == 1  # A + B
     assert out[6] != out[9] and out[12] != out[14]  # C, D and E, F stay apart
     assert len(set(out[6:9].tolist())) == 1 and len(set(out[9:12].tolist())) == 1
-    assert out[16] not in out[:16]
+    assert out[16] not in out[:16] and out[17] == out[24] != out[0]  # G + H
     # A stricter spread bound keeps A and B apart too (1.0 / 0.9 = 1.11).
     strict = merge_fragments(labels, rows, cols, dist.astype(float), 2.0, AttachConfig(fragment_spread=1.1))
     assert strict[0] != strict[3]

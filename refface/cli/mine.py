@@ -223,6 +223,13 @@ def cluster_cmd(
                 [
                     ("max false merge (share of pairs)", cfg["max_false_merge"]),
                     ("median radius (cosine distance)", manifest.get("radius_median")),
+                    (
+                        "second pass: fragments merged / lone faces joined",
+                        "{} / {}".format(
+                            manifest.get("second_pass", {}).get("fragments_merged", "-"),
+                            manifest.get("second_pass", {}).get("lone_faces_joined", "-"),
+                        ),
+                    ),
                 ]
                 if cfg["method"] in ("impostor", "impostor_linkage")
                 else []

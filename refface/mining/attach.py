@@ -34,7 +34,12 @@ MAX_DISTANCE = 1.2
 SLACK = 3
 FRAGMENT_DISTANCE = 1.05
 FRAGMENT_SPREAD = 1.4
+# Fragments of BIG_FRAGMENT+ faces each: their mean is over 16+ pairs, a steadier figure.
+BIG_FRAGMENT = 4
+BIG_FRAGMENT_DISTANCE = 1.1
+BIG_FRAGMENT_SPREAD = 1.5
 FRAGMENT_ROUNDS = 3
+LONE_ROUNDS = 2
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,11 @@ class AttachConfig:
     slack: int = SLACK
     fragment_distance: float = FRAGMENT_DISTANCE
     fragment_spread: float = FRAGMENT_SPREAD
+    big_fragment: int = BIG_FRAGMENT
+    big_fragment_distance: float = BIG_FRAGMENT_DISTANCE
+    big_fragment_spread: float = BIG_FRAGMENT_SPREAD
     fragment_rounds: int = FRAGMENT_ROUNDS
+    lone_rounds: int = LONE_ROUNDS
 
     def validate(self) -> AttachConfig:
         if self.top < 1:
@@ -58,11 +67,18 @@ class AttachConfig:
             raise ValueError(f"max_distance must be > 0, got {self.max_distance}")
         if self.slack < 0:
             raise ValueError(f"slack must be >= 0, got {self.slack}")
-        if self.fragment_distance < 0 or self.fragment_spread < 0 or self.fragment_rounds < 0:
-            raise ValueError(
-                "fragment_distance, fragment_spread and fragment_rounds must be >= 0, got "
-                f"{self.fragment_distance}, {self.fragment_spread}, {self.fragment_rounds}"
-            )
+        settings = {
+            "fragment_distance": self.fragment_distance,
+            "fragment_spread": self.fragment_spread,
+            "big_fragment": self.big_fragment,
+            "big_fragment_distance": self.big_fragment_distance,
+            "big_fragment_spread": self.big_fragment_spread,
+            "fragment_rounds": self.fragment_rounds,
+            "lone_rounds": self.lone_rounds,
+        }
+        negative = [f"{name}={value}" for name, value in settings.items() if value < 0]
+        if negative:
+            raise ValueError(f"second-pass settings must be >= 0, got {', '.join(negative)}")
         return self
 
 
@@ -86,7 +102,9 @@ def merge_fragments(
 
     Two clusters merge when their mean distance (pairs absent from the graph count as
     ``missing``) is below ``fragment_distance`` and below ``fragment_spread`` times the geometric
-    mean of their mean within-cluster distances (over the pairs the graph holds). Each round
+    mean of their mean within-cluster distances (over the pairs the graph holds); clusters of
+    ``big_fragment`` or more faces each, whose mean is over 16+ pairs and so a steadier figure,
+    merge under ``big_fragment_distance`` and ``big_fragment_spread`` instead. Each round
     merges the pairs of clusters that are each other's closest passing partner, up to
     ``fragment_rounds`` rounds.
 
@@ -127,11 +145,12 @@ def merge_fragments(
         mean = (dsum + (pairs - count) * missing) / pairs
         with np.errstate(invalid="ignore"):
             spread = np.sqrt(within[ca] * within[cb])
-            ok = (
-                (size[ca] > 1)
-                & (size[cb] > 1)
-                & (mean < cfg.fragment_distance)
-                & (mean < cfg.fragment_spread * spread)
+            smaller = np.minimum(size[ca], size[cb])
+            ok = (smaller > 1) & (mean < cfg.fragment_distance) & (mean < cfg.fragment_spread * spread)
+            ok |= (
+                (smaller >= max(cfg.big_fragment, 2))
+                & (mean < cfg.big_fragment_distance)
+                & (mean < cfg.big_fragment_spread * spread)
             )
         if not ok.any():
             break
@@ -172,9 +191,21 @@ def attach_lone_faces(
 
     Returns:
         (N,) cluster ids (compact, not canonical): the input clusters, some lone faces added.
+        Up to ``lone_rounds`` rounds: a face that joined can complete another lone face's
+        nearest neighbours (two unusual photos of one person next to each other).
     """
     cfg = (config or AttachConfig()).validate()
     lab = np.unique(np.asarray(labels), return_inverse=True)[1].astype(np.int64).ravel()
+    for _ in range(cfg.lone_rounds):
+        joined = _attach_round(lab, idx, norm, missing, cfg)
+        if (joined == lab).all():
+            break
+        lab = joined
+    return np.unique(lab, return_inverse=True)[1].astype(np.int64).ravel()
+
+
+def _attach_round(lab: np.ndarray, idx: np.ndarray, norm: np.ndarray, missing: float, cfg: AttachConfig):
+    """One round of :func:`attach_lone_faces` on compact labels."""
     n, k = idx.shape
     if n == 0 or k == 0:
         return lab

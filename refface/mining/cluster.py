@@ -288,11 +288,12 @@ def impostor_radii(dist: np.ndarray, config: ClusterConfig) -> tuple[np.ndarray,
 
 
 def impostor_clusters(
-    vectors: np.ndarray, config: ClusterConfig, attach: bool = True
+    vectors: np.ndarray, config: ClusterConfig, attach: bool = True, counts: dict | None = None
 ) -> tuple[np.ndarray, np.ndarray, Any]:
     """:func:`impostor` with its per-face radii and the fitted model: (labels, radius, model).
 
-    ``attach=False`` stops after the linkage (``impostor_linkage``): no second pass.
+    ``attach=False`` stops after the linkage (``impostor_linkage``): no second pass. ``counts``,
+    when given, receives what the second pass did (``fragments_merged``, ``lone_faces_joined``).
     """
     n = vectors.shape[0]
     if n < 2:
@@ -303,8 +304,13 @@ def impostor_clusters(
     rows, cols, d = _edges(norm, idx, (idx >= 0) & (norm < config.graph_factor))
     comp = average_linkage_graph(n, rows, cols, d, 1.0, config.graph_factor)
     if attach:
+        linked = np.unique(comp).size
         comp = merge_fragments(comp, rows, cols, d, config.graph_factor)
+        merged = np.unique(comp).size
         comp = attach_lone_faces(comp, idx, norm, config.graph_factor)
+        if counts is not None:
+            counts["fragments_merged"] = int(linked - merged)
+            counts["lone_faces_joined"] = int(merged - np.unique(comp).size)
     return relabel(comp), radius, model
 
 
@@ -485,8 +491,11 @@ def run_clustering(vectors: np.ndarray, config: ClusterConfig) -> Clustering:
         empty = np.empty(0)
         return Clustering(np.empty(0, dtype=np.int64), empty, empty, {})
     if config.method in ADAPTIVE:
-        labels, radius, model = impostor_clusters(vectors, config, attach=config.method == "impostor")
-        info: dict = {}
+        second_pass: dict = {}
+        labels, radius, model = impostor_clusters(
+            vectors, config, attach=config.method == "impostor", counts=second_pass
+        )
+        info: dict = {"second_pass": second_pass} if second_pass else {}
         scale = np.full(n, np.nan)
         if model is not None:
             info["impostor_model"] = model.summary()
