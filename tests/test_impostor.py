@@ -97,7 +97,7 @@ def neighbour_lists(lists: dict[int, list[tuple[int, float]]], n: int, k: int):
 def test_a_lone_face_joins_the_cluster_whose_members_point_back():
     # Cluster C = faces 0-3, cluster D = faces 7-8; faces 4, 5, 6 are alone.
     labels = np.array([0, 0, 0, 0, 4, 5, 6, 7, 7])
-    c_row = lambda i, back: [(j, 0.5) for j in range(4) if j != i] + back  # noqa: E731
+    c_row = lambda i, back, d=0.6: [(j, d) for j in range(4) if j != i] + back  # noqa: E731
     lists = {
         0: c_row(0, [(4, 1.1), (5, 1.6)]),
         1: c_row(1, [(4, 1.1), (6, 1.7)]),
@@ -125,6 +125,12 @@ def test_a_lone_face_joins_the_cluster_whose_members_point_back():
     idx, norm = neighbour_lists({**lists, 4: [(0, 1.05), (1, 1.1), (2, 1.1), (3, 1.15)]}, 9, 6)
     assert attach_lone_faces(labels, idx, norm, 2.0)[4] == out[0]
     assert attach_lone_faces(labels, idx, norm, 2.0, AttachConfig(agree=0.8))[4] != out[0]
+    # A cluster far tighter than the face's distance to it (members 0.5 apart, the face 1.1 on
+    # average: more than lone_spread = 2 times) keeps it out.
+    near = [(0, 1.05), (1, 1.1), (2, 1.1), (3, 1.15)]
+    tight = {**lists, 4: near, **{i: c_row(i, lists[i][3:], 0.5) for i in range(4)}}
+    idx, norm = neighbour_lists(tight, 9, 6)
+    assert attach_lone_faces(labels, idx, norm, 2.0)[4] != out[0]
     with pytest.raises(ValueError, match="agree"):
         AttachConfig(agree=0.0).validate()
 
@@ -132,7 +138,7 @@ def test_a_lone_face_joins_the_cluster_whose_members_point_back():
 def test_two_unusual_photos_next_to_each_other_join_in_two_rounds():
     # Cluster C = faces 0-3; faces 4 and 5 are one person's unusual photos, 5 among 4's nearest.
     labels = np.array([0, 0, 0, 0, 4, 5])
-    c_row = lambda i: [(j, 0.5) for j in range(4) if j != i] + [(5, 1.1), (4, 1.15)]  # noqa: E731
+    c_row = lambda i: [(j, 0.6) for j in range(4) if j != i] + [(5, 1.1), (4, 1.15)]  # noqa: E731
     lists = {i: c_row(i) for i in range(4)}
     lists[4] = [(0, 1.05), (5, 1.06), (1, 1.1), (2, 1.1), (3, 1.15)]
     lists[5] = [(0, 1.05), (1, 1.1), (2, 1.1), (4, 1.12), (3, 1.15)]
@@ -196,6 +202,18 @@ def test_second_pass_never_splits_a_cluster():
     pairs = {(a, b) for a, b in zip(linkage[clustered], full[clustered], strict=True)}
     assert len({a for a, _ in pairs}) == len(pairs)
     assert score_labels(labels, full).pairwise_recall >= score_labels(labels, linkage).pairwise_recall
+
+
+def test_second_pass_adds_no_stranger_to_tight_clusters():
+    # Lone strangers about 0.6 from tight identities (members 0.1 apart): in this pool the model's
+    # radius (about 0.5) lets the linkage pair some strangers, but none of them is as close to an
+    # identity as its members are to one another, so the second pass adds none.
+    x, labels = pool(40, 8, 300, seed=2)
+    lone = slice(320, 620)
+    full = cl.cluster(x, method="impostor")
+    linkage = cl.cluster(x, method="impostor_linkage")
+    assert (full[lone] >= 0).sum() == (linkage[lone] >= 0).sum()
+    assert score_labels(labels, full).pairwise_precision == score_labels(labels, linkage).pairwise_precision
 
 
 def test_lower_false_merge_bound_is_stricter():

@@ -15,8 +15,8 @@ same-identity pairs out, both just past the cut:
   cluster ``C`` only when its ``top`` nearest neighbours all belong to ``C`` (the face points at
   one person), at least ``agree`` of ``C``'s members hold it among their ``|C| + slack`` nearest
   neighbours (the person points back: a stranger near ``C`` fails here, ``C``'s members have their
-  own look-alikes closer), and its mean distance to ``C`` is below ``max_distance`` radii
-  (:func:`attach_lone_faces`).
+  own look-alikes closer), and its mean distance to ``C`` is below ``max_distance`` radii and
+  below ``lone_spread`` times ``C``'s own mean distance between members (:func:`attach_lone_faces`).
 
 Everything runs on the k-NN lists, O(N k).
 """
@@ -32,6 +32,7 @@ TOP = 3
 AGREE = 0.7
 MAX_DISTANCE = 1.2
 SLACK = 3
+LONE_SPREAD = 2.0
 FRAGMENT_DISTANCE = 1.05
 FRAGMENT_SPREAD = 1.4
 # Fragments of BIG_FRAGMENT+ faces each: their mean is over 16+ pairs, a steadier figure.
@@ -50,6 +51,7 @@ class AttachConfig:
     agree: float = AGREE
     max_distance: float = MAX_DISTANCE
     slack: int = SLACK
+    lone_spread: float = LONE_SPREAD
     fragment_distance: float = FRAGMENT_DISTANCE
     fragment_spread: float = FRAGMENT_SPREAD
     big_fragment: int = BIG_FRAGMENT
@@ -75,6 +77,7 @@ class AttachConfig:
             "big_fragment_spread": self.big_fragment_spread,
             "fragment_rounds": self.fragment_rounds,
             "lone_rounds": self.lone_rounds,
+            "lone_spread": self.lone_spread,
         }
         negative = [f"{name}={value}" for name, value in settings.items() if value < 0]
         if negative:
@@ -235,7 +238,13 @@ def _attach_round(lab: np.ndarray, idx: np.ndarray, norm: np.ndarray, missing: f
     found = np.where(inside, np.minimum(norm, missing), 0.0).sum(axis=1)
     count = inside.sum(axis=1)
     mean = (found + (size[target] - count) * missing) / size[target]
-    join = cand & (agree >= cfg.agree) & (mean < cfg.max_distance)
+    # ... and no farther than ``lone_spread`` times the cluster's own mean distance between its
+    # members (over the pairs their lists hold).
+    own = (idx >= 0) & (lab[nb] == lab[:, None])
+    within_sum = np.bincount(lab, weights=np.where(own, np.minimum(norm, missing), 0.0).sum(axis=1))
+    within_n = np.bincount(lab, weights=own.sum(axis=1).astype(np.float64))
+    within = within_sum / np.maximum(within_n, 1.0)
+    join = cand & (agree >= cfg.agree) & (mean < cfg.max_distance) & (mean < cfg.lone_spread * within[target])
     lab = lab.copy()
     lab[join] = target[join]
     return lab
