@@ -49,14 +49,15 @@ RUNS = {
 }
 
 
-def mine(data: Path, cache: Path, workers: int) -> Path:
-    """The dlib-mined dataset root of ``data``, mined once: a finished root in the cache is reused
-    as it is (delete it to mine again)."""
+def mine(data: Path, cache: Path, workers: int, tta: str = "none") -> Path:
+    """The dlib-mined dataset root of ``data`` (``<name>_dlib``, or ``<name>_dlib_flip`` with
+    ``--tta flip``), mined once: a finished root in the cache is reused as it is (delete it to mine
+    again)."""
     from refface.mining.pipeline import MiningConfig, mine_folder
 
-    root = cache / f"{data.name}_dlib"
+    root = cache / (f"{data.name}_dlib" + ("" if tta == "none" else f"_{tta}"))
     if not ((root / ".stages" / "mine.json").exists() and (root / "embeddings.json").exists()):
-        mine_folder(data, root, MiningConfig(workers=workers))
+        mine_folder(data, root, MiningConfig(workers=workers, tta=tta))
     return root
 
 
@@ -198,6 +199,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="labeled photo folder (labels.csv)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the mined root is kept")
     parser.add_argument("--workers", type=int, default=2, help="mining processes (first run only)")
+    parser.add_argument(
+        "--tta", choices=("none", "flip"), default="none", help="embedder test-time augmentation"
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="a mined root of --data to read instead of mining (e.g. bench/reembed_tta.py's)",
+    )
     parser.add_argument("--sizes", default="500,1000,2000,all", help="people per pool; 'all' = everyone")
     parser.add_argument("--seeds", type=int, default=3, help="draws per pool size (1 for 'all')")
     parser.add_argument("--half", choices=("all", "tune", "holdout"), default="all")
@@ -209,7 +219,7 @@ def main() -> None:
     os.environ.setdefault("REFFACE_PROGRESS", "0")
 
     args.data = args.data.resolve()
-    root = mine(args.data, args.cache, args.workers)
+    root = args.root or mine(args.data, args.cache, args.workers, args.tta)
     emb, keep, ids = load(root, args.data / "labels.csv", args.half)
     n_people = int(np.unique(ids).size)
     sizes = [None if s == "all" else int(s) for s in args.sizes.split(",")]
@@ -238,6 +248,8 @@ def main() -> None:
     info = {
         "data": str(args.data),
         "half": args.half,
+        "root": str(root),
+        "tta": emb.tta,
         "people": n_people,
         "faces": int(len(ids)),
         "seeds": args.seeds,
@@ -268,8 +280,11 @@ def main() -> None:
     lines = [
         f"# Identity clustering quality vs pool size ({args.data.name}, {args.half} people)",
         "",
-        f"Command: `python bench/cluster_quality.py --half {args.half} --sizes {args.sizes} --seeds {args.seeds}`. "
-        f"{n_people} people, {len(ids)} faces (dlib). Pools are drawn by person; figures are means over "
+        f"Command: `python bench/cluster_quality.py --half {args.half} --sizes {args.sizes} --seeds {args.seeds}"
+        + (f" --tta {emb.tta}" if emb.tta != "none" else "")
+        + f"`. {n_people} people, {len(ids)} faces (dlib"
+        + (f", test-time augmentation {emb.tta}" if emb.tta != "none" else "")
+        + f"). Pools are drawn by person; figures are means over "
         f"{args.seeds} draws (one for the whole set). {info['device']}, load average {info['load_average']}.",
         "",
         "| clustering | pool | " + " | ".join(c for c, _ in cols) + " |",

@@ -15,6 +15,8 @@ from refface.mining.embed import (
     DLIB_THRESHOLD,
     EMBEDDERS,
     ArcFaceEmbedder,
+    embed_with_tta,
+    flip_average,
     make_embedder,
     weights_fingerprint,
 )
@@ -107,6 +109,66 @@ def test_dlib_separates_people(faces_dir):
     dist = 1.0 - vectors @ vectors.T
     assert dist[0, 1] < DLIB_THRESHOLD and dist[2, 3] < DLIB_THRESHOLD
     assert min(dist[0, 2], dist[0, 3], dist[1, 2], dist[1, 3]) > DLIB_THRESHOLD
+
+
+def test_flip_average_is_the_normalized_mean_of_the_two_embeddings():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(6, 16)), rng.normal(size=(6, 16))
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    mean = (a + b) / 2
+    out = flip_average(a, b)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, mean / np.linalg.norm(mean, axis=1, keepdims=True), atol=1e-6)
+    # Through the embedder path: mirrored crops join the batch, the plain crops' raw norms are kept.
+    crops = list(rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    batches = []
+
+    def raw(cs):
+        batches.append(len(cs))
+        return np.stack([c[:, :, 0].astype(float).reshape(-1) + np.arange(64) for c in cs])
+
+    vectors, norms = embed_with_tta(raw, crops, "flip")
+    assert batches == [8]
+    plain, mirrored = raw(crops), raw([c[:, ::-1] for c in crops])
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(vectors, flip_average(unit(plain), unit(mirrored)), atol=1e-6)
+    np.testing.assert_allclose(norms, np.linalg.norm(plain, axis=1), rtol=1e-6)
+    none, _ = embed_with_tta(raw, crops, "none")
+    np.testing.assert_allclose(none, unit(plain), atol=1e-6)
+    with pytest.raises(ValueError, match="flip"):
+        embed_with_tta(raw, crops, "jitter")
+
+
+def test_arcface_flip_averages_the_crop_and_its_mirror(tiny_arcface):
+    crops = _crops(3)
+    plain, _ = ArcFaceEmbedder(tiny_arcface).embed_crops(crops)
+    mirrored, _ = ArcFaceEmbedder(tiny_arcface).embed_crops([c[:, ::-1] for c in crops])
+    flipped, _ = ArcFaceEmbedder(tiny_arcface, tta="flip").embed_crops(crops)
+    np.testing.assert_allclose(flipped, flip_average(plain, mirrored), atol=1e-5)
+    with pytest.raises(ValueError, match="test-time augmentation"):
+        ArcFaceEmbedder(tiny_arcface, tta="mirror")
+
+
+def test_dlib_flip_is_close_to_plain_and_still_separates_people(faces_dir):
+    from refface.mining.detect import detect, make_detector
+
+    det = make_detector("dlib")
+    plain_emb, flip_emb = make_embedder("dlib"), make_embedder("dlib", tta="flip")
+    names = ["Alvaro_Uribe_0001", "Alvaro_Uribe_0002", "Amelie_Mauresmo_0001"]
+    crops = []
+    for n in names:
+        img = read_image(faces_dir / "lfw" / n.rsplit("_", 1)[0] / f"{n}.jpg")
+        crops.append(plain_emb.crop(img, detect(det, img).face))
+    plain, plain_norms = plain_emb.embed_crops(crops)
+    flipped, flip_norms = flip_emb.embed_crops(crops)
+    mirrored, _ = plain_emb.embed_crops([c[:, ::-1] for c in crops])
+    np.testing.assert_allclose(flipped, flip_average(plain, mirrored), atol=1e-5)
+    np.testing.assert_allclose(flip_norms, plain_norms, rtol=1e-6)
+    own = np.sum(plain * flipped, axis=1)
+    assert np.all(own > 0.97) and np.all(own < 1 - 1e-5)  # different vectors, the same face
+    dist = 1.0 - flipped @ flipped.T
+    assert dist[0, 1] < DLIB_THRESHOLD and min(dist[0, 2], dist[1, 2]) > DLIB_THRESHOLD
 
 
 def test_dlib_template_alignment_is_close_to_dlibs_own(faces_dir):

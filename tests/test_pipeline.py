@@ -224,7 +224,10 @@ def test_embed_command(photos, tmp_path, monkeypatch):
     res = runner.invoke(app, ["embed", str(photos), "--out", str(out), "--embedder", "arcface"])
     assert res.exit_code == 2
     assert "w600k_r50.onnx" in res.output
-    assert "Detect, align and embed" in runner.invoke(app, ["embed", "--help"]).output
+    help_text = runner.invoke(app, ["embed", "--help"]).output
+    assert "Detect, align and embed" in help_text and "--tta" in help_text
+    for builder in ("ffhq-ref", "celeba-test-ref", "reface-hq"):
+        assert "--tta" in runner.invoke(app, ["build", builder, "--help"]).output, builder
 
 
 def test_embed_command_reads_an_images_table(photos, tmp_path):
@@ -323,8 +326,33 @@ def test_sharded_embeddings_hold_the_same_rows_one_shard_per_partition(mined, ph
     assert digest_mined(root) == digest_mined(reference)
 
 
+def test_flip_tta_re_embeds_once_and_is_recorded(mined, photos, tmp_path):
+    root, _ = mined
+    flip_root = tmp_path / "flip"
+    shutil.copytree(root, flip_root)
+    plain = np.load(root / "embeddings.npy")
+    first = mine_folder(photos, flip_root, _config(tta="flip"))
+    assert first.ran  # another test-time augmentation is another stage config
+    meta = json.loads((flip_root / "embeddings.json").read_text())
+    assert meta["tta"] == "flip" and "tta" not in json.loads((root / "embeddings.json").read_text())
+    flipped = np.load(flip_root / "embeddings.npy")
+    assert flipped.shape == plain.shape
+    own = np.sum(plain * flipped, axis=1)
+    assert np.all(own > 0.95) and np.all(own < 1 - 1e-5)
+    from refface.manifests.embeddings import load_embeddings
+
+    assert load_embeddings(flip_root).tta == "flip" and load_embeddings(root).tta == "none"
+    before = (flip_root / "embeddings.npy").stat().st_mtime_ns
+    again = mine_folder(photos, flip_root, _config(tta="flip", workers=2))
+    assert not again.ran and (flip_root / "embeddings.npy").stat().st_mtime_ns == before
+
+
 def test_single_file_layout_keeps_its_fingerprint():
     assert "shard_rows" not in MiningConfig().stage_config()
+    assert "tta" not in MiningConfig().stage_config()  # roots mined before the option keep theirs
+    assert MiningConfig(tta="flip").stage_config()["tta"] == "flip"
+    with pytest.raises(ValueError, match="test-time augmentation"):
+        MiningConfig(tta="jitter").validate()
     assert MiningConfig(shard_rows=1000).stage_config()["shard_rows"] == 1000
     with pytest.raises(ValueError, match="shard_rows must be 0"):
         MiningConfig(shard_rows=-1).validate()

@@ -137,6 +137,7 @@ def align_stage(image_root: Path, root: Path, config: Any) -> tuple[dict, bool]:
                 fingerprint=emb.fingerprint,
                 metric=emb.metric,
                 identity_threshold=emb.identity_threshold,
+                tta=emb.tta,
             ),
         )
         table = ErrorsTable.read(mined)

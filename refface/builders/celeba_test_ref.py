@@ -38,7 +38,7 @@ class CelebATestRefConfig:
     """Rules of a CelebA-Test-Ref build (CLI flags map onto the fields).
 
     Attributes:
-        detector / embedder / model_path / model_root / dlib_detector / face_policy / crop_size /
+        detector / embedder / model_path / tta / model_root / dlib_detector / face_policy / crop_size /
             max_pixels / workers / chunk_size: mining settings, as for ``ffhq-ref``.
         identity_threshold: a pool image is the target's person when closer than this (cosine distance);
             None = the embedder's own.
@@ -54,6 +54,7 @@ class CelebATestRefConfig:
     detector: str = "dlib"
     embedder: str = "dlib"
     model_path: str | None = None
+    tta: str = "none"
     model_root: str | None = None
     dlib_detector: str = "hog"
     face_policy: str = "largest_central"

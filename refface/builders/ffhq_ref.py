@@ -51,6 +51,7 @@ class FFHQRefConfig:
         detector: ``prealigned`` for FFHQ-aligned inputs (FFHQ itself), ``dlib`` or ``scrfd`` for photos.
         embedder: ``dlib`` (offline default) or ``arcface`` (ReF-LDM's choice; needs ``model_path``).
         model_path: embedder weights (ArcFace ONNX, or a dlib .dat); None = default location.
+        tta: the embedder's test-time augmentation, ``none`` or ``flip`` (see MiningConfig).
         model_root: folder with SCRFD's ``det_10g.onnx``.
         dlib_detector: ``hog`` or ``mmod`` when ``detector`` is ``dlib``.
         face_policy: which face the mining core keeps when a photo holds several.
@@ -82,6 +83,7 @@ class FFHQRefConfig:
     detector: str = "prealigned"
     embedder: str = "dlib"
     model_path: str | None = None
+    tta: str = "none"
     model_root: str | None = None
     dlib_detector: str = "hog"
     face_policy: str = "largest_central"

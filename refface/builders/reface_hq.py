@@ -363,6 +363,7 @@ def curate_stage(folders: Path, root: Path, config: RefaceHQConfig) -> tuple[dic
                 fingerprint=emb.fingerprint,
                 metric=emb.metric,
                 identity_threshold=emb.identity_threshold,
+                tta=emb.tta,
             ),
         )
         dropped = dropped.sort_values("path", kind="stable").reset_index(drop=True)

@@ -40,6 +40,10 @@ EMBEDDER_HELP = (
     "(arcface when its weights are found with --model or in insightface's model root, else dlib)."
 )
 MODEL_HELP = "Embedder weights: an ArcFace .onnx (or a folder holding one) or a dlib .dat."
+TTA_HELP = (
+    "Test-time augmentation of the embedder: none, or flip (each aligned crop and its mirror, averaged; "
+    "about twice the embedding time, see docs/mining.md)."
+)
 THRESHOLD_HELP = "Same-identity cosine distance (default: none for the impostor clustering, which sets each face's radius from the set itself; fixed-cut methods use the embedder's bar, e.g. ArcFace 0.4, dlib 0.075 with average linkage)."
 MAX_FALSE_MERGE_HELP = "impostor clustering: share of same-identity pairs the set's impostor model may expect to be strangers (precision target; lower = stricter; default: the embedder's, dlib 0.45, ArcFace 0.1)."
 CORRECTIONS_HELP = (
@@ -68,6 +72,7 @@ def ffhq_ref(
     ),
     embedder: str = typer.Option("auto", help=EMBEDDER_HELP),
     model: Path | None = typer.Option(None, help=MODEL_HELP),
+    tta: str = typer.Option("none", help=TTA_HELP),
     model_root: Path | None = typer.Option(None, help="Folder holding det_10g.onnx for --detector scrfd."),
     dlib_detector: str = typer.Option("hog", help="dlib detector: hog (fast) or mmod (CNN)."),
     face_policy: str = typer.Option("largest_central", help="Face kept when several are found."),
@@ -136,6 +141,7 @@ def ffhq_ref(
         detector="prealigned" if prealigned else detector,
         embedder=resolve_embedder_name(embedder, model),
         model_path=_opt(model),
+        tta=tta,
         model_root=_opt(model_root),
         dlib_detector=dlib_detector,
         face_policy=face_policy,
@@ -180,6 +186,7 @@ def celeba_test_ref(
     detector: str = typer.Option("dlib", help=DETECTOR_HELP),
     embedder: str = typer.Option("auto", help=EMBEDDER_HELP),
     model: Path | None = typer.Option(None, help=MODEL_HELP),
+    tta: str = typer.Option("none", help=TTA_HELP),
     model_root: Path | None = typer.Option(None, help="Folder holding det_10g.onnx for --detector scrfd."),
     dlib_detector: str = typer.Option("hog", help="dlib detector: hog (fast) or mmod (CNN)."),
     crop_size: int = typer.Option(512, help="Aligned crop side used for embedding."),
@@ -212,6 +219,7 @@ def celeba_test_ref(
         detector=detector,
         embedder=resolve_embedder_name(embedder, model),
         model_path=_opt(model),
+        tta=tta,
         model_root=_opt(model_root),
         dlib_detector=dlib_detector,
         crop_size=crop_size,
@@ -239,6 +247,7 @@ def reface_hq(
     detector: str = typer.Option("dlib", help=DETECTOR_HELP),
     embedder: str = typer.Option("auto", help=EMBEDDER_HELP),
     model: Path | None = typer.Option(None, help=MODEL_HELP),
+    tta: str = typer.Option("none", help=TTA_HELP),
     model_root: Path | None = typer.Option(None, help="Folder holding det_10g.onnx for --detector scrfd."),
     dlib_detector: str = typer.Option("hog", help="dlib detector: hog (fast) or mmod (CNN)."),
     face_policy: str = typer.Option("largest_central", help="Face kept when several are found."),
@@ -297,6 +306,7 @@ def reface_hq(
         detector=detector,
         embedder=resolve_embedder_name(embedder, model),
         model_path=_opt(model),
+        tta=tta,
         model_root=_opt(model_root),
         dlib_detector=dlib_detector,
         face_policy=face_policy,

@@ -53,6 +53,11 @@ def embed(
     model: Path | None = typer.Option(
         None, help="Embedder weights: an ArcFace .onnx (e.g. w600k_r50.onnx) or a folder holding one."
     ),
+    tta: str = typer.Option(
+        "none",
+        help="Test-time augmentation of the embedder: none, or flip (the aligned crop and its mirror "
+        "in one batch, averaged; about twice the embedding time). Recorded in embeddings.json.",
+    ),
     model_root: Path | None = typer.Option(
         None,
         help="Folder holding det_10g.onnx for --detector scrfd (default ~/.insightface/models/buffalo_l).",
@@ -100,6 +105,7 @@ def embed(
         detector=detector,
         embedder=embedder,
         model_path=str(model) if model else None,
+        tta=tta,
         model_root=str(model_root) if model_root else None,
         dlib_detector=dlib_detector,
         face_policy=face_policy,

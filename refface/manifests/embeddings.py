@@ -32,7 +32,9 @@ class Embeddings:
     """L2-normalized face embeddings with the model that made them.
 
     ``metric`` is the distance convention (``cosine``: 1 - dot on these unit vectors) and
-    ``identity_threshold`` the default same-person threshold in that distance.
+    ``identity_threshold`` the default same-person threshold in that distance. ``tta`` is the
+    embedder's test-time augmentation (``none`` or ``flip``); ``embeddings.json`` names it only
+    when it is not ``none``.
     """
 
     vectors: np.ndarray
@@ -43,6 +45,7 @@ class Embeddings:
     identity_threshold: float = ARCFACE_THRESHOLD
     image_ids: list[int] | None = None
     norms: np.ndarray | None = field(default=None, repr=False)
+    tta: str = "none"
 
     def __post_init__(self) -> None:
         self.vectors = np.asarray(self.vectors, dtype=np.float32).reshape(len(self.paths), -1)
@@ -88,6 +91,7 @@ def concat_embeddings(parts: list[Embeddings]) -> Embeddings:
         identity_threshold=first.identity_threshold,
         image_ids=ids,
         norms=norms,
+        tta=first.tta,
     )
 
 
@@ -128,6 +132,8 @@ def save_embeddings(root: str | os.PathLike, emb: Embeddings) -> list[str]:
         "metric": emb.metric,
         "identity_threshold": emb.identity_threshold,
     }
+    if emb.tta != "none":
+        meta["tta"] = emb.tta
     return [EMBEDDINGS_NPY, *save_embedding_tables(root, emb.paths, emb.image_ids, emb.norms, meta)]
 
 
@@ -207,6 +213,7 @@ def load_embeddings(root: str | os.PathLike, expect_fingerprint: str | None = No
         identity_threshold=float(meta["identity_threshold"]),
         image_ids=table["image_id"].astype(int).tolist(),
         norms=table["norm"].to_numpy(np.float32) if "norm" in table else None,
+        tta=meta.get("tta", "none"),
     )
 
 

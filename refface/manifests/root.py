@@ -229,6 +229,7 @@ class DatasetRoot:
             identity_threshold=emb.identity_threshold,
             image_ids=[emb.image_ids[i] for i in keep] if emb.image_ids is not None else None,
             norms=emb.norms[keep] if emb.norms is not None else None,
+            tta=emb.tta,
         )
 
     def embeddings_by_path(self) -> tuple[Embeddings, list[str], np.ndarray]:

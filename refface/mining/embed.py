@@ -57,6 +57,39 @@ def l2_normalize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (vectors / safe[:, None]).astype(np.float32), norms.astype(np.float32)
 
 
+# Test-time augmentation of the embedders: ``none`` embeds the aligned chip; ``flip`` also embeds
+# its horizontal mirror (in the same batch) and keeps the re-normalized mean of the two unit vectors.
+TTA_MODES = ("none", "flip")
+
+
+def check_tta(tta: str) -> str:
+    """``tta`` itself when it names a known mode, else a ``ValueError`` listing the modes."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_MODES)}")
+    return tta
+
+
+def flip_average(plain: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
+    """Per row, the unit vector along the mean of a chip's unit embedding and its mirror's."""
+    plain = np.asarray(plain, dtype=np.float64)
+    mirrored = np.asarray(mirrored, dtype=np.float64)
+    return l2_normalize((plain + mirrored) / 2.0)[0]
+
+
+def embed_with_tta(raw_descriptors, crops: list[np.ndarray], tta: str) -> tuple[np.ndarray, np.ndarray]:
+    """Unit embeddings and raw norms of aligned crops under a test-time augmentation.
+
+    ``raw_descriptors`` maps a list of crops to their raw (N, D) network outputs. With ``flip`` the
+    mirrored crops join the same batch; the norm kept per face is the plain chip's raw norm.
+    """
+    if check_tta(tta) == "none":
+        return l2_normalize(raw_descriptors(crops))
+    n = len(crops)
+    both = list(crops) + [np.ascontiguousarray(c[:, ::-1]) for c in crops]
+    unit, norms = l2_normalize(raw_descriptors(both))
+    return flip_average(unit[:n], unit[n:]), norms[:n]
+
+
 class DlibEmbedder:
     """dlib's 128-d ResNet (``dlib_face_recognition_resnet_model_v1.dat``) on 150x150 chips."""
 
@@ -66,9 +99,10 @@ class DlibEmbedder:
     identity_threshold = DLIB_THRESHOLD
     FILE = "dlib_face_recognition_resnet_model_v1.dat"
 
-    def __init__(self, model_path: str | os.PathLike | None = None):
+    def __init__(self, model_path: str | os.PathLike | None = None, tta: str = "none"):
         import dlib
 
+        self.tta = check_tta(tta)
         self.path = Path(model_path) if model_path else dlib_model_file(self.FILE)
         if not self.path.is_file():
             raise FileNotFoundError(
@@ -96,8 +130,11 @@ class DlibEmbedder:
         """Descriptors of aligned chips: (N, 128) unit float32 vectors and the raw norms."""
         if not crops:
             return np.zeros((0, self.dim), np.float32), np.zeros((0,), np.float32)
+        return embed_with_tta(self._raw, crops, self.tta)
+
+    def _raw(self, crops: list[np.ndarray]) -> np.ndarray:
         raw = self._net.compute_face_descriptor([np.ascontiguousarray(c) for c in crops])
-        return l2_normalize(np.array([np.array(v) for v in raw]))
+        return np.array([np.array(v) for v in raw])
 
 
 def resolve_arcface(model_path: str | os.PathLike | None) -> Path:
@@ -139,9 +176,16 @@ class ArcFaceEmbedder:
     metric = "cosine"
     identity_threshold = ARCFACE_THRESHOLD
 
-    def __init__(self, model_path: str | os.PathLike | None = None, batch_size: int = 32, threads: int = 1):
+    def __init__(
+        self,
+        model_path: str | os.PathLike | None = None,
+        batch_size: int = 32,
+        threads: int = 1,
+        tta: str = "none",
+    ):
         import onnx
 
+        self.tta = check_tta(tta)
         self.path = resolve_arcface(model_path)
         self.model = f"arcface:{self.path.stem}"
         graph = onnx.load(str(self.path), load_external_data=False).graph
@@ -171,6 +215,9 @@ class ArcFaceEmbedder:
     def embed_crops(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         if not crops:
             return np.zeros((0, self.dim), np.float32), np.zeros((0,), np.float32)
+        return embed_with_tta(self._raw, crops, self.tta)
+
+    def _raw(self, crops: list[np.ndarray]) -> np.ndarray:
         outs = []
         for i in range(0, len(crops), self.batch_size):
             outs.append(
@@ -178,7 +225,7 @@ class ArcFaceEmbedder:
                     [self.output_name], {self.input_name: self.blob(crops[i : i + self.batch_size])}
                 )[0]
             )
-        return l2_normalize(np.concatenate(outs).reshape(len(crops), -1))
+        return np.concatenate(outs).reshape(len(crops), -1)
 
 
 EMBEDDERS: dict[str, type[DlibEmbedder] | type[ArcFaceEmbedder]] = {

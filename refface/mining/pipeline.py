@@ -29,7 +29,7 @@ from refface.mining.detect import (
     make_detector,
     onnx_providers,
 )
-from refface.mining.embed import EMBEDDERS, embedder_weights, make_embedder, weights_fingerprint
+from refface.mining.embed import EMBEDDERS, check_tta, embedder_weights, make_embedder, weights_fingerprint
 from refface.mining.parts import stream_vectors, tables_from_parts, write_part, write_vector_shards
 from refface.stages import fingerprint, folder_fingerprint, map_chunks, run_stage
 
@@ -46,6 +46,9 @@ class MiningConfig:
         detector: ``dlib`` (offline), ``scrfd`` (insightface det_10g.onnx) or ``prealigned``.
         embedder: ``dlib`` (offline, 128-d) or ``arcface`` (insightface ONNX, 512-d).
         model_path: embedder weights file (ArcFace ONNX, or a dlib .dat); None = default location.
+        tta: test-time augmentation of the embedder: ``none`` (the aligned chip alone) or
+            ``flip`` (the chip and its horizontal mirror in one batch, the re-normalized mean of
+            the two; about twice the embedding time, see docs/mining.md).
         model_root: folder holding ``det_10g.onnx`` for SCRFD; None = ``~/.insightface/models/buffalo_l``.
         dlib_detector: ``hog`` (fast, default) or ``mmod`` (CNN, slower, more poses).
         face_policy: which face to keep when several are found (``largest``, ``central``,
@@ -65,6 +68,7 @@ class MiningConfig:
     detector: str = "dlib"
     embedder: str = "dlib"
     model_path: str | None = None
+    tta: str = "none"
     model_root: str | None = None
     dlib_detector: str = "hog"
     face_policy: str = "largest_central"
@@ -82,6 +86,7 @@ class MiningConfig:
             raise ValueError(f"detector {self.detector!r} unknown; choose one of {', '.join(DETECTORS)}")
         if self.embedder not in EMBEDDERS:
             raise ValueError(f"embedder {self.embedder!r} unknown; choose one of {', '.join(EMBEDDERS)}")
+        check_tta(self.tta)
         if self.face_policy not in FACE_POLICIES:
             raise ValueError(
                 f"face policy {self.face_policy!r} unknown; choose one of {', '.join(FACE_POLICIES)}"
@@ -107,6 +112,8 @@ class MiningConfig:
         cfg.pop("executor")
         if not cfg["shard_rows"]:
             cfg.pop("shard_rows")  # the single-file layout keeps the fingerprints it always had
+        if cfg["tta"] == "none":
+            cfg.pop("tta")  # so do roots embedded without test-time augmentation
         return cfg
 
 
@@ -143,7 +150,7 @@ def _init_worker(config: dict, image_root: str, dataset_root: str) -> None:
         image_root=Path(image_root),
         dataset_root=Path(dataset_root),
         detector=make_detector(cfg.detector, det_path, **det_kwargs),
-        embedder=make_embedder(cfg.embedder, cfg.model_path),
+        embedder=make_embedder(cfg.embedder, cfg.model_path, tta=cfg.tta),
     )
 
 
@@ -371,6 +378,8 @@ def mine_folder(
             "metric": models["metric"],
             "identity_threshold": models["identity_threshold"],
         }
+        if cfg.tta != "none":
+            meta["tta"] = cfg.tta
         # Vectors derived from an earlier run (a split of embeddings.npy, or older shards) are stale now.
         shards_dir = root / DEFAULT_FOLDER
         shutil.rmtree(shards_dir, ignore_errors=True)
