@@ -169,3 +169,14 @@ def test_rerun_does_no_work_and_seed_controls_split(built, faces_dir, tmp_path):
     # Back to seed 0 with another worker count: byte-identical to the first build.
     build_ffhq_ref(faces_dir, other, config(faces_dir, seed=0, workers=1))
     assert dataset_files(other) == dataset_files(root)
+
+
+def test_builders_pass_the_test_time_augmentation_to_mining():
+    from refface.builders.celeba_test_ref import CelebATestRefConfig
+    from refface.builders.ffhq_ref import mining_config
+    from refface.builders.reface_hq import RefaceHQConfig
+
+    for config in (FFHQRefConfig(tta="flip"), CelebATestRefConfig(tta="flip"), RefaceHQConfig(tta="flip")):
+        assert mining_config(config).tta == "flip", type(config).__name__
+        assert mining_config(config).stage_config()["tta"] == "flip"
+    assert "tta" not in mining_config(FFHQRefConfig()).stage_config()
