@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from refface.mining.linkage import mutual_nearest
+
 # Chosen on the tuning half of lfw_dev's people and the shared photos (docs/mining.md).
 TOP = 3
 AGREE = 0.7
@@ -158,16 +160,7 @@ def merge_fragments(
         if not ok.any():
             break
         # Each cluster's closest passing partner (ties by the smaller id); merge mutual pairs.
-        x = np.concatenate([ca[ok], cb[ok]])
-        y = np.concatenate([cb[ok], ca[ok]])
-        v = np.concatenate([mean[ok], mean[ok]])
-        order = np.lexsort((y, v, x))
-        x, y = x[order], y[order]
-        firsts = np.flatnonzero(np.r_[True, x[1:] != x[:-1]])
-        best = np.full(k, -1, dtype=np.int64)
-        best[x[firsts]] = y[firsts]
-        heads = x[firsts]
-        mutual = heads[(best[best[heads]] == heads) & (heads < best[heads])]
+        mutual, best = mutual_nearest(ca[ok], cb[ok], mean[ok], k)
         if mutual.size == 0:
             break
         target = np.arange(k, dtype=np.int64)

@@ -10,11 +10,16 @@ from typing import Any
 
 import numpy as np
 
-from refface.manifests.embeddings import ARCFACE_THRESHOLD
+from refface.manifests.atomic import write_parquet
+from refface.manifests.embeddings import ARCFACE_THRESHOLD, embeddings_files, load_embeddings
 from refface.manifests.layout import IDENTITIES
+from refface.mining import communities
 from refface.mining.attach import attach_lone_faces, merge_fragments
-from refface.mining.impostor import MIN_FIT_RANKS, RANK_START
+from refface.mining.impostor import MIN_FIT_RANKS, RANK_START, fit_impostor_model
+from refface.mining.linkage import average_linkage_graph
 from refface.mining.metrics import SINGLETON
+from refface.mining.neighbors import knn, threshold_graph
+from refface.stages import folder_fingerprint, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -145,99 +150,10 @@ def components(vectors: np.ndarray, config: ClusterConfig) -> np.ndarray:
     """
     from scipy.sparse.csgraph import connected_components
 
-    from refface.mining.neighbors import threshold_graph
-
     threshold = float(config.resolved("threshold", config.threshold))
     graph = threshold_graph(vectors, threshold, index=config.index, nprobe=config.nprobe)
     _, comp = connected_components(graph, directed=False)
     return relabel(comp)
-
-
-def _reduce_pairs(rows: np.ndarray, cols: np.ndarray, *values: np.ndarray):
-    """Sum ``values`` over duplicate (row, col) pairs."""
-    if rows.size == 0:
-        return (rows, cols, *values)
-    m = int(max(rows.max(), cols.max())) + 1
-    key = rows * m + cols
-    order = np.argsort(key, kind="stable")
-    key = key[order]
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    out = [rows[order][starts], cols[order][starts]]
-    out += [np.add.reduceat(v[order], starts) for v in values]
-    return tuple(out)
-
-
-def average_linkage_graph(
-    n: int,
-    rows: np.ndarray,
-    cols: np.ndarray,
-    dist: np.ndarray,
-    threshold: float,
-    missing: float,
-) -> np.ndarray:
-    """Average-linkage clusters from a sparse distance graph, cut at ``threshold``.
-
-    Pairs absent from the graph count as ``missing`` apart. Average linkage is reducible, so
-    merging every pair of clusters that are each other's nearest neighbour, round after round,
-    gives exactly the greedy agglomerative result (the nearest-neighbour-chain argument) while
-    each round is a handful of vectorized passes over the edges: memory and time grow with the
-    edge count, never with N^2.
-
-    Args:
-        n: number of items.
-        rows, cols, dist: undirected edges (each pair once or twice; duplicates are merged).
-        threshold: merge while the average distance between two clusters is below this.
-        missing: distance assumed for pairs without an edge (>= the graph's radius).
-
-    Returns:
-        Component ids (not canonical; see :func:`relabel`).
-    """
-    keep = rows != cols
-    r = np.minimum(rows[keep], cols[keep]).astype(np.int64)
-    c = np.maximum(rows[keep], cols[keep]).astype(np.int64)
-    r, c, count, dsum = _reduce_pairs(r, c, np.ones(r.size), dist[keep].astype(np.float64))
-    # An edge listed from both sides is one pair.
-    dsum = dsum / count
-    count = np.ones_like(count)
-    labels = np.arange(n, dtype=np.int64)
-    size = np.ones(n, dtype=np.float64)
-    rounds = 0
-    while r.size:
-        rounds += 1
-        pair_n = size[r] * size[c]
-        avg = (dsum + (pair_n - count) * missing) / pair_n
-        ok = avg < threshold
-        if not ok.any():
-            break
-        # Each cluster's nearest neighbour (ties broken by the smaller id, for determinism).
-        a = np.concatenate([r[ok], c[ok]])
-        b = np.concatenate([c[ok], r[ok]])
-        v = np.concatenate([avg[ok], avg[ok]])
-        order = np.lexsort((b, v, a))
-        a, b = a[order], b[order]
-        firsts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
-        best = np.full(size.size, -1, dtype=np.int64)
-        best[a[firsts]] = b[firsts]
-        heads = a[firsts]
-        mutual = heads[(best[best[heads]] == heads) & (heads < best[heads])]
-        if mutual.size == 0:  # cannot happen for a reducible linkage; guard against float ties
-            break
-        # Merge each mutual pair (lo, hi) into lo and compact the ids.
-        target = np.arange(size.size, dtype=np.int64)
-        target[best[mutual]] = mutual
-        alive = np.ones(size.size, bool)
-        alive[best[mutual]] = False
-        compact = np.cumsum(alive) - 1
-        target = compact[target]
-        labels = target[labels]
-        size = np.asarray(np.bincount(target, weights=size, minlength=int(alive.sum())), dtype=np.float64)
-        r, c = target[r], target[c]
-        inner = r == c
-        r, c, count, dsum = r[~inner], c[~inner], count[~inner], dsum[~inner]
-        lo, hi = np.minimum(r, c), np.maximum(r, c)
-        r, c, count, dsum = _reduce_pairs(lo, hi, count, dsum)
-    log.debug("average linkage: %d rounds, %d clusters", rounds, size.size)
-    return labels
 
 
 def neighbour_distances(vectors: np.ndarray, config: ClusterConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -245,7 +161,6 @@ def neighbour_distances(vectors: np.ndarray, config: ClusterConfig) -> tuple[np.
 
     Missing neighbours (an approximate index that found fewer) have index -1 and distance inf.
     """
-    from refface.mining.neighbors import knn
 
     n = vectors.shape[0]
     sims, idx = knn(vectors, min(config.k, n - 1), index=config.index, nprobe=config.nprobe)
@@ -277,7 +192,6 @@ def average(vectors: np.ndarray, config: ClusterConfig) -> np.ndarray:
 def impostor_radii(dist: np.ndarray, config: ClusterConfig) -> tuple[np.ndarray, Any]:
     """Per-face same-identity radius from the set's own impostor model (capped by ``threshold``
     when one is given) and the model."""
-    from refface.mining.impostor import fit_impostor_model
 
     model = fit_impostor_model(dist, rank_start=config.rank_start)
     max_false_merge = float(config.resolved("max_false_merge", config.max_false_merge))
@@ -347,24 +261,22 @@ def _threshold_edges(vectors: np.ndarray, config: ClusterConfig):
 def chinese_whispers(vectors: np.ndarray, config: ClusterConfig) -> np.ndarray:
     """Chinese whispers on the k-NN graph of pairs closer than the threshold, weighted by similarity
     (dlib's face-clustering example, on a sparse graph)."""
-    from refface.mining.communities import chinese_whispers as cw
 
     n = vectors.shape[0]
     if n < 2:
         return relabel(np.arange(n))
     rows, cols, d = _threshold_edges(vectors, config)
-    return relabel(cw(n, rows, cols, 1.0 - d))
+    return relabel(communities.chinese_whispers(n, rows, cols, 1.0 - d))
 
 
 def infomap(vectors: np.ndarray, config: ClusterConfig) -> np.ndarray:
     """Infomap on the k-NN graph of pairs closer than the threshold, weighted by similarity."""
-    from refface.mining.communities import infomap as im
 
     n = vectors.shape[0]
     if n < 2:
         return relabel(np.arange(n))
     rows, cols, d = _threshold_edges(vectors, config)
-    return relabel(im(n, rows, cols, 1.0 - d))
+    return relabel(communities.infomap(n, rows, cols, 1.0 - d))
 
 
 # Methods whose cut comes from the set itself: a threshold, when given, only caps it.
@@ -578,9 +490,6 @@ def cluster_root(
     Skipped when the embeddings and the config are unchanged. Returns (manifest, ran); the
     manifest carries the cluster counts and, for ``impostor``, the fitted model.
     """
-    from refface.manifests.atomic import write_parquet
-    from refface.manifests.embeddings import embeddings_files, load_embeddings
-    from refface.stages import folder_fingerprint, run_stage
 
     root = Path(root)
     emb = load_embeddings(root)

@@ -33,7 +33,8 @@ from refface.console import make_progress
 from refface.manifests.atomic import atomic_path, write_json
 from refface.manifests.embedding_shards import ShardedEmbeddings
 from refface.mining.ann import IndexPlan, build_sharded_index, plan_index, to_gpu
-from refface.mining.cluster import average_linkage_graph, relabel
+from refface.mining.cluster import relabel
+from refface.mining.linkage import average_linkage_graph
 from refface.mining.neighbors import load_faiss, recall_at_k
 from refface.stages import fingerprint
 
@@ -321,7 +322,7 @@ def cluster_edges(
         threshold: cosine distance of "same identity".
         method: ``components`` (connected components of edges below ``threshold``: ReF-LDM's rule,
             via scipy's sparse graph routines) or ``average`` (the chain-resistant sparse average
-            linkage of :func:`refface.mining.cluster.average_linkage_graph`; edges should reach
+            linkage of :func:`refface.mining.linkage.average_linkage_graph`; edges should reach
             out to ``missing``).
         missing: distance assumed for pairs without an edge in ``average`` (default: the largest
             edge distance, at least ``threshold``).
