@@ -123,6 +123,7 @@ def reference_precision(vectors, result, ids) -> dict:
 def run_one(emb, rows: np.ndarray, ids: np.ndarray, name: str, args) -> dict:
     from refface.manifests.embeddings import Embeddings
     from refface.mining import cluster as cl
+    from refface.mining.attach import AttachConfig
     from refface.mining.metrics import score_labels
 
     method, threshold, _ = RUNS[name]
@@ -136,7 +137,16 @@ def run_one(emb, rows: np.ndarray, ids: np.ndarray, name: str, args) -> dict:
     )
     if threshold == "rule":
         threshold = cl.cosine_threshold(emb.identity_threshold, emb.metric)
-    config = cl.resolve_config(sub, cl.ClusterConfig(method=method, threshold=threshold, k=args.k))
+    config = cl.ClusterConfig(
+        method=method,
+        threshold=threshold,
+        k=args.k,
+        max_false_merge=args.max_false_merge if method in (None, "impostor", "impostor_linkage") else None,
+        second_pass=AttachConfig(
+            **({"max_distance": args.lone_max_distance} if args.lone_max_distance else {})
+        ),
+    )
+    config = cl.resolve_config(sub, config)
     start = time.perf_counter()
     result = cl.run_clustering(sub.vectors, config)
     seconds = time.perf_counter() - start
@@ -213,6 +223,16 @@ def main() -> None:
     parser.add_argument("--half", choices=("all", "tune", "holdout"), default="all")
     parser.add_argument("--method", action="append", choices=sorted(RUNS), help="runs (default: all)")
     parser.add_argument("--k", type=int, default=64, help="neighbours per face")
+    parser.add_argument(
+        "--max-false-merge", type=float, default=None, help="impostor's bound (default: the model's)"
+    )
+    parser.add_argument(
+        "--lone-max-distance",
+        type=float,
+        default=None,
+        help="second pass: the most a lone face's mean distance to the cluster it joins may be, in radii "
+        "(default: the second pass's own)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--name", default="cluster_quality", help="results file stem")
     args = parser.parse_args()

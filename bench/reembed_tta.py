@@ -9,7 +9,7 @@ averages them with the recorded plain vectors exactly as :func:`refface.mining.e
 does in the pipeline. Every ``--check-every``-th face is also embedded plain again and compared with
 the recorded vector, so the figures say how exactly the chips were rebuilt.
 
-    python bench/reembed_tta.py /work/cache/lfw_dev_dlib /work/cache/lfw_dev_dlib_flip \\
+    python bench/reembed_tta.py <plain root> <flip root> \\
         --images ../shared/data/lfw_dev --workers 2
 
 The output root holds embeddings.npy/.parquet/.json (``"tta": "flip"``) plus copies of the

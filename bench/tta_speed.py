@@ -6,7 +6,7 @@ embedding, as ``refface embed`` runs them), ``--repeats`` times each in alternat
 faces/s. With ``--compare ROOT`` the flip vectors are checked against a flip-embedded root of the
 same folder (e.g. bench/reembed_tta.py's), row by row.
 
-    python bench/tta_speed.py --n 160 --workers 2 --compare /work/cache/lfw_dev_dlib_flip
+    python bench/tta_speed.py --n 160 --workers 2 --compare <flip root>
 
 Results: bench/results/<name>.json and .md.
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from refface.manifests.atomic import write_parquet
 from refface.manifests.embeddings import ARCFACE_THRESHOLD, embeddings_files, load_embeddings
 from refface.manifests.layout import IDENTITIES
 from refface.mining import communities
-from refface.mining.attach import attach_lone_faces, merge_fragments
+from refface.mining.attach import AttachConfig, attach_lone_faces, merge_fragments
 from refface.mining.impostor import MIN_FIT_RANKS, RANK_START, fit_impostor_model
 from refface.mining.linkage import average_linkage_graph
 from refface.mining.metrics import SINGLETON
@@ -72,6 +72,8 @@ class ClusterConfig:
         density: ``impostor``: 0 gives every face the set's median radius, 1 each face its own
             (crowded regions tighter); values between blend the two geometrically.
         rank_start: ``impostor``: first neighbour rank counted as a stranger when fitting the model.
+        second_pass: ``impostor``: when split fragments merge and lone faces join
+            (:class:`refface.mining.attach.AttachConfig`).
     """
 
     method: str | None = None
@@ -83,6 +85,7 @@ class ClusterConfig:
     max_false_merge: float | None = None
     density: float = DENSITY
     rank_start: int = RANK_START
+    second_pass: AttachConfig = field(default_factory=AttachConfig)
 
     def resolved(self, name: str, value: Any) -> Any:
         """A setting :func:`cluster` fills in before a method runs; naming it when still unset."""
@@ -109,6 +112,7 @@ class ClusterConfig:
             raise ValueError(
                 f"graph_factor must be >= 1 (the graph must cover the threshold), got {self.graph_factor}"
             )
+        self.second_pass.validate()
         return self
 
 
@@ -219,9 +223,9 @@ def impostor_clusters(
     comp = average_linkage_graph(n, rows, cols, d, 1.0, config.graph_factor)
     if attach:
         linked = np.unique(comp).size
-        comp = merge_fragments(comp, rows, cols, d, config.graph_factor)
+        comp = merge_fragments(comp, rows, cols, d, config.graph_factor, config.second_pass)
         merged = np.unique(comp).size
-        comp = attach_lone_faces(comp, idx, norm, config.graph_factor)
+        comp = attach_lone_faces(comp, idx, norm, config.graph_factor, config.second_pass)
         if counts is not None:
             counts["fragments_merged"] = int(linked - merged)
             counts["lone_faces_joined"] = int(merged - np.unique(comp).size)
