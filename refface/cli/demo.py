@@ -45,7 +45,7 @@ def step_build(images: Path, out: Path, workers: int) -> dict:
     summary = build_ffhq_ref(images, out / "dataset", config)
     return {
         "dataset root": summary["root"],
-        "images / identities": f"{summary['images']} / {summary['identities']}",
+        "images / identities / lone faces": f"{summary['images']} / {summary['identities']} / {summary['singletons']}",
         "targets train/val/test": "/".join(str(summary[f"{s}_targets"]) for s in SPLITS),
         "errors": summary["errors"],
     }
