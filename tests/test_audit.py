@@ -179,6 +179,17 @@ def test_mixed_models_are_refused(tmp_path):
     other = {**MODEL, "fingerprint": "0" * 64}
     with pytest.raises(ValueError, match="different models"):
         audit_sets({"a": memory_set("a", va), "b": memory_set("b", vb, model=other)}, tmp_path)
+    # One set embedded with the mirrored-crop average, the other without: not comparable either.
+    flipped = {**MODEL, "tta": "flip"}
+    with pytest.raises(ValueError, match=r"b: synthetic f{12} tta flip.*one --tta"):
+        audit_sets({"a": memory_set("a", va), "b": memory_set("b", vb, model=flipped)}, tmp_path)
+    # A model record without tta is one mined without augmentation.
+    same = audit_sets(
+        {"a": memory_set("a", va), "b": memory_set("b", vb, model={**MODEL, "tta": "none"})},
+        tmp_path / "ok",
+        AuditConfig(hash_images=False),
+    )
+    assert same["pairs"]["a~b"]["leaked_pairs"] > 0  # compared: the two sets share identities
 
 
 def test_hash_only_duplicates_between_sets_of_images(tmp_path):

@@ -69,6 +69,8 @@ class AuditConfig:
             fraction of images, or any reference list crosses splits.
         detector: face detector used when a plain folder has to be mined.
         embedder: face embedder used when a plain folder has to be mined; must match the other sets.
+        tta: the embedder's test-time augmentation when a plain folder has to be mined (``none`` or
+            ``flip``); must match the other sets.
         workers: worker processes for hashing and mining.
         index: FAISS index kind ("auto", "flat", "ivf"), as in the mining core.
         sheet_pairs: leaked pairs shown side by side in the report, per pair of sets.
@@ -86,6 +88,7 @@ class AuditConfig:
     max_leak_rate: float = 0.0
     detector: str = "dlib"
     embedder: str = "dlib"
+    tta: str = "none"
     workers: int = 2
     index: str = "auto"
     sheet_pairs: int = 24

@@ -69,6 +69,7 @@ def _load_root(root: Path) -> dict:
         "fingerprint": emb.fingerprint,
         "metric": emb.metric,
         "identity_threshold": emb.identity_threshold,
+        "tta": emb.tta,
     }
     return {
         "keys": [str(p) for p in images["path"]],
@@ -148,7 +149,9 @@ def _mine(folder: Path, cache: Path, config: AuditConfig) -> Path:
     mine_folder(
         folder,
         cache,
-        MiningConfig(detector=config.detector, embedder=config.embedder, workers=config.workers),
+        MiningConfig(
+            detector=config.detector, embedder=config.embedder, tta=config.tta, workers=config.workers
+        ),
     )
     return cache
 
@@ -235,14 +238,17 @@ def _unreadable(mined_root: Path) -> list[tuple[str, str]]:
 
 
 def check_models(sets: list[AuditSet]) -> dict:
-    """All sets must come from one embedder (same weights fingerprint); returns that model."""
+    """All sets must come from one embedder (same weights fingerprint, same test-time
+    augmentation); returns that model."""
     models = {s.name: s.model for s in sets if len(s.vectors)}
-    prints = {name: (m.get("model"), m.get("fingerprint")) for name, m in models.items()}
+    prints = {
+        name: (m.get("model"), m.get("fingerprint"), m.get("tta", "none")) for name, m in models.items()
+    }
     if len(set(prints.values())) > 1:
-        listing = ", ".join(f"{n}: {m[0]} {str(m[1])[:12]}" for n, m in prints.items())
+        listing = ", ".join(f"{n}: {m[0]} {str(m[1])[:12]} tta {m[2]}" for n, m in prints.items())
         raise ValueError(
-            f"sets were embedded by different models ({listing}); embeddings from different models "
-            "cannot be compared: re-mine the sets with one embedder"
+            f"sets were embedded differently ({listing}); embeddings from different models or "
+            "augmentations cannot be compared: re-mine the sets with one embedder and one --tta"
         )
     dims = {s.vectors.shape[1] for s in sets if len(s.vectors)}
     if len(dims) > 1:

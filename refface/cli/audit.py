@@ -52,6 +52,10 @@ def audit(
     ),
     detector: str = typer.Option("dlib", help="Face detector for plain folders that must be mined."),
     embedder: str = typer.Option("dlib", help="Face embedder for plain folders; must match the other sets."),
+    tta: str = typer.Option(
+        "none",
+        help="Embedder test-time augmentation for plain folders (none, flip); must match the other sets.",
+    ),
     workers: int = typer.Option(2, help="Worker processes for hashing and mining."),
     index: str = typer.Option("auto", help="FAISS index: auto, flat or ivf (as in the mining core)."),
     sheet_pairs: int = typer.Option(
@@ -81,6 +85,7 @@ def audit(
         max_leak_rate=max_leak_rate,
         detector=detector,
         embedder=embedder,
+        tta=tta,
         workers=workers,
         index=index,
         sheet_pairs=sheet_pairs,
