@@ -21,7 +21,7 @@ from refface.console import track
 from refface.manifests.errors import ErrorsTable, ImageError
 from refface.manifests.io import list_images, read_image, write_png
 from refface.mining.align import FFHQ_BORDER_VALUE, ffhq_template, similarity_matrix, warp
-from refface.mining.detect import Face, detect, make_detector
+from refface.mining.detect import PrealignedDetector, detect, make_detector
 from refface.mining.embed import make_embedder
 from refface.train.refldm.restore import MAX_REFS, Restorer
 
@@ -119,12 +119,8 @@ def reference_crops(paths: list[Path], detector, size: int) -> tuple[list[np.nda
 
 def embed_aligned(embedder, crops: list[np.ndarray]) -> np.ndarray:
     """(N, D) unit identity vectors of FFHQ-aligned crops (their landmarks are the template's)."""
-    chips = []
-    for crop in crops:
-        size = crop.shape[0]
-        face = Face(bbox=np.array([0.0, 0.0, size, size]), score=1.0, landmarks=ffhq_template(size))
-        chips.append(embedder.crop(crop, face))
-    return embedder.embed_crops(chips)[0]
+    aligned = PrealignedDetector()
+    return embedder.embed_crops([embedder.crop(c, aligned(c)[0]) for c in crops])[0]
 
 
 def assign_references(face_vectors: np.ndarray, ref_vectors: np.ndarray) -> list[list[int]]:
@@ -232,7 +228,8 @@ def restore_photos(
             keys = [f"{key}_{i}" for i in range(len(faces))]
             owned = [list(range(len(ref_crops)))] * len(faces)
             if matcher is not None and ref_vectors is not None and len(faces) > 1:
-                crops = [f.crop for f in align_faces(img, found, match_size)]
+                at_match = faces if match_size == restorer.size else align_faces(img, found, match_size)
+                crops = [f.crop for f in at_match]
                 owned = assign_references(embed_aligned(matcher, crops), ref_vectors)
                 for k, idx in zip(keys, owned, strict=True):
                     logger.info("%s: %d reference(s)", k, len(idx))
