@@ -34,6 +34,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from refface.mining.tta import DEFAULT_TTA, TTA_MODES  # noqa: E402  (light: no numpy)
+
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "lfw_dev"
 DEFAULT_CACHE = Path(os.environ.get("REFFACE_BENCH_CACHE", Path.home() / ".cache" / "refface-bench"))
 DLIB_MODEL = "dlib_face_recognition_resnet_model_v1"
@@ -49,7 +51,7 @@ RUNS = {
 }
 
 
-def mine(data: Path, cache: Path, workers: int, tta: str = "none") -> Path:
+def mine(data: Path, cache: Path, workers: int, tta: str = DEFAULT_TTA) -> Path:
     """The dlib-mined dataset root of ``data`` (``<name>_dlib``, or ``<name>_dlib_flip`` with
     ``--tta flip``), mined once: a finished root in the cache is reused as it is (delete it to mine
     again)."""
@@ -120,10 +122,25 @@ def reference_precision(vectors, result, ids) -> dict:
     return out
 
 
+def attach_config(settings: list[str]):
+    """The second pass's settings with ``NAME=VALUE`` overrides (numbers as the field's type)."""
+    from dataclasses import fields
+
+    from refface.mining.attach import AttachConfig
+
+    types = {f.name: type(getattr(AttachConfig(), f.name)) for f in fields(AttachConfig)}
+    overrides = {}
+    for item in settings:
+        name, _, value = item.partition("=")
+        if name not in types:
+            raise SystemExit(f"--attach {item}: unknown setting; choose one of {', '.join(types)}")
+        overrides[name] = types[name](value)
+    return AttachConfig(**overrides)
+
+
 def run_one(emb, rows: np.ndarray, ids: np.ndarray, name: str, args) -> dict:
     from refface.manifests.embeddings import Embeddings
     from refface.mining import cluster as cl
-    from refface.mining.attach import AttachConfig
     from refface.mining.metrics import score_labels
 
     method, threshold, _ = RUNS[name]
@@ -142,9 +159,7 @@ def run_one(emb, rows: np.ndarray, ids: np.ndarray, name: str, args) -> dict:
         threshold=threshold,
         k=args.k,
         max_false_merge=args.max_false_merge if method in (None, "impostor", "impostor_linkage") else None,
-        second_pass=AttachConfig(
-            **({"max_distance": args.lone_max_distance} if args.lone_max_distance else {})
-        ),
+        second_pass=attach_config(args.attach),
     )
     config = cl.resolve_config(sub, config)
     start = time.perf_counter()
@@ -170,7 +185,7 @@ def summarize(values: list[dict]) -> dict:
     out = {}
     for key in values[0]:
         arr = np.array([v[key] for v in values], dtype=float)
-        out[key] = round(float(np.nanmean(arr)), 4)
+        out[key] = round(float(np.nanmean(arr)), 4) if np.isfinite(arr).any() else float("nan")
         if len(values) > 1 and key in ("pairwise_f", "bcubed_f"):
             out[key + "_std"] = round(float(np.nanstd(arr)), 4)
     return out
@@ -210,7 +225,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the mined root is kept")
     parser.add_argument("--workers", type=int, default=2, help="mining processes (first run only)")
     parser.add_argument(
-        "--tta", choices=("none", "flip"), default="none", help="embedder test-time augmentation"
+        "--tta", choices=TTA_MODES, default=DEFAULT_TTA, help="embedder test-time augmentation"
     )
     parser.add_argument(
         "--root",
@@ -227,11 +242,12 @@ def main() -> None:
         "--max-false-merge", type=float, default=None, help="impostor's bound (default: the model's)"
     )
     parser.add_argument(
-        "--lone-max-distance",
-        type=float,
-        default=None,
-        help="second pass: the most a lone face's mean distance to the cluster it joins may be, in radii "
-        "(default: the second pass's own)",
+        "--attach",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a second-pass setting (a field of refface.mining.attach.AttachConfig, e.g. lone_spread=2.0); "
+        "repeatable",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--name", default="cluster_quality", help="results file stem")
@@ -301,9 +317,10 @@ def main() -> None:
         f"# Identity clustering quality vs pool size ({args.data.name}, {args.half} people)",
         "",
         f"Command: `python bench/cluster_quality.py --half {args.half} --sizes {args.sizes} --seeds {args.seeds}"
-        + (f" --tta {emb.tta}" if emb.tta != "none" else "")
-        + f"`. {n_people} people, {len(ids)} faces (dlib"
-        + (f", test-time augmentation {emb.tta}" if emb.tta != "none" else "")
+        + f" --tta {emb.tta}"
+        + "".join(f" --attach {a}" for a in args.attach)
+        + (f" --max-false-merge {args.max_false_merge}" if args.max_false_merge else "")
+        + f"`. {n_people} people, {len(ids)} faces (dlib, test-time augmentation {emb.tta}"
         + f"). Pools are drawn by person; figures are means over "
         f"{args.seeds} draws (one for the whole set). {info['device']}, load average {info['load_average']}.",
         "",

@@ -176,7 +176,8 @@ def test_builders_pass_the_test_time_augmentation_to_mining():
     from refface.builders.ffhq_ref import mining_config
     from refface.builders.reface_hq import RefaceHQConfig
 
-    for config in (FFHQRefConfig(tta="flip"), CelebATestRefConfig(tta="flip"), RefaceHQConfig(tta="flip")):
-        assert mining_config(config).tta == "flip", type(config).__name__
-        assert mining_config(config).stage_config()["tta"] == "flip"
-    assert "tta" not in mining_config(FFHQRefConfig()).stage_config()
+    for config in (FFHQRefConfig(tta="none"), CelebATestRefConfig(tta="none"), RefaceHQConfig(tta="none")):
+        assert mining_config(config).tta == "none", type(config).__name__
+        assert "tta" not in mining_config(config).stage_config()
+    for config in (FFHQRefConfig(), CelebATestRefConfig(), RefaceHQConfig()):
+        assert mining_config(config).stage_config()["tta"] == "flip", type(config).__name__

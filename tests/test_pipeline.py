@@ -326,31 +326,32 @@ def test_sharded_embeddings_hold_the_same_rows_one_shard_per_partition(mined, ph
     assert digest_mined(root) == digest_mined(reference)
 
 
-def test_flip_tta_re_embeds_once_and_is_recorded(mined, photos, tmp_path):
-    root, _ = mined
-    flip_root = tmp_path / "flip"
-    shutil.copytree(root, flip_root)
-    plain = np.load(root / "embeddings.npy")
-    first = mine_folder(photos, flip_root, _config(tta="flip"))
+def test_tta_change_re_embeds_once_and_is_recorded(mined, photos, tmp_path):
+    root, _ = mined  # mined with the default, flip
+    plain_root = tmp_path / "plain"
+    shutil.copytree(root, plain_root)
+    flipped = np.load(root / "embeddings.npy")
+    first = mine_folder(photos, plain_root, _config(tta="none"))
     assert first.ran  # another test-time augmentation is another stage config
-    meta = json.loads((flip_root / "embeddings.json").read_text())
-    assert meta["tta"] == "flip" and "tta" not in json.loads((root / "embeddings.json").read_text())
-    flipped = np.load(flip_root / "embeddings.npy")
+    assert json.loads((root / "embeddings.json").read_text())["tta"] == "flip"
+    assert "tta" not in json.loads((plain_root / "embeddings.json").read_text())
+    plain = np.load(plain_root / "embeddings.npy")
     assert flipped.shape == plain.shape
     own = np.sum(plain * flipped, axis=1)
     assert np.all(own > 0.95) and np.all(own < 1 - 1e-5)
     from refface.manifests.embeddings import load_embeddings
 
-    assert load_embeddings(flip_root).tta == "flip" and load_embeddings(root).tta == "none"
-    before = (flip_root / "embeddings.npy").stat().st_mtime_ns
-    again = mine_folder(photos, flip_root, _config(tta="flip", workers=2))
-    assert not again.ran and (flip_root / "embeddings.npy").stat().st_mtime_ns == before
+    assert load_embeddings(root).tta == "flip" and load_embeddings(plain_root).tta == "none"
+    before = (plain_root / "embeddings.npy").stat().st_mtime_ns
+    again = mine_folder(photos, plain_root, _config(tta="none", workers=2))
+    assert not again.ran and (plain_root / "embeddings.npy").stat().st_mtime_ns == before
 
 
 def test_single_file_layout_keeps_its_fingerprint():
     assert "shard_rows" not in MiningConfig().stage_config()
-    assert "tta" not in MiningConfig().stage_config()  # roots mined before the option keep theirs
-    assert MiningConfig(tta="flip").stage_config()["tta"] == "flip"
+    # roots mined without augmentation keep the fingerprints they had before the option
+    assert "tta" not in MiningConfig(tta="none").stage_config()
+    assert MiningConfig().stage_config()["tta"] == "flip"
     with pytest.raises(ValueError, match="test-time augmentation"):
         MiningConfig(tta="jitter").validate()
     assert MiningConfig(shard_rows=1000).stage_config()["shard_rows"] == 1000

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from refface.mining.tta import DEFAULT_TTA
+
 SUMMARY_VERSION = 1
 
 
@@ -88,7 +90,7 @@ class AuditConfig:
     max_leak_rate: float = 0.0
     detector: str = "dlib"
     embedder: str = "dlib"
-    tta: str = "none"
+    tta: str = DEFAULT_TTA
     workers: int = 2
     index: str = "auto"
     sheet_pairs: int = 24

@@ -23,6 +23,7 @@ from refface.manifests.references import read_references, write_references
 from refface.manifests.root import DatasetRoot
 from refface.manifests.splits import write_split_list
 from refface.mining.references import ReferenceConfig, distance_matrix, reference_order
+from refface.mining.tta import DEFAULT_TTA
 from refface.review.corrections import pool_exclusions, read_corrections
 from refface.review.stage import card_lines
 from refface.stages import run_stage
@@ -54,7 +55,7 @@ class CelebATestRefConfig:
     detector: str = "dlib"
     embedder: str = "dlib"
     model_path: str | None = None
-    tta: str = "none"
+    tta: str = DEFAULT_TTA
     model_root: str | None = None
     dlib_detector: str = "hog"
     face_policy: str = "largest_central"

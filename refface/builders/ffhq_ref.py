@@ -34,6 +34,7 @@ from refface.mining.cluster import ClusterConfig, cluster_root, default_threshol
 from refface.mining.pipeline import MiningConfig, mine_folder
 from refface.mining.references import ReferenceConfig, estimated_reference_precision, select_references
 from refface.mining.splits import SplitConfig, assign_splits, split_summary
+from refface.mining.tta import DEFAULT_TTA
 from refface.review.stage import corrections_stage
 from refface.stages import fingerprint, run_stage
 
@@ -83,7 +84,7 @@ class FFHQRefConfig:
     detector: str = "prealigned"
     embedder: str = "dlib"
     model_path: str | None = None
-    tta: str = "none"
+    tta: str = DEFAULT_TTA
     model_root: str | None = None
     dlib_detector: str = "hog"
     face_policy: str = "largest_central"

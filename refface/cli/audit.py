@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from refface.cli.errors import exits_on_error
+from refface.mining.tta import DEFAULT_TTA
 
 
 def register(app: typer.Typer) -> None:
@@ -53,7 +54,7 @@ def audit(
     detector: str = typer.Option("dlib", help="Face detector for plain folders that must be mined."),
     embedder: str = typer.Option("dlib", help="Face embedder for plain folders; must match the other sets."),
     tta: str = typer.Option(
-        "none",
+        DEFAULT_TTA,
         help="Embedder test-time augmentation for plain folders (none, flip); must match the other sets.",
     ),
     workers: int = typer.Option(2, help="Worker processes for hashing and mining."),

@@ -9,6 +9,7 @@ import typer
 
 from refface.cli.errors import exits_on_error
 from refface.manifests.layout import IDENTITIES
+from refface.mining.tta import DEFAULT_TTA
 
 
 def register(app: typer.Typer) -> None:
@@ -54,9 +55,9 @@ def embed(
         None, help="Embedder weights: an ArcFace .onnx (e.g. w600k_r50.onnx) or a folder holding one."
     ),
     tta: str = typer.Option(
-        "none",
-        help="Test-time augmentation of the embedder: none, or flip (the aligned crop and its mirror "
-        "in one batch, averaged; about twice the embedding time). Recorded in embeddings.json.",
+        DEFAULT_TTA,
+        help="Test-time augmentation of the embedder: flip (the aligned crop and its mirror in one "
+        "batch, averaged; 1.6x the embedding time, better clusters) or none. Recorded in embeddings.json.",
     ),
     model_root: Path | None = typer.Option(
         None,

@@ -29,12 +29,13 @@ import numpy as np
 
 from refface.mining.linkage import mutual_nearest
 
-# Chosen on the tuning half of lfw_dev's people and the shared photos (docs/mining.md).
+# Chosen on the tuning half of lfw_dev's people and the shared photos, dlib embeddings with the
+# default --tta flip (docs/mining.md).
 TOP = 3
 AGREE = 0.7
 MAX_DISTANCE = 1.2
 SLACK = 3
-LONE_SPREAD = 2.0
+LONE_SPREAD = 1.8
 FRAGMENT_DISTANCE = 1.05
 FRAGMENT_SPREAD = 1.4
 # Fragments of BIG_FRAGMENT+ faces each: their mean is over 16+ pairs, a steadier figure.

@@ -13,6 +13,7 @@ from refface.manifests.atomic import sha256_file
 from refface.manifests.embeddings import ARCFACE_THRESHOLD
 from refface.mining.align import arcface_crop, similarity_matrix, warp
 from refface.mining.detect import default_model_root, dlib_model_file, onnx_session
+from refface.mining.tta import check_tta
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +56,6 @@ def l2_normalize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     norms = np.linalg.norm(vectors, axis=1)
     safe = np.where(norms > 0, norms, 1.0)
     return (vectors / safe[:, None]).astype(np.float32), norms.astype(np.float32)
-
-
-# Test-time augmentation of the embedders: ``none`` embeds the aligned chip; ``flip`` also embeds
-# its horizontal mirror (in the same batch) and keeps the re-normalized mean of the two unit vectors.
-TTA_MODES = ("none", "flip")
-
-
-def check_tta(tta: str) -> str:
-    """``tta`` itself when it names a known mode, else a ``ValueError`` listing the modes."""
-    if tta not in TTA_MODES:
-        raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_MODES)}")
-    return tta
 
 
 def flip_average(plain: np.ndarray, mirrored: np.ndarray) -> np.ndarray:

@@ -29,8 +29,9 @@ from refface.mining.detect import (
     make_detector,
     onnx_providers,
 )
-from refface.mining.embed import EMBEDDERS, check_tta, embedder_weights, make_embedder, weights_fingerprint
+from refface.mining.embed import EMBEDDERS, embedder_weights, make_embedder, weights_fingerprint
 from refface.mining.parts import stream_vectors, tables_from_parts, write_part, write_vector_shards
+from refface.mining.tta import DEFAULT_TTA, check_tta
 from refface.stages import fingerprint, folder_fingerprint, map_chunks, run_stage
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,9 @@ class MiningConfig:
         detector: ``dlib`` (offline), ``scrfd`` (insightface det_10g.onnx) or ``prealigned``.
         embedder: ``dlib`` (offline, 128-d) or ``arcface`` (insightface ONNX, 512-d).
         model_path: embedder weights file (ArcFace ONNX, or a dlib .dat); None = default location.
-        tta: test-time augmentation of the embedder: ``none`` (the aligned chip alone) or
-            ``flip`` (the chip and its horizontal mirror in one batch, the re-normalized mean of
-            the two; about twice the embedding time, see docs/mining.md).
+        tta: test-time augmentation of the embedder: ``flip`` (default: the chip and its
+            horizontal mirror in one batch, the re-normalized mean of the two; 1.6x the embedding
+            time, see docs/mining.md) or ``none`` (the aligned chip alone).
         model_root: folder holding ``det_10g.onnx`` for SCRFD; None = ``~/.insightface/models/buffalo_l``.
         dlib_detector: ``hog`` (fast, default) or ``mmod`` (CNN, slower, more poses).
         face_policy: which face to keep when several are found (``largest``, ``central``,
@@ -68,7 +69,7 @@ class MiningConfig:
     detector: str = "dlib"
     embedder: str = "dlib"
     model_path: str | None = None
-    tta: str = "none"
+    tta: str = DEFAULT_TTA
     model_root: str | None = None
     dlib_detector: str = "hog"
     face_policy: str = "largest_central"

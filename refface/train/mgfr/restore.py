@@ -13,6 +13,7 @@ from refface.manifests.io import list_images, read_image, write_png
 from refface.mining.attributes import FALLBACK_PROMPT
 from refface.mining.detect import PrealignedDetector
 from refface.mining.embed import check_embedding_dim, make_embedder
+from refface.mining.tta import DEFAULT_TTA
 from refface.mining.vocabulary import prompts_from_text
 from refface.seeding import item_seed
 from refface.train.checkpoints import load_trainable_weights
@@ -221,7 +222,8 @@ def restore_folder(
 
     embed = None
     if stage2:
-        emb_model = make_embedder(embedder, embedder_model)
+        # The training sets are embedded with the pipeline's default augmentation; so is the reference.
+        emb_model = make_embedder(embedder, embedder_model, tta=DEFAULT_TTA)
         check_embedding_dim(
             emb_model.dim,
             f"--embedder {embedder}",

@@ -23,6 +23,7 @@ from refface.manifests.io import list_images, read_image, write_png
 from refface.mining.align import FFHQ_BORDER_VALUE, ffhq_template, similarity_matrix, warp
 from refface.mining.detect import PrealignedDetector, detect, make_detector
 from refface.mining.embed import make_embedder
+from refface.mining.tta import DEFAULT_TTA
 from refface.train.refldm.restore import MAX_REFS, Restorer
 
 logger = logging.getLogger(__name__)
@@ -209,7 +210,11 @@ def restore_photos(
         if refs and not ref_aligned:
             raise ValueError("none of the references could be used (see the errors above)")
         ref_crops = [restorer.resize(c) for c in ref_aligned]
-        matcher = make_embedder(embedder, embedder_model) if ref_crops and ref_match == "nearest" else None
+        matcher = (
+            make_embedder(embedder, embedder_model, tta=DEFAULT_TTA)
+            if ref_crops and ref_match == "nearest"
+            else None
+        )
         ref_vectors = embed_aligned(matcher, ref_aligned) if matcher is not None else None
         for key, path in track(todo, "restoring photos (ReF-LDM)"):
             try:
