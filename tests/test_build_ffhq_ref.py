@@ -121,6 +121,9 @@ def test_references_agree_with_labels_and_singletons_get_none(built, faces_label
     assert agree["precision_same_source"] >= 0.98, agree
     assert agree["precision"] >= 0.9, agree
     assert agree["targets_labeled_singleton_with_refs"] == 0
+    # The card scores the same from the labels the build wrote under the crop names.
+    written = pd.read_csv(root / "labels.csv", dtype=str, keep_default_na=False)
+    assert label_agreement(refs, written) == agree
     distractors = set(labels.loc[labels["photo"].str.startswith("lfw_distractors/"), "path"])
     for df in refs.values():
         assert not df["gt_image"].isin(distractors).any()

@@ -468,8 +468,13 @@ def labels_on_crops(root: Path, config: Any) -> Any:
     if not config.labels:
         return config
 
-    labels = pd.read_csv(config.labels, dtype=str, keep_default_na=False)[["path", "identity"]]
+    labels = pd.read_csv(config.labels, dtype=str, keep_default_na=False)
+    # Where each label comes from (the labels' own ``source``, else the photo's top folder) decides
+    # which pairs the card scores "within one source"; crop names no longer carry it.
+    origin = labels["source"] if "source" in labels.columns else labels["path"].str.split("/").str[0]
+    labels = pd.DataFrame({"source": labels["path"], "identity": labels["identity"], "origin": origin})
     sources = pd.read_parquet(root / "sources.parquet")[["path", "source"]]
-    moved = sources.merge(labels.rename(columns={"path": "source"}), on="source")[["path", "identity"]]
+    moved = sources.merge(labels, on="source")[["path", "identity", "origin"]]
+    moved = moved.rename(columns={"origin": "source"})
     write_text(root / "labels.csv", moved.to_csv(index=False, lineterminator="\n"))
     return replace(config, labels=str(root / "labels.csv"))

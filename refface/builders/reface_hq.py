@@ -6,7 +6,7 @@ import functools
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from refface.builders.ffhq_ref import (
     card_stage,
     corrected_paths,
     identity_threshold_of,
+    labels_on_crops,
     references_stage,
     run_mining,
     splits_stage,
@@ -434,14 +435,7 @@ def build_reface_hq(
     splits_stage(root, config, kept)
     references_stage(root, config)
     gt_folder_stage(root, root / IMAGES_DIR)
-    card_config = config
-    if config.labels:
-        # Known labels name source photos; the card needs them under the output names.
-        labels = pd.read_csv(config.labels, dtype=str, keep_default_na=False)[["path", "identity"]]
-        sources = pd.read_parquet(root / "sources.parquet")
-        moved = sources.merge(labels.rename(columns={"path": "source"}), on="source")[["path", "identity"]]
-        write_text(root / "labels.csv", moved.to_csv(index=False, lineterminator="\n"))
-        card_config = replace(config, labels=str(root / "labels.csv"))
+    card_config = labels_on_crops(root, config)
     card_stage(
         root, card_config, "Reface-HQ-style dataset", {"dropped": file_digest_or_none(root / "dropped.csv")}
     )
