@@ -335,7 +335,7 @@ def test_restore_command_stage1_and_rerun_skips(sd_dir, trained_run, tmp_path):
     assert bad.exit_code != 0 and "--sd" in bad.output
 
 
-def test_restore_stage2_embeds_references_deterministically(sd_dir, trained_run, tmp_path):
+def test_restore_stage2_embeds_references_deterministically(sd_dir, trained_run, tmp_path, monkeypatch):
     from refface.train.mgfr.restore import restore_folder
 
     _write_faces(tmp_path / "lq", 2, seed=5)
@@ -347,6 +347,20 @@ def test_restore_stage2_embeds_references_deterministically(sd_dir, trained_run,
     assert (tmp_path / "a" / "face_0.png").read_bytes() == (tmp_path / "b" / "face_0.png").read_bytes()
     with pytest.raises(ValueError, match="references"):
         restore_folder(tmp_path / "lq", tmp_path / "c", **kw)
+    # The reference is embedded as the training set was mined (flip by default, or plain chips).
+    import refface.train.mgfr.restore as restore_module
+
+    made = []
+    real = restore_module.make_embedder
+    monkeypatch.setattr(
+        restore_module, "make_embedder", lambda *a, **k: made.append(k["tta"]) or real(*a, **k)
+    )
+    restore_folder(tmp_path / "lq", tmp_path / "plain", references=tmp_path / "refs", tta="none", **kw)
+    restore_folder(tmp_path / "lq", tmp_path / "flip", references=tmp_path / "refs", **kw)
+    assert made == ["none", "flip"]
+    assert (tmp_path / "flip" / "face_0.png").read_bytes() == (tmp_path / "a" / "face_0.png").read_bytes()
+    with pytest.raises(ValueError, match="test-time augmentation"):
+        restore_folder(tmp_path / "lq", tmp_path / "d", references=tmp_path / "refs", tta="mirror", **kw)
 
 
 def test_missing_sd_folder_and_subfolder_are_named(tmp_path, sd_dir):

@@ -190,3 +190,11 @@ def test_each_reference_goes_to_the_face_it_resembles(tmp_path, faces_dir):
     assert assign_references(np.zeros((0, 3)), np.eye(3)) == []
     with pytest.raises(ValueError, match="ref_match"):
         restore_photos(tmp_path / "pair.png", tmp_path / "x", checkpoint="unused", ref_match="best")
+    with pytest.raises(ValueError, match="test-time augmentation"):
+        restore_photos(tmp_path / "pair.png", tmp_path / "x", checkpoint="unused", tta="mirror")
+    # Plain embeddings (a training set mined with --tta none) match the same way.
+    rec = RecordingRestorer()
+    restore_photos(
+        tmp_path / "pair.png", tmp_path / "plain", checkpoint="unused", refs=refs, tta="none", restorer=rec
+    )
+    assert sorted(rec.refs) == [0, 2]

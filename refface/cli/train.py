@@ -100,6 +100,11 @@ def restore(
         "references to faces (default dlib).",
     ),
     embedder_model: Path | None = typer.Option(None, help="Embedder weights (ArcFace ONNX path)."),
+    tta: str | None = typer.Option(
+        None,
+        help="Test-time augmentation of that embedder: flip (default, as refface embed mines) or none "
+        "(for a training set mined with --tta none).",
+    ),
     batch_size: int | None = typer.Option(None, help="Images per sampling batch."),
     seed: int | None = typer.Option(
         None, help="Base seed (default: the model's; 0, or 2024 for the ReF-LDM official preset)."
@@ -140,6 +145,7 @@ def restore(
             ref_match=ref_match,
             embedder=embedder or "dlib",
             embedder_model=embedder_model,
+            **({"tta": tta} if tta else {}),
         )
         print_summary("refface restore --whole-photo", {"output": str(output_dir), **counts})
         return
@@ -171,6 +177,7 @@ def restore(
         "negative_attribute_prompt": negative_attribute_prompt,
         "embedder": embedder,
         "embedder_model": embedder_model,
+        "tta": tta,
         "batch_size": batch_size,
         "seed": seed,
         "device": device,

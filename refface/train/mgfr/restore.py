@@ -13,7 +13,7 @@ from refface.manifests.io import list_images, read_image, write_png
 from refface.mining.attributes import FALLBACK_PROMPT
 from refface.mining.detect import PrealignedDetector
 from refface.mining.embed import check_embedding_dim, make_embedder
-from refface.mining.tta import DEFAULT_TTA
+from refface.mining.tta import DEFAULT_TTA, check_tta
 from refface.mining.vocabulary import prompts_from_text
 from refface.seeding import item_seed
 from refface.train.checkpoints import load_trainable_weights
@@ -161,6 +161,7 @@ def restore_folder(
     negative_attribute_prompt: str = "",
     embedder: str = "arcface",
     embedder_model: str | None = None,
+    tta: str = DEFAULT_TTA,
     batch_size: int = 4,
     seed: int = 0,
     device: str | None = None,
@@ -192,6 +193,8 @@ def restore_folder(
             without a table row.
         embedder: ``arcface`` or ``dlib`` (must match the training embeddings' size).
         embedder_model: path of the embedder's weights (ArcFace ONNX).
+        tta: the embedder's test-time augmentation, as the training set was mined (``flip``, the
+            mining default, or ``none``).
         batch_size: images per sampling batch.
         seed: base seed.
         device: torch device string.
@@ -205,6 +208,7 @@ def restore_folder(
     import torch
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    check_tta(tta)
     guidance = GuidanceConfig(
         steps=steps,
         w_quality=w_quality,
@@ -222,8 +226,7 @@ def restore_folder(
 
     embed = None
     if stage2:
-        # The training sets are embedded with the pipeline's default augmentation; so is the reference.
-        emb_model = make_embedder(embedder, embedder_model, tta=DEFAULT_TTA)
+        emb_model = make_embedder(embedder, embedder_model, tta=tta)
         check_embedding_dim(
             emb_model.dim,
             f"--embedder {embedder}",

@@ -23,7 +23,7 @@ from refface.manifests.io import list_images, read_image, write_png
 from refface.mining.align import FFHQ_BORDER_VALUE, ffhq_template, similarity_matrix, warp
 from refface.mining.detect import PrealignedDetector, detect, make_detector
 from refface.mining.embed import make_embedder
-from refface.mining.tta import DEFAULT_TTA
+from refface.mining.tta import DEFAULT_TTA, check_tta
 from refface.train.refldm.restore import MAX_REFS, Restorer
 
 logger = logging.getLogger(__name__)
@@ -158,6 +158,7 @@ def restore_photos(
     ref_match: str = "nearest",
     embedder: str = "dlib",
     embedder_model: str | os.PathLike | None = None,
+    tta: str = DEFAULT_TTA,
     restorer=None,
 ) -> dict[str, int]:
     """Restore every face of a photo (or of each photo in a folder) and paste it back.
@@ -173,7 +174,7 @@ def restore_photos(
             resembles most and faces no reference resembles are restored without any; ``all``:
             every face gets every reference. A photo of one face always gets them all.
         embedder, embedder_model: the identity embedder ``nearest`` matches with (``dlib`` or
-            ``arcface``; see refface.mining.embed).
+            ``arcface``; see refface.mining.embed) and its test-time augmentation (``flip`` or ``none``).
         preset, steps, guidance_scale, seed, device: see :class:`refface.train.refldm.restore.Restorer`.
         restorer: an already built restorer (callable like :class:`Restorer`), instead of loading one.
 
@@ -183,6 +184,7 @@ def restore_photos(
     """
     if ref_match not in REF_MATCH:
         raise ValueError(f"unknown ref_match {ref_match!r}; choose one of {', '.join(REF_MATCH)}")
+    check_tta(tta)
     out = Path(output_dir)
     items = _inputs(Path(input_path))
     todo = [(k, p) for k, p in items if not (out / f"{k}.png").is_file()]
@@ -211,9 +213,7 @@ def restore_photos(
             raise ValueError("none of the references could be used (see the errors above)")
         ref_crops = [restorer.resize(c) for c in ref_aligned]
         matcher = (
-            make_embedder(embedder, embedder_model, tta=DEFAULT_TTA)
-            if ref_crops and ref_match == "nearest"
-            else None
+            make_embedder(embedder, embedder_model, tta=tta) if ref_crops and ref_match == "nearest" else None
         )
         ref_vectors = embed_aligned(matcher, ref_aligned) if matcher is not None else None
         for key, path in track(todo, "restoring photos (ReF-LDM)"):
