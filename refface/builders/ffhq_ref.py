@@ -471,10 +471,9 @@ def labels_on_crops(root: Path, config: Any) -> Any:
     labels = pd.read_csv(config.labels, dtype=str, keep_default_na=False)
     # Where each label comes from (the labels' own ``source``, else the photo's top folder) decides
     # which pairs the card scores "within one source"; crop names no longer carry it.
-    origin = labels["source"] if "source" in labels.columns else labels["path"].str.split("/").str[0]
-    labels = pd.DataFrame({"source": labels["path"], "identity": labels["identity"], "origin": origin})
-    sources = pd.read_parquet(root / "sources.parquet")[["path", "source"]]
-    moved = sources.merge(labels, on="source")[["path", "identity", "origin"]]
-    moved = moved.rename(columns={"origin": "source"})
+    if "source" not in labels.columns:
+        labels["source"] = labels["path"].str.split("/").str[0]
+    crops = pd.read_parquet(root / "sources.parquet")[["path", "source"]].rename(columns={"source": "photo"})
+    moved = crops.merge(labels.rename(columns={"path": "photo"}), on="photo")[["path", "identity", "source"]]
     write_text(root / "labels.csv", moved.to_csv(index=False, lineterminator="\n"))
     return replace(config, labels=str(root / "labels.csv"))
